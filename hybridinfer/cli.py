@@ -1,0 +1,201 @@
+"""`hybridinfer` command line: parses flags, calls the stages, prints. No logic of its own.
+
+User mistakes (HybridInferError) print one line `error: ...` and exit 2, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .errors import HybridInferError
+
+
+def _nonneg_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
+    return v
+
+
+def _pos_int(s: str) -> int:
+    v = _nonneg_int(s)
+    if v == 0:
+        raise argparse.ArgumentTypeError("must be >= 1")
+    return v
+
+
+def _add_model_args(p: argparse.ArgumentParser, default_ok: bool = True) -> None:
+    p.add_argument("--model", "-m", default=None, required=not default_ok,
+                   help="model folder or known name (TurboSparse-Mixtral, TurboSparse-Mixtral-Instruct, "
+                        "TurboSparse-Mistral-Instruct, ReluLLaMA-7B, ProSparse-Llama-2-7B, Bamboo-7B), "
+                        "looked up in $HYBRIDINFER_MODELS and the Hugging Face cache"
+                        + ("; default: the bundled default model" if default_ok else ""))
+
+
+def _add_runtime_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default=None,
+                   help="where the GPU part runs: cpu, cuda or cuda:N (default: cuda when present)")
+    p.add_argument("--threads", type=_pos_int, default=None, help="CPU threads (default: all cores)")
+    p.add_argument("--dtype", default="auto",
+                   help="compute dtype: auto (float32 on CPU, the checkpoint's on GPU), float32, float16, bfloat16")
+
+
+def _sampling(args) -> dict:
+    return dict(max_new_tokens=args.n, temperature=args.temperature, top_p=args.top_p,
+                top_k=args.top_k, seed=args.seed, stop=tuple(args.stop))
+
+
+def cmd_run(args) -> int:
+    from .llm import load
+
+    if args.prompt is not None and not args.prompt.strip():
+        raise HybridInferError("the prompt is empty")
+    llm = load(args.model, device=args.device, dtype=args.dtype, threads=args.threads)
+    if args.chat:
+        return _chat_loop(llm, _sampling(args))
+    prompt = "Once upon a time" if args.prompt is None else args.prompt
+    if prompt == "-":
+        prompt = sys.stdin.read()
+        if not prompt.strip():
+            raise HybridInferError("the prompt read from stdin is empty")
+    out = sys.stdout
+    out.write(prompt)
+    for piece in llm.stream(prompt, **_sampling(args)):
+        out.write(piece)
+        out.flush()
+    out.write("\n")
+    return 0
+
+
+def _chat_loop(llm, sampling) -> int:
+    messages = []
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            print("> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line or line.strip() in ("/exit", "/quit"):
+            return 0
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line.rstrip("\n")})
+        reply = []
+        for piece in llm.stream_chat(messages, **sampling):
+            reply.append(piece)
+            print(piece, end="", flush=True)
+        print()
+        messages.append({"role": "assistant", "content": "".join(reply)})
+
+
+def cmd_info(args) -> int:
+    from . import default_model, registry
+    from .checkpoint import Checkpoint
+    from .config import ModelConfig
+    from .info import active_params, component_sizes, human_bytes
+
+    folder = default_model.ensure() if args.model is None else registry.resolve(args.model)
+    cfg = ModelConfig.from_dir(folder)
+    sizes = component_sizes(Checkpoint(folder))
+    total_p, total_b = sum(s.params for s in sizes), sum(s.bytes for s in sizes)
+    print(f"model:         {folder}")
+    print(f"architecture:  {cfg.architecture} ({cfg.family}), activation {cfg.activation}"
+          + (f" (threshold {cfg.act_threshold})" if cfg.activation == "fatrelu" else ""))
+    print(f"shape:         {cfg.num_layers} layers, hidden {cfg.hidden_size}, ffn {cfg.intermediate_size}, "
+          f"{cfg.num_heads} heads / {cfg.num_kv_heads} KV heads, vocab {cfg.vocab_size}")
+    if cfg.is_moe:
+        print(f"experts:       {cfg.num_experts}, top-{cfg.experts_per_token}")
+    print(f"parameters:    {total_p:,} ({human_bytes(total_b)}); "
+          f"dense-active per token: {active_params(cfg, sizes):,}")
+    print(f"{'component':<12} {'parameters':>16} {'bytes':>12}")
+    for s in sizes:
+        print(f"{s.name:<12} {s.params:>16,} {human_bytes(s.bytes):>12}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from pathlib import Path
+
+    from .llm import load
+
+    path = Path(args.text)
+    if not path.is_file():
+        raise HybridInferError(f"text file {path} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise HybridInferError(f"{path} is not UTF-8 text") from None
+    llm = load(args.model, device=args.device, dtype=args.dtype, threads=args.threads)
+    print(f"perplexity: {llm.perplexity(text, window=args.window):.4f}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hybridinfer",
+                                description="Hybrid CPU-GPU inference for activation-sparse LLMs.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    r = sub.add_parser("run", help="generate text (streams to stdout)",
+                       description="Generate text from a prompt, or chat (--chat, one message a line).")
+    _add_model_args(r)
+    src = r.add_mutually_exclusive_group()
+    src.add_argument("--prompt", "-p", default=None,
+                     help="the prompt; '-' reads it from stdin (default: 'Once upon a time')")
+    src.add_argument("--chat", action="store_true", help="chat on stdin with the model's chat template")
+    r.add_argument("-n", "--max-new-tokens", dest="n", type=_nonneg_int, default=128,
+                   help="tokens to generate at most (default 128)")
+    r.add_argument("--temperature", "-t", type=float, default=0.7, help="0 = greedy (default 0.7)")
+    r.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default 0.95; 1 = off)")
+    r.add_argument("--top-k", type=_nonneg_int, default=0, help="sample from the k likeliest (default 0 = off)")
+    r.add_argument("--seed", type=int, default=0, help="random seed for sampling (default 0)")
+    r.add_argument("--stop", action="append", default=[], help="stop string (may repeat)")
+    _add_runtime_args(r)
+    r.set_defaults(func=cmd_run)
+
+    i = sub.add_parser("info", help="architecture, parameter counts, bytes per component",
+                       description="Describe a model from its config.json and weight headers.")
+    _add_model_args(i)
+    i.set_defaults(func=cmd_info)
+
+    e = sub.add_parser("eval", help="perplexity of a text file",
+                       description="Print `perplexity: <value>` of a UTF-8 text under the model.")
+    _add_model_args(e)
+    e.add_argument("--text", required=True, help="UTF-8 text file to score")
+    e.add_argument("--window", type=_pos_int, default=None,
+                   help="tokens per scoring window (default: the model's context length)")
+    _add_runtime_args(e)
+    e.set_defaults(func=cmd_eval)
+
+    b = sub.add_parser("bench", help="benchmarks (see shared BENCHMARKS.md)",
+                       description="Benchmarks; each prints a table and can write JSON.")
+    bsub = b.add_subparsers(dest="bench", metavar="WHAT", required=True)
+    try:
+        from .bench import kernels as bench_kernels
+    except ImportError:  # the native kernels are not built: say so when asked
+        bench_kernels = None
+    if bench_kernels is not None:
+        k = bsub.add_parser("kernels", help="CPU sparse FFN kernels vs the read bandwidth (workload K)",
+                            description="CPU sparse FFN kernels vs the machine's read bandwidth.")
+        bench_kernels.configure(k)
+        k.set_defaults(func=bench_kernels.run)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except HybridInferError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

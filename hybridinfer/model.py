@@ -1,0 +1,189 @@
+"""The transformer: embeddings, RMSNorm, RoPE, grouped-query attention with a KV cache, and an FFN
+per layer from ffn.py. Plain modules whose weights are tensors fetched by name from a Checkpoint.
+
+Shapes: b = batch, t = new tokens, s = cached + new positions, d = hidden, h = heads,
+kv = KV heads, hd = head dim, V = vocab.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .checkpoint import Checkpoint, ffn_names, layer_prefix, router_name
+from .config import ModelConfig
+from .errors import HybridInferError
+from .ffn import DenseFFN, MoE, Predictor
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, weight: torch.Tensor, eps: float):
+        super().__init__()
+        self.weight, self.eps = weight, eps   # [d]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_tables(cfg: ModelConfig, length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [length, hd] in float32, HF's rotate-half layout (frequencies repeated twice)."""
+    hd = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64, device=device) / hd))
+    pos = torch.arange(length, dtype=torch.float64, device=device) / cfg.rope_scaling_factor
+    ang = torch.outer(pos, inv)
+    ang = torch.cat([ang, ang], dim=-1)
+    return ang.cos().float(), ang.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [b, h, t, hd]; cos/sin [t, hd]."""
+    half = x.shape[-1] // 2
+    rot = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x.float() * cos + rot.float() * sin).to(x.dtype)
+
+
+class KVCache:
+    """Per-layer K and V [b, kv, capacity, hd], filled up to `length` positions."""
+
+    def __init__(self, cfg: ModelConfig, batch: int, capacity: int, device, dtype):
+        shape = (batch, cfg.num_kv_heads, capacity, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
+        self.capacity = capacity
+        self.length = 0
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, w: dict[str, torch.Tensor]):
+        super().__init__()
+        self.cfg = cfg
+        self.q, self.k, self.v, self.o = w["q"], w["k"], w["v"], w["o"]   # [h*hd, d] ... [d, h*hd]
+        self.qb, self.kb, self.vb, self.ob = w.get("qb"), w.get("kb"), w.get("vb"), w.get("ob")
+
+    def forward(self, x, layer, cache: KVCache, cos, sin, mask) -> torch.Tensor:
+        """x [b, t, d] -> [b, t, d]; writes K/V at positions cache.length .. +t."""
+        c, (b, t, _) = self.cfg, x.shape
+        q = F.linear(x, self.q, self.qb).view(b, t, c.num_heads, c.head_dim).transpose(1, 2)
+        k = F.linear(x, self.k, self.kb).view(b, t, c.num_kv_heads, c.head_dim).transpose(1, 2)
+        v = F.linear(x, self.v, self.vb).view(b, t, c.num_kv_heads, c.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        start = cache.length
+        cache.k[layer][:, :, start:start + t] = k
+        cache.v[layer][:, :, start:start + t] = v
+        ks = cache.k[layer][:, :, :start + t]           # [b, kv, s, hd]
+        vs = cache.v[layer][:, :, :start + t]
+        rep = c.num_heads // c.num_kv_heads
+        if rep > 1:
+            ks = ks.repeat_interleave(rep, dim=1)
+            vs = vs.repeat_interleave(rep, dim=1)
+        y = F.scaled_dot_product_attention(q, ks, vs, attn_mask=mask)   # [b, h, t, hd]
+        return F.linear(y.transpose(1, 2).reshape(b, t, c.num_heads * c.head_dim), self.o, self.ob)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg, attn_norm, attn, ffn_norm, ffn):
+        super().__init__()
+        self.attn_norm, self.attn, self.ffn_norm, self.ffn = attn_norm, attn, ffn_norm, ffn
+
+    def forward(self, x, layer, cache, cos, sin, mask):
+        x = x + self.attn(self.attn_norm(x), layer, cache, cos, sin, mask)
+        h = self.ffn_norm(x)
+        return x + self.ffn(h.reshape(-1, h.shape[-1])).view_as(h)
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig, embed, blocks, norm, lm_head, device):
+        super().__init__()
+        self.cfg, self.device = cfg, device
+        self.embed = embed           # [V, d]
+        self.blocks = nn.ModuleList(blocks)
+        self.norm = norm
+        self.lm_head = lm_head       # [V, d] (the embedding when tied)
+        self._rope_len = 0
+
+    def new_cache(self, capacity: int, batch: int = 1) -> KVCache:
+        if capacity > self.cfg.max_position_embeddings:
+            raise HybridInferError(
+                f"{capacity} positions exceed the model's max_position_embeddings "
+                f"({self.cfg.max_position_embeddings})")
+        if capacity > self._rope_len:
+            self.cos, self.sin = rope_tables(self.cfg, capacity, self.device)
+            self._rope_len = capacity
+        return KVCache(self.cfg, batch, capacity, self.device, self.embed.dtype)
+
+    def _mask(self, start: int, t: int) -> torch.Tensor:
+        """[t, s] boolean: query i (position start+i) sees key j if j <= start+i, within the window."""
+        qpos = torch.arange(start, start + t, device=self.device)[:, None]
+        kpos = torch.arange(start + t, device=self.device)[None, :]
+        ok = kpos <= qpos
+        if self.cfg.sliding_window:
+            ok &= kpos > qpos - self.cfg.sliding_window
+        return ok
+
+    def forward(self, tokens: torch.Tensor, cache: KVCache, last_only: bool = False) -> torch.Tensor:
+        """tokens [b, t] at positions cache.length.. -> logits [b, t or 1, V] float32."""
+        b, t = tokens.shape
+        start = cache.length
+        if start + t > cache.capacity:
+            raise HybridInferError(f"context full: {start + t} positions, cache holds {cache.capacity}")
+        cos, sin = self.cos[start:start + t], self.sin[start:start + t]
+        mask = self._mask(start, t)
+        x = F.embedding(tokens, self.embed)
+        for i, blk in enumerate(self.blocks):
+            x = blk(x, i, cache, cos, sin, mask)
+        cache.length = start + t
+        if last_only:
+            x = x[:, -1:]
+        return F.linear(self.norm(x), self.lm_head).float()
+
+
+def build_model(cfg: ModelConfig, ckpt: Checkpoint, device: torch.device, dtype: torch.dtype,
+                with_predictors: bool = True) -> Transformer:
+    """Fetch every tensor by its architecture's name, check its shape, and place it."""
+    d, ff, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+
+    def get(name, shape):
+        return ckpt.get(name, shape).to(device=device, dtype=dtype)
+
+    def ffn(layer, expert=None):
+        n = ffn_names(cfg.family, layer, expert)
+        pred = None
+        if with_predictors and n["fc1"] in ckpt and n["fc2"] in ckpt:
+            rank = ckpt.shape(n["fc1"])[0]
+            pred = Predictor(get(n["fc1"], (rank, d)), get(n["fc2"], (ff, rank)))
+        return DenseFFN(get(n["gate"], (ff, d)), get(n["up"], (ff, d)), get(n["down"], (d, ff)),
+                        cfg.activation, cfg.act_threshold, pred)
+
+    blocks = []
+    for i in range(cfg.num_layers):
+        p = layer_prefix(i)
+        a = p + "self_attn."
+        w = {"q": get(a + "q_proj.weight", (cfg.num_heads * hd, d)),
+             "k": get(a + "k_proj.weight", (cfg.num_kv_heads * hd, d)),
+             "v": get(a + "v_proj.weight", (cfg.num_kv_heads * hd, d)),
+             "o": get(a + "o_proj.weight", (d, cfg.num_heads * hd))}
+        if cfg.attention_bias:
+            w.update(qb=get(a + "q_proj.bias", (cfg.num_heads * hd,)),
+                     kb=get(a + "k_proj.bias", (cfg.num_kv_heads * hd,)),
+                     vb=get(a + "v_proj.bias", (cfg.num_kv_heads * hd,)),
+                     ob=get(a + "o_proj.bias", (d,)))
+        if cfg.is_moe:
+            f = MoE(get(router_name(i), (cfg.num_experts, d)),
+                    [ffn(i, e) for e in range(cfg.num_experts)], cfg.experts_per_token)
+        else:
+            f = ffn(i)
+        blocks.append(Block(cfg, RMSNorm(get(p + "input_layernorm.weight", (d,)), cfg.rms_norm_eps),
+                            Attention(cfg, w),
+                            RMSNorm(get(p + "post_attention_layernorm.weight", (d,)), cfg.rms_norm_eps),
+                            f))
+    embed = get("model.embed_tokens.weight", (cfg.vocab_size, d))
+    if "lm_head.weight" in ckpt:
+        lm_head = get("lm_head.weight", (cfg.vocab_size, d))
+    elif cfg.tie_word_embeddings:
+        lm_head = embed
+    else:
+        raise HybridInferError(f"{ckpt.folder}: missing tensor 'lm_head.weight'")
+    norm = RMSNorm(get("model.norm.weight", (d,)), cfg.rms_norm_eps)
+    return Transformer(cfg, embed, blocks, norm, lm_head, device)
