@@ -1,17 +1,94 @@
 // Thin pybind11 bindings: the kernels themselves live in the other csrc files.
+// Buffers arrive as raw data pointers (ints) plus sizes; hybridinfer/kernels/cpu.py checks
+// dtype, contiguity and shapes before calling. Ids are validated here (range, duplicates) and
+// rejected with ValueError. The GIL is released for the whole native call.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "ffn.h"
+#include "kernels.h"
+#include "threadpool.h"
 
 namespace py = pybind11;
+using hi::FFNDesc;
 
-static const char* isa_name() {
-#if defined(HI_HAVE_X86)
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return "avx2";
-#endif
-  return "scalar";
+namespace {
+
+template <class T> T* ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
+
+FFNDesc desc(int fmt, int d, int n_ff, uintptr_t gate, uintptr_t up, uintptr_t down) {
+  return FFNDesc{hi::Fmt(fmt), d, n_ff, ptr<const uint8_t>(gate), ptr<const uint8_t>(up),
+                 ptr<const uint8_t>(down)};
 }
 
+// One call over E FFNs sharing x: y [b, d] = sum_e scales[e, :] * FFN_e(x)[ids_e].
+void ffn_sparse_multi(const std::vector<int>& fmts, int d, const std::vector<int>& n_ffs,
+                      const std::vector<uintptr_t>& gates, const std::vector<uintptr_t>& ups,
+                      const std::vector<uintptr_t>& downs, uintptr_t x, int b,
+                      const std::vector<uintptr_t>& ids, const std::vector<int64_t>& ks,
+                      uintptr_t scales, int act, float threshold, bool exact, uintptr_t y) {
+  const size_t E = fmts.size();
+  if (n_ffs.size() != E || gates.size() != E || ups.size() != E || downs.size() != E ||
+      ids.size() != E || ks.size() != E)
+    throw py::value_error("ffn_sparse_multi: per-FFN lists differ in length");
+  std::vector<FFNDesc> f;
+  std::vector<const int32_t*> idp;
+  for (size_t e = 0; e < E; ++e) {
+    f.push_back(desc(fmts[e], d, n_ffs[e], gates[e], ups[e], downs[e]));
+    idp.push_back(ptr<const int32_t>(ids[e]));
+  }
+  py::gil_scoped_release nogil;
+  hi::ffn_sparse_multi(f.data(), int(E), ptr<const float>(x), b, idp.data(), ks.data(),
+                       ptr<const float>(scales), hi::Act(act), threshold, exact, ptr<float>(y));
+}
+
+void gate_up_sparse(int fmt, int d, int n_ff, uintptr_t gate, uintptr_t up, uintptr_t x, int b,
+                    uintptr_t ids, int64_t k, int act, float threshold, bool exact, uintptr_t a) {
+  const FFNDesc f = desc(fmt, d, n_ff, gate, up, 0);
+  py::gil_scoped_release nogil;
+  hi::gate_up_sparse(f, ptr<const float>(x), b, ptr<const int32_t>(ids), k, hi::Act(act),
+                     threshold, exact, ptr<float>(a));
+}
+
+void down_sparse(int fmt, int d, int n_ff, uintptr_t down, uintptr_t a, int b, uintptr_t ids,
+                 int64_t k, bool skip_zero, uintptr_t y) {
+  const FFNDesc f = desc(fmt, d, n_ff, 0, 0, down);
+  py::gil_scoped_release nogil;
+  hi::down_sparse(f, ptr<const float>(a), b, ptr<const int32_t>(ids), k, skip_zero, ptr<float>(y));
+}
+
+double read_sum(uintptr_t p, size_t n) {
+  py::gil_scoped_release nogil;
+  return hi::read_sum(ptr<const float>(p), n);
+}
+
+}  // namespace
+
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "hybridinfer native kernels";
-  m.def("isa", &isa_name, "The instruction set the dispatcher picked ('avx2' or 'scalar').");
+  m.doc() = "hybridinfer native kernels (sparse FFN on CPU; see csrc/kernels.h)";
+  m.def("isa", [] { return std::string(hi::active_kernels().name); },
+        "The kernel table in use now: 'avx2' or 'scalar'.");
+  m.def("cpu_has_avx2", &hi::cpu_has_avx2, "Whether this CPU has AVX2+FMA+F16C (and it was built).");
+  m.def("force_reference", &hi::force_reference, py::arg("on"),
+        "Force the scalar reference kernels (initialised from HYBRIDINFER_FORCE_REF).");
+  m.def("reference_forced", &hi::reference_forced);
+  m.def("set_num_threads", [](int n) { py::gil_scoped_release nogil; hi::set_num_threads(n); },
+        py::arg("n"), "Resize the persistent pool (n < 1: one thread per hardware thread).");
+  m.def("get_num_threads", [] { py::gil_scoped_release nogil; return hi::get_num_threads(); });
+  m.def("ffn_sparse_multi", &ffn_sparse_multi, py::arg("fmts"), py::arg("d"), py::arg("n_ffs"),
+        py::arg("gates"), py::arg("ups"), py::arg("downs"), py::arg("x"), py::arg("b"),
+        py::arg("ids"), py::arg("ks"), py::arg("scales"), py::arg("act"), py::arg("threshold"),
+        py::arg("exact"), py::arg("y"));
+  m.def("gate_up_sparse", &gate_up_sparse, py::arg("fmt"), py::arg("d"), py::arg("n_ff"),
+        py::arg("gate"), py::arg("up"), py::arg("x"), py::arg("b"), py::arg("ids"), py::arg("k"),
+        py::arg("act"), py::arg("threshold"), py::arg("exact"), py::arg("a"));
+  m.def("down_sparse", &down_sparse, py::arg("fmt"), py::arg("d"), py::arg("n_ff"),
+        py::arg("down"), py::arg("a"), py::arg("b"), py::arg("ids"), py::arg("k"),
+        py::arg("skip_zero"), py::arg("y"));
+  m.def("read_sum", &read_sum, py::arg("ptr"), py::arg("n"),
+        "Sum of n float32 at ptr on the pool (the read-bandwidth probe).");
 }

@@ -1,0 +1,277 @@
+// FFN drivers (see ffn.h). Work partitioning:
+//   - the ids of every FFN are cut into chunks; threads claim chunks from one atomic counter
+//     (dynamic: a thread that hits slow memory simply claims fewer chunks);
+//   - each id is fused: gate dot, up dot, activation, then its down row is accumulated into the
+//     claiming thread's private y buffer [b, d];
+//   - after the parallel region the private buffers are summed into y (in parallel over columns
+//     when large). No thread ever writes memory another thread writes.
+#include "ffn.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "threadpool.h"
+
+namespace hi {
+namespace {
+
+constexpr int kRows = 4;  // down rows handed to one axpy call (partial sums stay in registers)
+
+struct Scratch {
+  std::vector<float> y;     // [b, d] private down accumulator
+  std::vector<float> g, u;  // [b]
+  std::vector<float> coef;  // [kRows, b]
+  bool used = false;
+};
+std::vector<Scratch> g_scr;       // one per pool thread (guarded by pool_lock)
+std::vector<BlockQ8X> g_xq;       // x quantised to q8 [b, d/32]
+
+struct Chunk { int e; int64_t j0, j1; };
+
+inline bool gate_fires(Act act, float g, float thr) {
+  switch (act) {
+    case Act::DRELU: return g > 0.f;
+    case Act::RELU: return g > 0.f;
+    case Act::FATRELU: return g > thr;
+    case Act::SILU: return true;
+  }
+  return true;
+}
+
+inline float activate(Act act, float g, float u, float thr) {
+  switch (act) {
+    case Act::DRELU: return (g > 0.f && u > 0.f) ? g * u : 0.f;
+    case Act::RELU: return g > 0.f ? g * u : 0.f;
+    case Act::FATRELU: return g > thr ? g * u : 0.f;
+    case Act::SILU: return g / (1.f + std::exp(-g)) * u;
+  }
+  return 0.f;
+}
+
+void check_ffn(const FFNDesc& f, int d) {
+  if (int(f.fmt) < 0 || int(f.fmt) >= kNumFmts) throw std::invalid_argument("unknown weight format");
+  if (f.d != d || f.d <= 0 || f.n_ff < 0)
+    throw std::invalid_argument("FFN shape mismatch: d_model " + std::to_string(f.d) + " vs x " +
+                                std::to_string(d));
+  if (is_quant(f.fmt) && f.d % QK) throw std::invalid_argument("quantised rows need d % 32 == 0");
+}
+
+// Ids must be in [0, n_ff) and distinct (a duplicate would add its down row twice).
+void check_ids(const int32_t* ids, int64_t k, int n_ff) {
+  if (k < 0) throw std::invalid_argument("negative id count");
+  if (k == 0) return;
+  static thread_local std::vector<uint8_t> seen;
+  seen.assign(size_t(n_ff), 0);
+  for (int64_t j = 0; j < k; ++j) {
+    const int32_t i = ids[j];
+    if (i < 0 || i >= n_ff)
+      throw std::invalid_argument("neuron id " + std::to_string(i) + " at position " +
+                                  std::to_string(j) + " is out of range [0, " +
+                                  std::to_string(n_ff) + ")");
+    if (seen[size_t(i)]) throw std::invalid_argument("neuron id " + std::to_string(i) + " is duplicated");
+    seen[size_t(i)] = 1;
+  }
+}
+
+// Quantise x once per call when any FFN uses integer dot products.
+XPrep prepare_x(const Kernels& K, const float* x, int b, int d, bool need_q8) {
+  XPrep xp;
+  xp.xf = x; xp.b = b; xp.d = d;
+  if (need_q8) {
+    g_xq.resize(size_t(b) * (d / QK));
+    for (int t = 0; t < b; ++t) K.quantize_q8(x + size_t(t) * d, d, g_xq.data() + size_t(t) * (d / QK));
+    xp.xq = g_xq.data();
+  }
+  return xp;
+}
+
+std::vector<Chunk> make_chunks(const int64_t* k, int E, int threads) {
+  int64_t total = 0;
+  for (int e = 0; e < E; ++e) total += k[e];
+  const int64_t ch = std::clamp<int64_t>(total / (int64_t(threads) * 8), 4, 64);
+  std::vector<Chunk> chunks;
+  for (int e = 0; e < E; ++e)
+    for (int64_t j = 0; j < k[e]; j += ch) chunks.push_back({e, j, std::min(k[e], j + ch)});
+  return chunks;
+}
+
+// Runs body(tid, chunk) over all chunks with dynamic claiming.
+template <class Body>
+void parallel_chunks(ThreadPool& P, const std::vector<Chunk>& chunks, const Body& body) {
+  std::atomic<size_t> next{0};
+  P.run([&](int tid) {
+    for (size_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < chunks.size();)
+      body(tid, chunks[c]);
+  });
+}
+
+void prepare_scratch(int T, int b, int d, bool need_y) {
+  if (int(g_scr.size()) < T) g_scr.resize(size_t(T));
+  for (int t = 0; t < T; ++t) {
+    Scratch& s = g_scr[size_t(t)];
+    if (need_y && s.y.size() < size_t(b) * d) s.y.resize(size_t(b) * d);
+    s.g.resize(size_t(b)); s.u.resize(size_t(b)); s.coef.resize(size_t(kRows) * b);
+    s.used = false;
+  }
+}
+
+// Lazily zeroes a thread's accumulator the first time it claims work.
+inline float* acc_of(int tid, size_t n) {
+  Scratch& s = g_scr[size_t(tid)];
+  if (!s.used) { std::fill(s.y.begin(), s.y.begin() + long(n), 0.f); s.used = true; }
+  return s.y.data();
+}
+
+// y [n] = sum of the used private accumulators.
+void reduce_into(ThreadPool& P, float* y, size_t n) {
+  std::vector<const float*> parts;
+  for (int t = 0; t < P.size(); ++t) if (g_scr[size_t(t)].used) parts.push_back(g_scr[size_t(t)].y.data());
+  auto sum_range = [&](size_t lo, size_t hi) {
+    if (parts.empty()) { std::fill(y + lo, y + hi, 0.f); return; }
+    std::memcpy(y + lo, parts[0] + lo, (hi - lo) * sizeof(float));
+    for (size_t p = 1; p < parts.size(); ++p)
+      for (size_t i = lo; i < hi; ++i) y[i] += parts[p][i];
+  };
+  if (n * parts.size() < (size_t(1) << 18) || P.size() == 1) { sum_range(0, n); return; }
+  const size_t T = size_t(P.size()), step = (n + T - 1) / T;
+  P.run([&](int tid) {
+    const size_t lo = std::min(n, step * size_t(tid)), hi = std::min(n, lo + step);
+    if (lo < hi) sum_range(lo, hi);
+  });
+}
+
+}  // namespace
+
+void ffn_sparse_multi(const FFNDesc* ffns, int E, const float* x, int b,
+                      const int32_t* const* ids, const int64_t* k, const float* scales, Act act,
+                      float thr, bool exact, float* y) {
+  if (E < 1 || b < 1) throw std::invalid_argument("need at least one FFN and one token");
+  const int d = ffns[0].d;
+  bool need_q8 = false;
+  for (int e = 0; e < E; ++e) {
+    check_ffn(ffns[e], d);
+    check_ids(ids[e], k[e], ffns[e].n_ff);
+    need_q8 |= is_quant(ffns[e].fmt);
+  }
+  std::lock_guard<std::mutex> lk(pool_lock());
+  ThreadPool& P = pool();
+  const Kernels& K = active_kernels();
+  const XPrep xp = prepare_x(K, x, b, d, need_q8);
+  prepare_scratch(P.size(), b, d, true);
+  const std::vector<Chunk> chunks = make_chunks(k, E, P.size());
+
+  parallel_chunks(P, chunks, [&](int tid, const Chunk& c) {
+    const FFNDesc& f = ffns[c.e];
+    const size_t rb = row_bytes(f.fmt, d);
+    const DotFn dot = K.dot[int(f.fmt)];
+    const AxpyFn axpy = K.axpy[int(f.fmt)];
+    Scratch& s = g_scr[size_t(tid)];
+    float* acc = acc_of(tid, size_t(b) * d);
+    const uint8_t* rows[kRows];
+    int np = 0;
+    for (int64_t j = c.j0; j < c.j1; ++j) {
+      const size_t off = size_t(ids[c.e][j]) * rb;
+      dot(f.gate + off, xp, s.g.data());
+      if (exact) {
+        bool any = false;
+        for (int t = 0; t < b; ++t) any |= gate_fires(act, s.g[size_t(t)], thr);
+        if (!any) continue;
+      }
+      dot(f.up + off, xp, s.u.data());
+      float* co = s.coef.data() + size_t(np) * b;
+      bool nz = false;
+      for (int t = 0; t < b; ++t) {
+        const float sc = scales ? scales[size_t(c.e) * b + t] : 1.f;
+        co[t] = activate(act, s.g[size_t(t)], s.u[size_t(t)], thr) * sc;
+        nz |= co[t] != 0.f;
+      }
+      if (exact && !nz) continue;
+      rows[np++] = f.down + off;
+      if (np == kRows) { axpy(rows, np, s.coef.data(), b, acc, d); np = 0; }
+    }
+    if (np) axpy(rows, np, s.coef.data(), b, acc, d);
+  });
+  reduce_into(P, y, size_t(b) * d);
+}
+
+void gate_up_sparse(const FFNDesc& f, const float* x, int b, const int32_t* ids, int64_t k,
+                    Act act, float thr, bool exact, float* a) {
+  if (b < 1) throw std::invalid_argument("need at least one token");
+  check_ffn(f, f.d);
+  check_ids(ids, k, f.n_ff);
+  std::lock_guard<std::mutex> lk(pool_lock());
+  ThreadPool& P = pool();
+  const Kernels& K = active_kernels();
+  const XPrep xp = prepare_x(K, x, b, f.d, is_quant(f.fmt));
+  prepare_scratch(P.size(), b, f.d, false);
+  const size_t rb = row_bytes(f.fmt, f.d);
+  const DotFn dot = K.dot[int(f.fmt)];
+  parallel_chunks(P, make_chunks(&k, 1, P.size()), [&](int tid, const Chunk& c) {
+    Scratch& s = g_scr[size_t(tid)];
+    for (int64_t j = c.j0; j < c.j1; ++j) {
+      const size_t off = size_t(ids[j]) * rb;
+      dot(f.gate + off, xp, s.g.data());
+      bool any = !exact;
+      for (int t = 0; t < b && !any; ++t) any = gate_fires(act, s.g[size_t(t)], thr);
+      if (any) dot(f.up + off, xp, s.u.data());
+      for (int t = 0; t < b; ++t)
+        a[size_t(t) * k + j] = any ? activate(act, s.g[size_t(t)], s.u[size_t(t)], thr) : 0.f;
+    }
+  });
+}
+
+void down_sparse(const FFNDesc& f, const float* a, int b, const int32_t* ids, int64_t k,
+                 bool skip_zero, float* y) {
+  if (b < 1) throw std::invalid_argument("need at least one token");
+  check_ffn(f, f.d);
+  check_ids(ids, k, f.n_ff);
+  const int d = f.d;
+  std::lock_guard<std::mutex> lk(pool_lock());
+  ThreadPool& P = pool();
+  const Kernels& K = active_kernels();
+  prepare_scratch(P.size(), b, d, true);
+  const size_t rb = row_bytes(f.fmt, d);
+  const AxpyFn axpy = K.axpy[int(f.fmt)];
+  parallel_chunks(P, make_chunks(&k, 1, P.size()), [&](int tid, const Chunk& c) {
+    Scratch& s = g_scr[size_t(tid)];
+    float* acc = acc_of(tid, size_t(b) * d);
+    const uint8_t* rows[kRows];
+    int np = 0;
+    for (int64_t j = c.j0; j < c.j1; ++j) {
+      float* co = s.coef.data() + size_t(np) * b;
+      bool nz = false;
+      for (int t = 0; t < b; ++t) { co[t] = a[size_t(t) * k + j]; nz |= co[t] != 0.f; }
+      if (skip_zero && !nz) continue;
+      rows[np++] = f.down + size_t(ids[j]) * rb;
+      if (np == kRows) { axpy(rows, np, s.coef.data(), b, acc, d); np = 0; }
+    }
+    if (np) axpy(rows, np, s.coef.data(), b, acc, d);
+  });
+  reduce_into(P, y, size_t(b) * d);
+}
+
+double read_sum(const float* p, size_t n) {
+  std::lock_guard<std::mutex> lk(pool_lock());
+  ThreadPool& P = pool();
+  const Kernels& K = active_kernels();
+  constexpr size_t kStep = size_t(1) << 20;  // 4 MiB per claimed piece
+  const size_t pieces = (n + kStep - 1) / kStep;
+  std::vector<double> part(size_t(P.size()) * 8, 0.0);  // padded: one cache line per thread
+  std::atomic<size_t> next{0};
+  P.run([&](int tid) {
+    double s = 0;
+    for (size_t c; (c = next.fetch_add(1)) < pieces;)
+      s += K.read_sum(p + c * kStep, std::min(kStep, n - c * kStep));
+    part[size_t(tid) * 8] = s;
+  });
+  double s = 0;
+  for (int t = 0; t < P.size(); ++t) s += part[size_t(t) * 8];
+  return s;
+}
+
+}  // namespace hi

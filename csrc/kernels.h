@@ -1,0 +1,87 @@
+// hybridinfer CPU kernels: the one header that declares every kernel once.
+//
+// Two implementations share these signatures: a scalar reference (kernels_ref.cpp) and an
+// AVX2+FMA+F16C version (kernels_avx2.cpp). dispatch picks one table at runtime (cpuid, or
+// HYBRIDINFER_FORCE_REF=1 / force_reference(true) for the reference). The FFN drivers in
+// ffn.cpp (threads, sparsity, activations) are ISA-independent and call only these tables.
+//
+// Row formats (one packed row = one neuron, bytes contiguous; GGUF-compatible blocks):
+//   F32  : d floats                        BF16 : d bf16 (upper half of an f32)
+//   F16  : d IEEE halves                   Q8_0 : d/32 blocks {f16 scale, int8 q[32]}
+//   Q4_0 : d/32 blocks {f16 scale, uint8 nibbles[16]}, value = (nibble-8)*scale;
+//          byte j holds element j (low nibble) and element j+16 (high nibble).
+#pragma once
+#include <cstddef>
+#include <cstdint>
+
+namespace hi {
+
+enum class Fmt : int { F32 = 0, F16 = 1, BF16 = 2, Q8_0 = 3, Q4_0 = 4 };
+constexpr int kNumFmts = 5;
+constexpr int QK = 32;  // values per quantisation block
+
+// Activation x quantised to q8_0 for the integer dot products (q8_0 / q4_0 weights).
+// Not a GGUF block: the scale stays f32 (more exact than f16) and `sum8` = 8 * sum(q) lets
+// the q4_0 kernel use unsigned nibbles: sum((n-8)*q) = sum(n*q) - sum8.
+struct BlockQ8X {
+  float d;         // scale: amax / 127 over the 32 values (0 for an all-zero block)
+  int32_t sum8;    // 8 * sum(q)
+  int8_t q[QK];    // round-half-even(x / d) computed as x * (1/d) in f32
+};
+
+// The input of a batch of b tokens that share one set of rows, prepared once per call.
+struct XPrep {
+  const float* xf = nullptr;      // [b, d] f32, row-major (float formats)
+  const BlockQ8X* xq = nullptr;   // [b, d/32] (only for Q8_0 / Q4_0 weights)
+  int b = 0, d = 0;
+};
+
+// out[t] = row . x_t for t < b.     row: one packed row of d values (d % 32 == 0 for Q*).
+using DotFn = void (*)(const uint8_t* row, const XPrep& x, float* out);
+// y[t, :] += coef[r * b + t] * row_r  for r < nrows, t < b.   y: [b, d] f32.
+// Several rows per call let the AVX2 kernel keep partial sums in registers.
+using AxpyFn = void (*)(const uint8_t* const* rows, int nrows, const float* coef, int b,
+                        float* y, int d);
+// x [n] f32 -> n/32 blocks (n % 32 == 0).
+using QuantizeFn = void (*)(const float* x, int n, BlockQ8X* out);
+// Sum of n floats (the STREAM-like read-bandwidth probe; the sum keeps the reads alive).
+using ReadSumFn = double (*)(const float* p, size_t n);
+
+struct Kernels {
+  const char* name;
+  DotFn dot[kNumFmts];
+  AxpyFn axpy[kNumFmts];
+  QuantizeFn quantize_q8;
+  ReadSumFn read_sum;
+};
+
+const Kernels& ref_kernels();     // kernels_ref.cpp (always built)
+const Kernels* avx2_kernels();    // kernels_avx2.cpp; nullptr when not built (non-x86)
+
+// dispatch.cpp
+const Kernels& active_kernels();  // the table the drivers use now
+bool cpu_has_avx2();
+void force_reference(bool on);    // initialised from HYBRIDINFER_FORCE_REF
+bool reference_forced();
+
+// Shared scalar helpers (both implementations use them for scales and tails).
+float f16_to_f32(uint16_t h);
+inline float bf16_to_f32(uint16_t h) {
+  uint32_t u = uint32_t(h) << 16;
+  float f;
+  __builtin_memcpy(&f, &u, 4);
+  return f;
+}
+inline size_t row_bytes(Fmt f, int d) {
+  switch (f) {
+    case Fmt::F32: return size_t(d) * 4;
+    case Fmt::F16:
+    case Fmt::BF16: return size_t(d) * 2;
+    case Fmt::Q8_0: return size_t(d / QK) * 34;
+    case Fmt::Q4_0: return size_t(d / QK) * 18;
+  }
+  return 0;
+}
+inline bool is_quant(Fmt f) { return f == Fmt::Q8_0 || f == Fmt::Q4_0; }
+
+}  // namespace hi

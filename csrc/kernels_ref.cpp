@@ -1,0 +1,153 @@
+// Scalar reference implementation of kernels.h: plain loops, one value at a time.
+// The quantised formats use the same arithmetic as the AVX2 version (x quantised to q8_0,
+// exact integer block sums, one f32 scale per block), so the two differ only in the order of
+// float additions.
+#include <cmath>
+#include <cstring>
+
+#include "kernels.h"
+
+namespace hi {
+
+float f16_to_f32(uint16_t h) {
+  // IEEE half -> float, exact (normals, subnormals, inf, nan).
+  const uint32_t sign = uint32_t(h & 0x8000) << 16;
+  uint32_t exp = (h >> 10) & 0x1F, man = h & 0x3FF, bits;
+  if (exp == 0) {
+    if (man == 0) {
+      bits = sign;
+    } else {  // subnormal: renormalise
+      int e = -1;
+      do { man <<= 1; ++e; } while (!(man & 0x400));
+      bits = sign | uint32_t(127 - 15 - e) << 23 | (man & 0x3FF) << 13;
+    }
+  } else if (exp == 31) {
+    bits = sign | 0x7F800000u | man << 13;
+  } else {
+    bits = sign | (exp + 127 - 15) << 23 | man << 13;
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+namespace {
+
+inline uint16_t rd16(const uint8_t* p) { uint16_t v; std::memcpy(&v, p, 2); return v; }
+
+// Value j of a float-format row.
+template <Fmt F>
+inline float fval(const uint8_t* row, int j) {
+  if constexpr (F == Fmt::F32) { float v; std::memcpy(&v, row + 4 * size_t(j), 4); return v; }
+  if constexpr (F == Fmt::F16) return f16_to_f32(rd16(row + 2 * size_t(j)));
+  if constexpr (F == Fmt::BF16) return bf16_to_f32(rd16(row + 2 * size_t(j)));
+  return 0.f;
+}
+
+template <Fmt F>
+void dot_float(const uint8_t* row, const XPrep& x, float* out) {
+  for (int t = 0; t < x.b; ++t) {
+    const float* xt = x.xf + size_t(t) * x.d;
+    float acc = 0.f;
+    for (int j = 0; j < x.d; ++j) acc += fval<F>(row, j) * xt[j];
+    out[t] = acc;
+  }
+}
+
+// Integer sum of block `blk` of a quantised row against one q8 x block (exact).
+template <Fmt F>
+inline int32_t block_isum(const uint8_t* blk, const BlockQ8X& xb) {
+  int32_t s = 0;
+  if constexpr (F == Fmt::Q8_0) {
+    const int8_t* q = reinterpret_cast<const int8_t*>(blk + 2);
+    for (int j = 0; j < QK; ++j) s += int32_t(q[j]) * xb.q[j];
+  } else {
+    const uint8_t* q = blk + 2;
+    for (int j = 0; j < QK / 2; ++j)
+      s += int32_t(q[j] & 0x0F) * xb.q[j] + int32_t(q[j] >> 4) * xb.q[j + QK / 2];
+    s -= xb.sum8;  // nibble n stands for n - 8
+  }
+  return s;
+}
+
+template <Fmt F>
+void dot_quant(const uint8_t* row, const XPrep& x, float* out) {
+  constexpr size_t bb = F == Fmt::Q8_0 ? 34 : 18;
+  const int nb = x.d / QK;
+  for (int t = 0; t < x.b; ++t) {
+    const BlockQ8X* xq = x.xq + size_t(t) * nb;
+    float acc = 0.f;
+    for (int i = 0; i < nb; ++i) {
+      const uint8_t* blk = row + i * bb;
+      acc += f16_to_f32(rd16(blk)) * xq[i].d * float(block_isum<F>(blk, xq[i]));
+    }
+    out[t] = acc;
+  }
+}
+
+// Value j of block blk (without its scale).
+template <Fmt F>
+inline float qval(const uint8_t* blk, int j) {
+  if constexpr (F == Fmt::Q8_0) return float(int8_t(blk[2 + j]));
+  const uint8_t byte = blk[2 + (j & 15)];
+  return float(int((j < 16) ? (byte & 0x0F) : (byte >> 4)) - 8);
+}
+
+template <Fmt F>
+void axpy(const uint8_t* const* rows, int nrows, const float* coef, int b, float* y, int d) {
+  for (int r = 0; r < nrows; ++r) {
+    for (int t = 0; t < b; ++t) {
+      const float c = coef[r * b + t];
+      float* yt = y + size_t(t) * d;
+      if constexpr (F == Fmt::Q8_0 || F == Fmt::Q4_0) {
+        constexpr size_t bb = F == Fmt::Q8_0 ? 34 : 18;
+        for (int i = 0; i < d / QK; ++i) {
+          const uint8_t* blk = rows[r] + i * bb;
+          const float s = c * f16_to_f32(rd16(blk));
+          for (int j = 0; j < QK; ++j) yt[i * QK + j] += s * qval<F>(blk, j);
+        }
+      } else {
+        for (int j = 0; j < d; ++j) yt[j] += c * fval<F>(rows[r], j);
+      }
+    }
+  }
+}
+
+void quantize_q8(const float* x, int n, BlockQ8X* out) {
+  for (int i = 0; i < n / QK; ++i) {
+    const float* v = x + size_t(i) * QK;
+    float amax = 0.f;
+    for (int j = 0; j < QK; ++j) amax = std::fmax(amax, std::fabs(v[j]));
+    const float d = amax / 127.f;
+    const float id = amax > 1e-30f ? 1.f / d : 0.f;  // all-zero (or denormal) block -> zeros
+    int32_t s = 0;
+    for (int j = 0; j < QK; ++j) {
+      const int q = int(std::nearbyint(v[j] * id));  // round half to even, as cvtps2dq
+      out[i].q[j] = int8_t(q);
+      s += q;
+    }
+    out[i].d = amax > 1e-30f ? d : 0.f;
+    out[i].sum8 = 8 * s;
+  }
+}
+
+double read_sum(const float* p, size_t n) {
+  double s = 0;
+  for (size_t i = 0; i < n; ++i) s += p[i];
+  return s;
+}
+
+const Kernels kRef = {
+    "scalar",
+    {dot_float<Fmt::F32>, dot_float<Fmt::F16>, dot_float<Fmt::BF16>, dot_quant<Fmt::Q8_0>,
+     dot_quant<Fmt::Q4_0>},
+    {axpy<Fmt::F32>, axpy<Fmt::F16>, axpy<Fmt::BF16>, axpy<Fmt::Q8_0>, axpy<Fmt::Q4_0>},
+    quantize_q8,
+    read_sum,
+};
+
+}  // namespace
+
+const Kernels& ref_kernels() { return kRef; }
+
+}  // namespace hi

@@ -1,0 +1,239 @@
+"""CPU sparse FFN kernels: a thin, checking wrapper over the native module hybridinfer._C.
+
+Everything here validates its inputs (dtype, device, contiguity, shapes) and passes raw data
+pointers to C++; ids are checked natively (range, duplicates). Any bad input raises ValueError
+with one line saying what is wrong. Native calls release the GIL and run on a persistent thread
+pool (set_num_threads). Results come back as torch tensors for torch inputs, numpy for numpy.
+
+Activations (g = W1 x, u = W3 x):
+  "drelu"   relu(g) * relu(u)                  (TurboSparse)
+  "relu"    relu(g) * u                        (ReLU-gated, ReluLLaMA)
+  "fatrelu" g * u where g > threshold, else 0  (ProSparse; "relu" is fatrelu at threshold 0)
+  "silu"    silu(g) * u                        (SwiGLU; never zero, so exact == dense work)
+`threshold` is used by "fatrelu" only.
+
+exact=False reads all three rows of every given id (a fixed cost: what the benchmark measures).
+exact=True computes the gate for every given id, then up only where the gate can fire and down
+only where the activation is non-zero: the same result, fewer bytes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .. import quant
+
+try:
+    from .. import _C
+except ImportError as e:  # pragma: no cover - only without a build
+    _C = None
+    _IMPORT_ERROR = e
+
+ACTIVATIONS = {"drelu": 0, "relu": 1, "fatrelu": 2, "silu": 3}
+_FMT_CODE = {f: i for i, f in enumerate(quant.FORMATS)}  # matches hi::Fmt in csrc/kernels.h
+
+
+def _native():
+    if _C is None:
+        raise ImportError(f"hybridinfer._C is not built: {_IMPORT_ERROR}")
+    return _C
+
+
+def _tensor(a, name: str) -> torch.Tensor:
+    if isinstance(a, np.ndarray):
+        a = torch.from_numpy(a)
+    if not isinstance(a, torch.Tensor):
+        raise ValueError(f"{name}: expected a torch tensor or numpy array, got {type(a).__name__}")
+    if a.device.type != "cpu":
+        raise ValueError(f"{name}: must be on the CPU, got device {a.device}")
+    return a
+
+
+@dataclass(frozen=True, eq=False)
+class PackedFFN:
+    """One FFN (or MoE expert) packed for the CPU kernels; one neuron = one row in all three.
+
+    gate [n_ff, rb] = pack(W1), up [n_ff, rb] = pack(W3), down_t [n_ff, rb] = pack(W2.T),
+    rb = quant.row_bytes(d_model, fmt). Built once; calls never copy weights.
+    """
+    fmt: str
+    d_model: int
+    n_ff: int
+    gate: torch.Tensor
+    up: torch.Tensor
+    down_t: torch.Tensor
+
+    def __post_init__(self):
+        if self.fmt not in quant.FORMATS:
+            raise ValueError(f"unknown weight format {self.fmt!r}; expected one of {quant.FORMATS}")
+        rb = quant.row_bytes(self.d_model, self.fmt)
+        for name in ("gate", "up", "down_t"):
+            t = _tensor(getattr(self, name), f"PackedFFN.{name}")
+            object.__setattr__(self, name, t)
+            if t.dtype != torch.uint8 or tuple(t.shape) != (self.n_ff, rb) or not t.is_contiguous():
+                raise ValueError(f"PackedFFN.{name}: expected contiguous uint8 [{self.n_ff}, {rb}] "
+                                 f"({self.fmt}, d_model={self.d_model}), got {t.dtype} "
+                                 f"{tuple(t.shape)}{'' if t.is_contiguous() else ' non-contiguous'}")
+
+    @classmethod
+    def from_weights(cls, w1, w3, w2, fmt: str) -> "PackedFFN":
+        """w1, w3: [n_ff, d_model]; w2: [d_model, n_ff] (nn.Linear layouts)."""
+        w1, w3, w2 = (_tensor(w, n) for w, n in ((w1, "w1"), (w3, "w3"), (w2, "w2")))
+        n_ff, d = w1.shape
+        if tuple(w3.shape) != (n_ff, d) or tuple(w2.shape) != (d, n_ff):
+            raise ValueError(f"from_weights: expected w1, w3 [n_ff, d] and w2 [d, n_ff], got "
+                             f"{tuple(w1.shape)}, {tuple(w3.shape)}, {tuple(w2.shape)}")
+        return cls(fmt, d, n_ff, quant.pack(w1, fmt), quant.pack(w3, fmt),
+                   quant.pack(w2.t(), fmt))
+
+    @property
+    def nbytes(self) -> int:
+        return 3 * self.gate.numel()
+
+
+def _x2d(x, d: int, name: str = "x"):
+    """x [d] or [b, d] float32 contiguous -> (2-D tensor, was_1d, was_numpy)."""
+    was_np = isinstance(x, np.ndarray)
+    t = _tensor(x, name)
+    if t.dtype != torch.float32:
+        raise ValueError(f"{name}: expected float32, got {t.dtype}")
+    if t.dim() not in (1, 2) or t.shape[-1] != d:
+        raise ValueError(f"{name}: expected shape [{d}] or [b, {d}], got {tuple(t.shape)}")
+    if not t.is_contiguous():
+        raise ValueError(f"{name}: must be contiguous")
+    one = t.dim() == 1
+    t = t.reshape(1, d) if one else t
+    if t.shape[0] < 1:
+        raise ValueError(f"{name}: needs at least one token")
+    return t, one, was_np
+
+
+def _ids(ids, name: str = "ids") -> torch.Tensor:
+    t = _tensor(ids, name)
+    if t.dtype not in (torch.int32, torch.int64) or t.dim() != 1:
+        raise ValueError(f"{name}: expected a 1-D int32/int64 tensor, got {t.dtype} {tuple(t.shape)}")
+    return t.to(torch.int32).contiguous()  # range and duplicates are checked natively
+
+
+def _act(act: str) -> int:
+    if act not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {act!r}; expected one of {tuple(ACTIVATIONS)}")
+    return ACTIVATIONS[act]
+
+
+def _out(y: torch.Tensor, one: bool, was_np: bool):
+    y = y[0] if one else y
+    return y.numpy() if was_np else y
+
+
+def _call(fn, *args):
+    try:
+        return fn(*args)
+    except ValueError as e:  # native checks (ids) -> one clear line
+        raise ValueError(str(e)) from None
+
+
+def ffn_sparse(ffn: PackedFFN, x, ids, act: str = "drelu", threshold: float = 0.0,
+               exact: bool = False):
+    """y = FFN(x) restricted to neurons `ids`: sum_i a_i(x) W2[:, i]. x [d] or [b, d] f32."""
+    return ffn_sparse_multi([ffn], x, [ids], None, act, threshold, exact)
+
+
+def ffn_sparse_multi(ffns, x, ids, scales=None, act: str = "drelu", threshold: float = 0.0,
+                     exact: bool = False):
+    """sum_e scales[e] * FFN_e(x)[ids[e]] in one native call (e.g. the cold half of top-2 MoE).
+
+    scales: None (all 1), E floats, a tensor [E], or [E, b] / E tensors [b] (per-token weights).
+    """
+    ffns = list(ffns)
+    ids = list(ids)
+    if not ffns or len(ids) != len(ffns):
+        raise ValueError(f"ffn_sparse_multi: need one id set per FFN, got {len(ffns)} FFNs and "
+                         f"{len(ids)} id sets")
+    for f in ffns:
+        if not isinstance(f, PackedFFN):
+            raise ValueError(f"expected PackedFFN, got {type(f).__name__}")
+        if f.d_model != ffns[0].d_model:
+            raise ValueError("all FFNs in one call must share d_model")
+    d = ffns[0].d_model
+    xt, one, was_np = _x2d(x, d)
+    b, E = xt.shape[0], len(ffns)
+    idt = [_ids(i, f"ids[{e}]") for e, i in enumerate(ids)]
+    sc = None
+    if scales is not None:
+        if isinstance(scales, (list, tuple)):
+            scales = [s if isinstance(s, torch.Tensor) else torch.as_tensor(np.asarray(s, np.float32))
+                      for s in scales]
+            scales = torch.stack([s.to(torch.float32).reshape(-1) for s in scales])
+        s = _tensor(scales, "scales").to(torch.float32)
+        if s.dim() == 1:
+            s = s.reshape(E, 1)
+        if s.dim() != 2 or s.shape[0] != E or s.shape[1] not in (1, b):
+            raise ValueError(f"scales: expected [{E}] or [{E}, {b}], got {tuple(s.shape)}")
+        sc = s.expand(E, b).contiguous()
+    y = torch.empty(b, d, dtype=torch.float32)
+    _call(_native().ffn_sparse_multi,
+          [_FMT_CODE[f.fmt] for f in ffns], d, [f.n_ff for f in ffns],
+          [f.gate.data_ptr() for f in ffns], [f.up.data_ptr() for f in ffns],
+          [f.down_t.data_ptr() for f in ffns], xt.data_ptr(), b,
+          [i.data_ptr() for i in idt], [i.numel() for i in idt],
+          0 if sc is None else sc.data_ptr(), _act(act), float(threshold), bool(exact),
+          y.data_ptr())
+    return _out(y, one, was_np)
+
+
+def gate_up_sparse(ffn: PackedFFN, x, ids, act: str = "drelu", threshold: float = 0.0,
+                   exact: bool = False):
+    """a [b, k] (or [k]) = act(W1[ids] x, W3[ids] x); exact: up skipped (a = 0) where the gate
+    cannot fire."""
+    xt, one, was_np = _x2d(x, ffn.d_model)
+    idt = _ids(ids)
+    a = torch.empty(xt.shape[0], idt.numel(), dtype=torch.float32)
+    _call(_native().gate_up_sparse, _FMT_CODE[ffn.fmt], ffn.d_model, ffn.n_ff,
+          ffn.gate.data_ptr(), ffn.up.data_ptr(), xt.data_ptr(), xt.shape[0], idt.data_ptr(),
+          idt.numel(), _act(act), float(threshold), bool(exact), a.data_ptr())
+    return _out(a, one, was_np)
+
+
+def down_sparse(ffn: PackedFFN, a, ids, skip_zero: bool = False):
+    """y [b, d] (or [d]) = sum_j a[:, j] W2[:, ids[j]]. a: [k] or [b, k] float32."""
+    idt = _ids(ids)
+    at, one, was_np = _x2d(a, idt.numel(), "a")
+    y = torch.empty(at.shape[0], ffn.d_model, dtype=torch.float32)
+    _call(_native().down_sparse, _FMT_CODE[ffn.fmt], ffn.d_model, ffn.n_ff, ffn.down_t.data_ptr(),
+          at.data_ptr(), at.shape[0], idt.data_ptr(), idt.numel(), bool(skip_zero), y.data_ptr())
+    return _out(y, one, was_np)
+
+
+def read_sum(buf) -> float:
+    """Sum of a contiguous float32 buffer on the pool: the read-bandwidth probe."""
+    t = _tensor(buf, "buf")
+    if t.dtype != torch.float32 or not t.is_contiguous():
+        raise ValueError("read_sum: expected a contiguous float32 tensor")
+    return _native().read_sum(t.data_ptr(), t.numel())
+
+
+def set_num_threads(n: int) -> None:
+    """Resize the kernels' persistent pool (n < 1: one thread per hardware thread)."""
+    _native().set_num_threads(int(n))
+
+
+def get_num_threads() -> int:
+    return _native().get_num_threads()
+
+
+def isa() -> str:
+    """'avx2' or 'scalar': the kernels the next call will use."""
+    return _native().isa()
+
+
+def force_reference(on: bool) -> None:
+    """Use the scalar reference kernels (on) or the fastest available (off).
+    HYBRIDINFER_FORCE_REF=1 sets this at import."""
+    _native().force_reference(bool(on))
+
+
+def reference_forced() -> bool:
+    return _native().reference_forced()

@@ -1,0 +1,104 @@
+"""Weight formats for the CPU kernels: f32, f16, bf16 and GGUF's q8_0 / q4_0 blocks.
+
+Pure torch (no native code). A packed matrix is a uint8 tensor [rows, row_bytes(cols, fmt)]:
+each row is the bytes of that row in the format, so one neuron is one contiguous row.
+
+Block formats (byte-compatible with GGUF / llama.cpp), 32 values per block:
+  q8_0: f16 scale d, then 32 int8 q;            value = q * d              (34 bytes)
+  q4_0: f16 scale d, then 16 bytes of nibbles;  value = (nibble - 8) * d   (18 bytes)
+        byte j holds element j in its low nibble and element j + 16 in its high nibble.
+Scales are chosen as llama.cpp's reference quantisers do:
+  q8_0: d = amax / 127,  q = roundf(v / d) (half away from zero)
+  q4_0: d = m / -8 where m is the first value of largest |v| (signed), q = min(15, trunc(v/d + 8.5))
+"""
+from __future__ import annotations
+
+import torch
+
+FORMATS = ("f32", "f16", "bf16", "q8_0", "q4_0")
+QK = 32  # values per block in q8_0 / q4_0
+_BLOCK_BYTES = {"q8_0": 2 + QK, "q4_0": 2 + QK // 2}
+_ELEM_BYTES = {"f32": 4, "f16": 2, "bf16": 2}
+_FLOAT_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _check_fmt(fmt: str) -> None:
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown weight format {fmt!r}; expected one of {FORMATS}")
+
+
+def row_bytes(cols: int, fmt: str) -> int:
+    """Bytes of one packed row of `cols` values."""
+    _check_fmt(fmt)
+    if fmt in _ELEM_BYTES:
+        return cols * _ELEM_BYTES[fmt]
+    if cols % QK:
+        raise ValueError(f"{fmt} needs a column count divisible by {QK}, got {cols}")
+    return cols // QK * _BLOCK_BYTES[fmt]
+
+
+def _as_tensor(a) -> torch.Tensor:
+    return a if isinstance(a, torch.Tensor) else torch.as_tensor(a)
+
+
+def _f16_bytes(d: torch.Tensor) -> torch.Tensor:
+    """[..., nb] float32 scales -> [..., nb, 2] uint8 (f16, little-endian, round-to-nearest-even)."""
+    return d.to(torch.float16).contiguous().view(torch.uint8).reshape(*d.shape, 2)
+
+
+def pack(w, fmt: str) -> torch.Tensor:
+    """w [rows, cols] float -> uint8 [rows, row_bytes(cols, fmt)]."""
+    _check_fmt(fmt)
+    w = _as_tensor(w)
+    if w.dim() != 2 or not w.is_floating_point():
+        raise ValueError(f"pack expects a 2-D float tensor, got shape {tuple(w.shape)} dtype {w.dtype}")
+    rows, cols = w.shape
+    rb = row_bytes(cols, fmt)  # raises for bad cols in block formats
+    if fmt in _FLOAT_DTYPES:
+        return w.to(_FLOAT_DTYPES[fmt]).contiguous().view(torch.uint8).reshape(rows, rb)
+    nb = cols // QK
+    out = torch.empty(rows, nb, _BLOCK_BYTES[fmt], dtype=torch.uint8)
+    step = max(1, (1 << 22) // max(cols, 1))  # ~4M values per slice keeps temporaries small
+    for r0 in range(0, rows, step):
+        blk = w[r0:r0 + step].to(torch.float32).reshape(-1, nb, QK)  # [r, nb, 32]
+        if fmt == "q8_0":
+            d = blk.abs().amax(dim=-1) / 127.0                       # [r, nb]
+            inv = torch.where(d != 0, 1.0 / d, torch.zeros_like(d))
+            v = blk * inv[..., None]
+            q = torch.sign(v) * torch.floor(v.abs() + 0.5)           # roundf: half away from zero
+            qb = q.to(torch.int8).view(torch.uint8)
+        else:
+            # The signed value of largest magnitude; first occurrence on ties (as llama.cpp).
+            idx = blk.abs().argmax(dim=-1, keepdim=True)
+            m = torch.gather(blk, -1, idx).squeeze(-1)
+            d = m / -8.0
+            inv = torch.where(d != 0, 1.0 / d, torch.zeros_like(d))
+            v = blk * inv[..., None] + 8.5
+            q = torch.clamp(torch.trunc(v), max=15).to(torch.uint8)  # v >= 0.5, so trunc = floor
+            qb = q[..., :QK // 2] | (q[..., QK // 2:] << 4)
+        out[r0:r0 + step, :, :2] = _f16_bytes(d)
+        out[r0:r0 + step, :, 2:] = qb
+    return out.reshape(rows, rb)
+
+
+def unpack(packed, fmt: str, cols: int) -> torch.Tensor:
+    """uint8 [rows, row_bytes(cols, fmt)] -> float32 [rows, cols] (the values the kernels use)."""
+    _check_fmt(fmt)
+    p = _as_tensor(packed)
+    rb = row_bytes(cols, fmt)
+    if p.dtype != torch.uint8 or p.dim() != 2 or p.shape[1] != rb:
+        raise ValueError(f"unpack expects uint8 [rows, {rb}] for {fmt} x {cols}, "
+                         f"got {p.dtype} {tuple(p.shape)}")
+    rows = p.shape[0]
+    p = p.contiguous()
+    if fmt in _FLOAT_DTYPES:
+        return p.view(_FLOAT_DTYPES[fmt]).reshape(rows, cols).to(torch.float32)
+    nb = cols // QK
+    blk = p.reshape(rows, nb, _BLOCK_BYTES[fmt])
+    d = blk[..., :2].contiguous().view(torch.float16).to(torch.float32)  # [rows, nb, 1]
+    qb = blk[..., 2:]
+    if fmt == "q8_0":
+        q = qb.contiguous().view(torch.int8).to(torch.float32)
+    else:
+        q = torch.cat([qb & 0x0F, qb >> 4], dim=-1).to(torch.float32) - 8.0
+    return (q * d).reshape(rows, cols)
