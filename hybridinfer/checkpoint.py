@@ -71,6 +71,17 @@ class SafetensorsFile:
                              offset=self._base + start)
         return t.view(shape)
 
+    def release(self, name: str) -> None:
+        """Drop the mapped pages of `name` once a converted copy is kept (bounds peak memory)."""
+        if self._mm is None or not hasattr(self._mm, "madvise"):
+            return
+        _, _, start, end = self.entries[name]
+        page = mmap.PAGESIZE
+        lo = -(-(self._base + start) // page) * page
+        hi = (self._base + end) // page * page
+        if hi > lo:
+            self._mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+
 
 class Checkpoint:
     """All weight files of one model folder behind one name -> tensor lookup."""
@@ -128,6 +139,11 @@ class Checkpoint:
             _, _, start, end = src.entries[name]
             return end - start
         return src.numel() * src.element_size()
+
+    def release(self, name: str) -> None:
+        src = self._where.get(name)
+        if isinstance(src, SafetensorsFile):
+            src.release(name)
 
     def get(self, name: str, shape: tuple[int, ...] | None = None) -> torch.Tensor:
         """The tensor `name` (a lazy CPU view); `shape` is what config.json implies, checked."""

@@ -92,14 +92,14 @@ def generate_tokens(model: Transformer, prompt: list[int], g: GenerationConfig,
             gen.manual_seed(g.seed)
     cache = model.new_cache(capacity)
     logits = prefill(model, prompt, cache)
-    while True:
+    n_new = capacity - len(prompt)
+    for i in range(n_new):
         tok = sample(logits, g, gen)
         if g.stop_on_eos and tok in eos_ids:
             return
         yield tok
-        if cache.length >= capacity:
-            return
-        logits = decode_one_token(model, tok, cache)
+        if i + 1 < n_new:               # the last token needs no forward pass of its own
+            logits = decode_one_token(model, tok, cache)
 
 
 @dataclass

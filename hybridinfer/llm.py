@@ -1,6 +1,7 @@
 """LLM: a loaded model + tokenizer with generate / stream / chat / logits. load() builds one."""
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Iterator
@@ -117,7 +118,7 @@ class LLM:
             tgt = torch.tensor(chunk[1:])
             nll -= lp[:-1].gather(1, tgt[:, None]).sum().item()
             n += len(chunk) - 1
-        return float(torch.exp(torch.tensor(nll / n)))
+        return math.exp(nll / n)
 
 
 def load(model: str | os.PathLike | None = None, *, device: str | None = None,

@@ -145,7 +145,11 @@ def build_model(cfg: ModelConfig, ckpt: Checkpoint, device: torch.device, dtype:
     d, ff, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
 
     def get(name, shape):
-        return ckpt.get(name, shape).to(device=device, dtype=dtype)
+        t = ckpt.get(name, shape)
+        out = t.to(device=device, dtype=dtype)
+        if out.data_ptr() != t.data_ptr():   # a converted copy is kept: unmap the source pages
+            ckpt.release(name)
+        return out
 
     def ffn(layer, expert=None):
         n = ffn_names(cfg.family, layer, expert)
