@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .predictor import Predictor
+
 
 def activate(g: torch.Tensor, u: torch.Tensor, kind: str, threshold: float = 0.0) -> torch.Tensor:
     """Gated activation a = act(g, u), elementwise; g, u: [n, n_ff]."""
@@ -21,18 +23,6 @@ def activate(g: torch.Tensor, u: torch.Tensor, kind: str, threshold: float = 0.0
     if kind == "silu":
         return F.silu(g) * u
     raise ValueError(f"unknown activation {kind!r}")
-
-
-class Predictor(nn.Module):
-    """Low-rank activation predictor: score = fc2 · relu(fc1 · x); x [n, d] -> [n, n_ff]."""
-
-    def __init__(self, fc1: torch.Tensor, fc2: torch.Tensor):
-        super().__init__()
-        self.fc1 = fc1  # [rank, d]
-        self.fc2 = fc2  # [n_ff, rank]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.relu(F.linear(x, self.fc1)), self.fc2)
 
 
 class DenseFFN(nn.Module):

@@ -13,7 +13,8 @@ from torch import nn
 from .checkpoint import Checkpoint, ffn_names, layer_prefix, router_name
 from .config import ModelConfig
 from .errors import HybridInferError
-from .ffn import DenseFFN, MoE, Predictor
+from .ffn import DenseFFN, MoE
+from .predictor import Predictor
 
 
 class RMSNorm(nn.Module):
