@@ -65,3 +65,115 @@ class MoE(nn.Module):
             tok, slot = (ids == e).nonzero(as_tuple=True)
             out.index_add_(0, tok, self.experts[e](x[tok]) * w[tok, slot, None])
         return out
+
+
+# ---- hybrid: hot rows on the GPU side, cold rows in the CPU kernels ----------------------------
+
+SPARSITY_MODES = ("dense", "exact", "predictor")
+
+
+class HybridFFN(nn.Module):
+    """One FFN split by neuron: hot rows (kernels.gpu.HotFFN) on the GPU side, cold rows
+    (kernels.cpu.PackedFFN, compact) on the CPU. Both halves are built once; nothing is copied
+    per token but x (D2H), the cold ids (D2H) and the CPU partial (H2D).
+
+    sparsity: dense (every neuron), exact (all gates, down only where a != 0: lossless),
+    predictor (only neurons the predictor calls active; a batch computes the union of its
+    tokens' predicted sets).
+    """
+
+    def __init__(self, n_ff: int, hot, cold, cold_ids: torch.Tensor, activation: str,
+                 threshold: float, sparsity: str, predictor: Predictor | None, device):
+        super().__init__()
+        if sparsity not in SPARSITY_MODES:
+            raise ValueError(f"unknown sparsity {sparsity!r}")
+        if sparsity == "predictor" and predictor is None:
+            raise ValueError("sparsity 'predictor' needs a predictor for every FFN")
+        self.n_ff, self.hot, self.cold = n_ff, hot, cold          # HotFFN | None, PackedFFN | None
+        self.cold_ids = cold_ids            # int64 [n_cold] neuron id of each cold row (CPU)
+        self.hot_ids = hot.ids.long() if hot is not None else None   # [n_hot] (device)
+        self.activation, self.threshold, self.sparsity = activation, threshold, sparsity
+        self.predictor = predictor
+        self.device = device
+        self._all_cold = (torch.arange(cold.n_ff, dtype=torch.int32) if cold is not None else None)
+
+    def act(self, g, u):
+        return activate(g, u, self.activation, self.threshold)
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor | None:
+        """bool [n_ff] on the device: neurons predicted active for any token of x; None = all."""
+        if self.sparsity != "predictor":
+            return None
+        return self.predictor.active(x).any(dim=0)
+
+    def gpu_half(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
+        if self.hot is None:
+            return None
+        from .kernels.gpu import hot_ffn
+        return hot_ffn(self.hot, x, self.act, None if mask is None else mask[self.hot_ids])
+
+    def cold_rows(self, mask_cpu: torch.Tensor | None) -> torch.Tensor:
+        """int32 ids into the compact cold rows to compute (mask_cpu: bool [n_ff] on the CPU)."""
+        if mask_cpu is None:
+            return self._all_cold
+        return mask_cpu[self.cold_ids].nonzero().flatten().to(torch.int32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from .kernels import cpu
+        mask = self.predict(x)
+        y = self.gpu_half(x, mask)                        # launched first: overlaps the CPU half
+        if self.cold is None:
+            return y
+        x_cpu = x.to("cpu", torch.float32)
+        ids = self.cold_rows(None if mask is None else mask.cpu())
+        y_cpu = cpu.ffn_sparse(self.cold, x_cpu.contiguous(), ids, self.activation, self.threshold,
+                               exact=self.sparsity == "exact")
+        y_cpu = y_cpu.to(x.device, x.dtype, non_blocking=True)
+        return y_cpu if y is None else y + y_cpu
+
+
+class HybridMoE(nn.Module):
+    """Router on the GPU side; each selected expert's hot half on the GPU, and for one token the
+    cold halves of all selected experts in one CPU kernel call."""
+
+    def __init__(self, router: torch.Tensor, experts: list[HybridFFN], top_k: int):
+        super().__init__()
+        self.router = router
+        self.experts = nn.ModuleList(experts)
+        self.top_k = top_k
+
+    route = MoE.route
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, ids = self.route(x)
+        if x.shape[0] != 1:                                # prefill / batches: expert by expert
+            out = torch.zeros_like(x)
+            for e in ids.unique().tolist():
+                tok, slot = (ids == e).nonzero(as_tuple=True)
+                out.index_add_(0, tok, self.experts[e](x[tok]) * w[tok, slot, None])
+            return out
+        return self._decode(x, w[0], ids[0].tolist())      # one sync: the expert ids
+
+    def _decode(self, x, w, sel: list[int]) -> torch.Tensor:
+        from .kernels import cpu
+        experts = [self.experts[e] for e in sel]
+        masks = [ex.predict(x) for ex in experts]
+        y = torch.zeros_like(x)
+        for k, (ex, m) in enumerate(zip(experts, masks)):
+            part = ex.gpu_half(x, m)
+            if part is not None:
+                y = y + w[k] * part
+        cold = [(k, ex) for k, ex in enumerate(experts) if ex.cold is not None]
+        if not cold:
+            return y
+        x_cpu = x.to("cpu", torch.float32).contiguous()
+        if masks[0] is not None:                           # one D2H copy for all experts' masks
+            mcpu = torch.stack([masks[k] for k, _ in cold]).cpu()
+            rows = [ex.cold_rows(mcpu[i]) for i, (_, ex) in enumerate(cold)]
+        else:
+            rows = [ex.cold_rows(None) for _, ex in cold]
+        scales = w.float().cpu()[[k for k, _ in cold]]
+        ex0 = cold[0][1]
+        y_cpu = cpu.ffn_sparse_multi([ex.cold for _, ex in cold], x_cpu, rows, scales,
+                                     ex0.activation, ex0.threshold, exact=ex0.sparsity == "exact")
+        return y + y_cpu.to(x.device, x.dtype, non_blocking=True)

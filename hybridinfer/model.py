@@ -141,8 +141,11 @@ class Transformer(nn.Module):
 
 
 def build_model(cfg: ModelConfig, ckpt: Checkpoint, device: torch.device, dtype: torch.dtype,
-                with_predictors: bool = True) -> Transformer:
-    """Fetch every tensor by its architecture's name, check its shape, and place it."""
+                with_predictors: bool = True, ffn_factory=None, moe_class=MoE) -> Transformer:
+    """Fetch every tensor by its architecture's name, check its shape, and place it.
+
+    ffn_factory(layer, expert, w1, w3, w2, predictor) -> module builds each FFN from its CPU
+    (memory-mapped) weights instead of a DenseFFN on `device` (the hybrid build uses it)."""
     d, ff, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
 
     def get(name, shape):
@@ -158,6 +161,9 @@ def build_model(cfg: ModelConfig, ckpt: Checkpoint, device: torch.device, dtype:
         if with_predictors and n["fc1"] in ckpt and n["fc2"] in ckpt:
             rank = ckpt.shape(n["fc1"])[0]
             pred = Predictor(get(n["fc1"], (rank, d)), get(n["fc2"], (ff, rank)))
+        if ffn_factory is not None:
+            return ffn_factory(layer, expert, ckpt.get(n["gate"], (ff, d)), ckpt.get(n["up"], (ff, d)),
+                               ckpt.get(n["down"], (d, ff)), pred)
         return DenseFFN(get(n["gate"], (ff, d)), get(n["up"], (ff, d)), get(n["down"], (d, ff)),
                         cfg.activation, cfg.act_threshold, pred)
 
@@ -175,7 +181,7 @@ def build_model(cfg: ModelConfig, ckpt: Checkpoint, device: torch.device, dtype:
                      vb=get(a + "v_proj.bias", (cfg.num_kv_heads * hd,)),
                      ob=get(a + "o_proj.bias", (d,)))
         if cfg.is_moe:
-            f = MoE(get(router_name(i), (cfg.num_experts, d)),
+            f = moe_class(get(router_name(i), (cfg.num_experts, d)),
                     [ffn(i, e) for e in range(cfg.num_experts)], cfg.experts_per_token)
         else:
             f = ffn(i)

@@ -1,0 +1,74 @@
+"""The build stage: a checkpoint + a placement -> a Transformer whose FFNs are HybridFFN
+(hot rows on the GPU side, cold rows packed for the CPU kernels), built once at load."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
+import torch
+
+from .checkpoint import Checkpoint
+from .config import ModelConfig
+from .errors import HybridInferError
+from .ffn import SPARSITY_MODES, HybridFFN, HybridMoE
+from .kernels.cpu import PackedFFN
+from .kernels.gpu import HotFFN
+from .model import Transformer, build_model
+from .quant import FORMATS
+
+_FMT_OF = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    sparsity: str = "exact"        # dense | exact | predictor
+    cpu_fmt: str = "auto"          # cold rows: auto (the checkpoint's float format) | f32 | f16 | bf16 | q8_0 | q4_0
+    gpu_fmt: str = "auto"          # hot rows: auto (the compute dtype) | the same formats
+    predictor_threshold: float = 0.0
+
+    def validate(self) -> "RuntimeOptions":
+        if self.sparsity not in SPARSITY_MODES:
+            raise HybridInferError(f"bad sparsity {self.sparsity!r}: use {', '.join(SPARSITY_MODES)}")
+        for name in ("cpu_fmt", "gpu_fmt"):
+            v = getattr(self, name)
+            if v != "auto" and v not in FORMATS:
+                raise HybridInferError(f"bad {name} {v!r}: use auto, {', '.join(FORMATS)}")
+        return self
+
+
+def hot_key(layer: int, expert: int | None) -> tuple[int, int]:
+    return (layer, -1 if expert is None else expert)
+
+
+def build_hybrid(cfg: ModelConfig, ckpt: Checkpoint, device: torch.device, dtype: torch.dtype,
+                 hot: Mapping[tuple[int, int], np.ndarray], options: RuntimeOptions) -> Transformer:
+    """hot[(layer, expert or -1)] = sorted neuron ids kept on the GPU side (missing: none)."""
+    options = options.validate()
+    gpu_fmt = _FMT_OF[dtype] if options.gpu_fmt == "auto" else options.gpu_fmt
+
+    def factory(layer, expert, w1, w3, w2, predictor):
+        n_ff = w1.shape[0]
+        cpu_fmt = options.cpu_fmt if options.cpu_fmt != "auto" else _FMT_OF.get(w1.dtype, "f32")
+        hot_ids = np.asarray(hot.get(hot_key(layer, expert), ()), dtype=np.int64)
+        if hot_ids.size and (hot_ids.min() < 0 or hot_ids.max() >= n_ff or np.any(np.diff(hot_ids) <= 0)):
+            raise HybridInferError(f"placement: hot ids of layer {layer} expert {expert} must be "
+                                   f"sorted, unique and in 0..{n_ff - 1}")
+        cold_mask = np.ones(n_ff, bool)
+        cold_mask[hot_ids] = False
+        cold_ids = torch.from_numpy(np.nonzero(cold_mask)[0])
+        hot_ffn = HotFFN.build(w1, w3, w2, hot_ids, gpu_fmt, device) if hot_ids.size else None
+        cold = None
+        if cold_ids.numel():
+            cold = PackedFFN.from_weights(w1[cold_ids], w3[cold_ids], w2[:, cold_ids], cpu_fmt)
+        if predictor is not None:
+            predictor.threshold = options.predictor_threshold
+        elif options.sparsity == "predictor":
+            raise HybridInferError(
+                f"no predictor for layer {layer}{'' if expert is None else f' expert {expert}'}: use "
+                "--sparsity exact, or train predictors with `hybridinfer train-predictors`")
+        return HybridFFN(n_ff, hot_ffn, cold, cold_ids, cfg.activation, cfg.act_threshold,
+                         options.sparsity, predictor, device)
+
+    return build_model(cfg, ckpt, device, dtype, with_predictors=options.sparsity == "predictor",
+                       ffn_factory=factory, moe_class=HybridMoE)

@@ -1,0 +1,74 @@
+"""The GPU half of a hybrid FFN: the hot rows of one FFN (or expert), compact, on the GPU side.
+
+"GPU side" is a torch.device: cuda on a GPU machine, cpu in CI, so the same code is tested
+everywhere. Float formats (f32/f16/bf16) are plain matmuls over the compact rows; block formats
+(q8_0/q4_0, GGUF layout) are dequantised by quant.unpack (torch ops, any device).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .. import quant
+from ..footprint import ffn_rows_bytes
+
+_FLOAT = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True, eq=False)
+class HotFFN:
+    """gate, up, down_t: [n_hot, d] in a float dtype, or uint8 [n_hot, row_bytes] for q8_0/q4_0;
+    ids: int32 [n_hot], the neuron id of each compact row (sorted)."""
+    fmt: str
+    d_model: int
+    gate: torch.Tensor
+    up: torch.Tensor
+    down_t: torch.Tensor
+    ids: torch.Tensor
+
+    @property
+    def n_hot(self) -> int:
+        return int(self.ids.numel())
+
+    @property
+    def nbytes(self) -> int:
+        """What this object holds on the device: must equal footprint.ffn_rows_bytes."""
+        return sum(t.numel() * t.element_size() for t in (self.gate, self.up, self.down_t, self.ids))
+
+    @classmethod
+    def build(cls, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor, ids, fmt: str,
+              device: torch.device) -> "HotFFN":
+        """w1, w3 [n_ff, d], w2 [d, n_ff] (CPU, any float dtype); ids: the hot neuron ids."""
+        ids = torch.as_tensor(ids, dtype=torch.long)
+        d = w1.shape[1]
+
+        def rows(w):  # [n_hot, d] -> device, in fmt
+            if fmt in _FLOAT:
+                return w.to(_FLOAT[fmt]).contiguous().to(device)
+            return quant.pack(w, fmt).to(device)
+
+        h = cls(fmt, d, rows(w1[ids]), rows(w3[ids]), rows(w2[:, ids].t()),
+                ids.to(torch.int32).to(device))
+        expect = ffn_rows_bytes(h.n_hot, d, fmt)
+        if h.nbytes != expect:  # the planner budgets with footprint: the two must agree exactly
+            raise AssertionError(f"HotFFN holds {h.nbytes} bytes, footprint says {expect}")
+        return h
+
+    def _weights(self, dtype):
+        if self.fmt in _FLOAT:
+            return self.gate.to(dtype), self.up.to(dtype), self.down_t.to(dtype)
+        return tuple(quant.unpack(t, self.fmt, self.d_model).to(dtype)
+                     for t in (self.gate, self.up, self.down_t))
+
+
+def hot_ffn(h: HotFFN, x: torch.Tensor, act, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """x [n, d] -> y [n, d]: sum over hot rows j of mask_j * a_j(x) * W2[:, ids_j].
+
+    act(g, u) -> a: the FFN's activation; mask: bool [n_hot] (rows to keep) or None (all)."""
+    gate, up, down_t = h._weights(x.dtype)
+    a = act(F.linear(x, gate), F.linear(x, up))      # [n, n_hot]
+    if mask is not None:
+        a = a * mask.to(a.dtype)
+    return a @ down_t                                  # [n, d]

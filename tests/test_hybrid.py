@@ -1,0 +1,162 @@
+"""The hybrid runtime on the CPU (the GPU side is the cpu device): every placement, every
+sparsity mode, against the dense model."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import hybridinfer
+from hybridinfer.build import RuntimeOptions, build_hybrid
+from hybridinfer.checkpoint import Checkpoint
+from hybridinfer.config import ModelConfig
+from hybridinfer.errors import HybridInferError
+from hybridinfer.ffn import HybridFFN, activate
+from hybridinfer.generate import GenerationConfig, generate_tokens
+from hybridinfer.llm import LLM
+from hybridinfer.tokenizer import Tokenizer
+from tiny import random_ids, write_model
+
+CPU = torch.device("cpu")
+
+
+def hybrid(folder, hot, **opts) -> LLM:
+    cfg = ModelConfig.from_dir(folder)
+    net = build_hybrid(cfg, Checkpoint(folder), CPU, torch.float32, hot, RuntimeOptions(**opts))
+    return LLM(net, Tokenizer(folder), folder)
+
+
+def decode_logits(llm: LLM, ids: list[int]) -> torch.Tensor:
+    """Logits at positions 2.. computed one token at a time (the batch-1 decode path)."""
+    from hybridinfer.generate import decode_one_token, prefill
+    cache = llm.model.new_cache(len(ids))
+    with torch.inference_mode():
+        out = [prefill(llm.model, ids[:3], cache)]
+        out += [decode_one_token(llm.model, t, cache) for t in ids[3:]]
+    return torch.stack(out)
+
+
+def placements(cfg: ModelConfig, seed: int) -> dict[str, dict]:
+    """all on the GPU side, all on the CPU, random splits, some FFNs with no GPU rows."""
+    rng = np.random.default_rng(seed)
+    n, experts = cfg.intermediate_size, (range(cfg.num_experts) if cfg.is_moe else [-1])
+    keys = [(layer, e) for layer in range(cfg.num_layers) for e in experts]
+    rand = {k: np.sort(rng.choice(n, rng.integers(1, n), replace=False)) for k in keys}
+    mixed = {k: (np.arange(n) if i % 3 == 0 else rand[k]) for i, k in enumerate(keys) if i % 3 != 1}
+    return {"all_gpu": {k: np.arange(n) for k in keys}, "all_cpu": {}, "random": rand, "mixed": mixed}
+
+
+MODELS = [("TurboSparseMixtralForCausalLM", {}), ("BambooForCausalLM", {}),
+          ("LlamaForCausalLM", {"hidden_act": "relu"}), ("SparseLlamaForCausalLM", {})]
+
+
+@pytest.mark.parametrize("arch,extra", MODELS, ids=[m[0] for m in MODELS])
+def test_exact_mode_equals_dense_for_every_placement(tmp_path, arch, extra):
+    folder, _, _ = write_model(tmp_path / "m", arch, seed=31, **extra)
+    dense = hybridinfer.load(folder, device="cpu")
+    ids = random_ids(9, seed=32)
+    ref = dense.logits(ids)
+    prompt = ids[:4]
+    g = GenerationConfig(max_new_tokens=8, temperature=0)
+    ref_tokens = list(generate_tokens(dense.model, prompt, g))
+    for name, hot in placements(dense.config, seed=33).items():
+        llm = hybrid(folder, hot, sparsity="exact")
+        err = float((llm.logits(ids) - ref).abs().max() / ref.abs().max())
+        assert err <= 1e-4, (name, err)
+        err = float((decode_logits(llm, ids) - ref[2:]).abs().max() / ref.abs().max())
+        assert err <= 1e-4, (name, "decode", err)
+        assert list(generate_tokens(llm.model, prompt, g)) == ref_tokens, name
+        d = hybrid(folder, hot, sparsity="dense")
+        assert float((d.logits(ids) - ref).abs().max() / ref.abs().max()) <= 1e-4, name
+
+
+class Oracle(torch.nn.Module):
+    """A predictor that knows the truth: active exactly where the activation is non-zero."""
+
+    def __init__(self, w1, w3, act, thr):
+        super().__init__()
+        self.w1, self.w3, self.act, self.thr, self.threshold = w1, w3, act, thr, 0.0
+
+    def active(self, x):
+        return activate(x @ self.w1.T, x @ self.w3.T, self.act, self.thr) != 0
+
+
+def _with_oracles(llm: LLM, folder) -> LLM:
+    ck = Checkpoint(folder)
+    from hybridinfer.checkpoint import ffn_names
+    for layer, blk in enumerate(llm.model.blocks):
+        ffns = list(blk.ffn.experts) if hasattr(blk.ffn, "experts") else [blk.ffn]
+        for e, f in enumerate(ffns):
+            assert isinstance(f, HybridFFN)
+            n = ffn_names(llm.config.family, layer, e if len(ffns) > 1 else None)
+            f.predictor = Oracle(ck.get(n["gate"]).float(), ck.get(n["up"]).float(), f.activation, f.threshold)
+            f.sparsity = "predictor"
+    return llm
+
+
+@pytest.mark.parametrize("arch", ["TurboSparseMixtralForCausalLM", "BambooForCausalLM"])
+def test_oracle_predictor_equals_exact(tmp_path, arch):
+    folder, _, _ = write_model(tmp_path / "m", arch, seed=34)
+    cfg = ModelConfig.from_dir(folder)
+    hot = placements(cfg, seed=35)["mixed"]
+    exact = hybrid(folder, hot, sparsity="exact")
+    oracle = _with_oracles(hybrid(folder, hot, sparsity="exact"), folder)
+    ids = random_ids(10, seed=36)
+    ref = exact.logits(ids)
+    assert float((oracle.logits(ids) - ref).abs().max() / ref.abs().max()) <= 1e-5
+    dec = decode_logits(exact, ids)
+    assert float((decode_logits(oracle, ids) - dec).abs().max() / ref.abs().max()) <= 1e-5
+    prompt, g = ids[:3], GenerationConfig(max_new_tokens=8, temperature=0)
+    assert list(generate_tokens(oracle.model, prompt, g)) == list(generate_tokens(exact.model, prompt, g))
+
+
+def test_shipped_predictors_skip_neurons_and_stay_close(tmp_path):
+    """Predictor mode runs the checkpoint's predictors: it computes fewer neurons than exact."""
+    folder, _, _ = write_model(tmp_path / "m", "TurboSparseMixtralForCausalLM", seed=37)
+    cfg = ModelConfig.from_dir(folder)
+    hot = placements(cfg, seed=38)["random"]
+    llm = hybrid(folder, hot, sparsity="predictor")
+    ids = random_ids(6, seed=39)
+    out = llm.logits(ids)
+    assert torch.isfinite(out).all()
+    f = llm.model.blocks[0].ffn.experts[0]
+    x = torch.randn(1, cfg.hidden_size, generator=torch.Generator().manual_seed(0))
+    m = f.predict(x)
+    assert m is not None and 0 < int(m.sum()) < cfg.intermediate_size
+    assert len(f.cold_rows(m)) == int(m[f.cold_ids].sum())
+
+
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_0", "bf16"])
+def test_quantised_rows_match_dense_on_the_same_rounded_weights(tmp_path, fmt):
+    from hybridinfer import quant
+    from hybridinfer.checkpoint import save_checkpoint
+    import json
+    folder, cfg_d, tensors = write_model(tmp_path / "m", "TurboSparseMixtralForCausalLM", seed=40)
+    rounded = {k: (quant.unpack(quant.pack(v, fmt), fmt, v.shape[1]) if ".experts." in k and "predictor" not in k
+                   and not k.endswith("w2.weight") else v) for k, v in tensors.items()}
+    for k, v in tensors.items():  # w2 is packed transposed (neuron-major)
+        if k.endswith("w2.weight"):
+            rounded[k] = quant.unpack(quant.pack(v.t(), fmt), fmt, v.shape[0]).t().contiguous()
+    ref_dir = save_checkpoint(tmp_path / "r", cfg_d, rounded, extra_files={
+        n: (folder / n).read_text() for n in ("tokenizer.json", "tokenizer_config.json")})
+    ref = hybridinfer.load(ref_dir, device="cpu")
+    cfg = ModelConfig.from_dir(folder)
+    llm = hybrid(folder, placements(cfg, seed=41)["mixed"], sparsity="exact", cpu_fmt=fmt, gpu_fmt=fmt)
+    ids = random_ids(8, seed=42)
+    want = ref.logits(ids)
+    # the CPU kernels quantise x to q8_0 for block formats: a small, bounded difference
+    tol = 2e-2 if fmt in ("q8_0", "q4_0") else 1e-4
+    assert float((llm.logits(ids) - want).abs().max() / want.abs().max()) <= tol
+    assert float((decode_logits(llm, ids) - want[2:]).abs().max() / want.abs().max()) <= tol
+
+
+def test_bad_placements_and_options(tmp_path):
+    folder, _, _ = write_model(tmp_path / "m", "LlamaForCausalLM", seed=43, hidden_act="relu")
+    with pytest.raises(HybridInferError, match="sorted, unique"):
+        hybrid(folder, {(0, -1): np.array([5, 3])})
+    with pytest.raises(HybridInferError, match="in 0..127"):
+        hybrid(folder, {(0, -1): np.array([1, 128])})
+    with pytest.raises(HybridInferError, match="no predictor"):
+        hybrid(folder, {}, sparsity="predictor")
+    with pytest.raises(HybridInferError, match="bad sparsity"):
+        hybrid(folder, {}, sparsity="fast")
