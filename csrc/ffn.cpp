@@ -20,7 +20,7 @@
 namespace hi {
 namespace {
 
-constexpr int kRows = 4;  // down rows handed to one axpy call (partial sums stay in registers)
+constexpr int kRows = 8;  // down rows handed to one axpy call (partial sums stay in registers)
 
 struct Scratch {
   std::vector<float> y;     // [b, d] private down accumulator
@@ -32,6 +32,14 @@ std::vector<Scratch> g_scr;       // one per pool thread (guarded by pool_lock)
 std::vector<BlockQ8X> g_xq;       // x quantised to q8 [b, d/32]
 
 struct Chunk { int e; int64_t j0, j1; };
+
+// Prefetch the first HI_PREFETCH_BYTES of a row that is about to be read (the kernels prefetch
+// the rest from inside the row). Rows of a sparse id set are not adjacent, so without this the
+// head of every row would be a demand miss.
+inline void prefetch_head(const uint8_t* row, size_t rb) {
+  const size_t n = std::min<size_t>(rb, HI_PREFETCH_BYTES);
+  for (size_t o = 0; o < n; o += 64) __builtin_prefetch(row + o, 0, 3);
+}
 
 inline bool gate_fires(Act act, float g, float thr) {
   switch (act) {
@@ -176,6 +184,10 @@ void ffn_sparse_multi(const FFNDesc* ffns, int E, const float* x, int b,
     int np = 0;
     for (int64_t j = c.j0; j < c.j1; ++j) {
       const size_t off = size_t(ids[c.e][j]) * rb;
+      if (j + 1 < c.j1) {
+        const size_t nx = size_t(ids[c.e][j + 1]) * rb;
+        prefetch_head(f.gate + nx, rb); prefetch_head(f.up + nx, rb); prefetch_head(f.down + nx, rb);
+      }
       dot(f.gate + off, xp, s.g.data());
       if (exact) {
         bool any = false;
@@ -215,6 +227,10 @@ void gate_up_sparse(const FFNDesc& f, const float* x, int b, const int32_t* ids,
     Scratch& s = g_scr[size_t(tid)];
     for (int64_t j = c.j0; j < c.j1; ++j) {
       const size_t off = size_t(ids[j]) * rb;
+      if (j + 1 < c.j1) {
+        const size_t nx = size_t(ids[j + 1]) * rb;
+        prefetch_head(f.gate + nx, rb); prefetch_head(f.up + nx, rb);
+      }
       dot(f.gate + off, xp, s.g.data());
       bool any = !exact;
       for (int t = 0; t < b && !any; ++t) any = gate_fires(act, s.g[size_t(t)], thr);
@@ -247,6 +263,7 @@ void down_sparse(const FFNDesc& f, const float* a, int b, const int32_t* ids, in
       bool nz = false;
       for (int t = 0; t < b; ++t) { co[t] = a[size_t(t) * k + j]; nz |= co[t] != 0.f; }
       if (skip_zero && !nz) continue;
+      if (j + 1 < c.j1) prefetch_head(f.down + size_t(ids[j + 1]) * rb, rb);
       rows[np++] = f.down + size_t(ids[j]) * rb;
       if (np == kRows) { axpy(rows, np, s.coef.data(), b, acc, d); np = 0; }
     }

@@ -20,6 +20,12 @@ enum class Fmt : int { F32 = 0, F16 = 1, BF16 = 2, Q8_0 = 3, Q4_0 = 4 };
 constexpr int kNumFmts = 5;
 constexpr int QK = 32;  // values per quantisation block
 
+// Bytes the kernels prefetch ahead inside a row; the drivers prefetch this much of the head of
+// the next id's rows (see kernels_avx2.cpp).
+#ifndef HI_PREFETCH_BYTES
+#define HI_PREFETCH_BYTES 1024
+#endif
+
 // Activation x quantised to q8_0 for the integer dot products (q8_0 / q4_0 weights).
 // Not a GGUF block: the scale stays f32 (more exact than f16) and `sum8` = 8 * sum(q) lets
 // the q4_0 kernel use unsigned nibbles: sum((n-8)*q) = sum(n*q) - sum8.
