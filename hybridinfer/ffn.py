@@ -119,16 +119,19 @@ class HybridFFN(nn.Module):
         return mask_cpu[self.cold_ids].nonzero().flatten().to(torch.int32)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from .kernels import cpu
+        """x [n, d] on the device. Order (DESIGN.md, one decode step): predictor on the device;
+        one D2H copy of x and the mask (the only sync); the hot half launched (async on a GPU);
+        the cold half in the CPU kernels meanwhile (GIL released); one H2D copy; the sum."""
+        from .kernels import cpu, gpu
         mask = self.predict(x)
-        y = self.gpu_half(x, mask)                        # launched first: overlaps the CPU half
         if self.cold is None:
-            return y
-        x_cpu = x.to("cpu", torch.float32)
-        ids = self.cold_rows(None if mask is None else mask.cpu())
-        y_cpu = cpu.ffn_sparse(self.cold, x_cpu.contiguous(), ids, self.activation, self.threshold,
-                               exact=self.sparsity == "exact")
-        y_cpu = y_cpu.to(x.device, x.dtype, non_blocking=True)
+            return self.gpu_half(x, mask)
+        host = gpu.to_host(x, *(() if mask is None else (mask,)))
+        y = self.gpu_half(x, mask)
+        ids = self.cold_rows(host[1] if mask is not None else None)
+        y_cpu = cpu.ffn_sparse(self.cold, host[0].float().contiguous(), ids, self.activation,
+                               self.threshold, exact=self.sparsity == "exact")
+        y_cpu = gpu.to_device(y_cpu, x.device, x.dtype)
         return y_cpu if y is None else y + y_cpu
 
 
@@ -155,25 +158,26 @@ class HybridMoE(nn.Module):
         return self._decode(x, w[0], ids[0].tolist())      # one sync: the expert ids
 
     def _decode(self, x, w, sel: list[int]) -> torch.Tensor:
-        from .kernels import cpu
+        """One token: the selected experts' masks and x go to the host in one copy; the hot
+        halves run on the device while one CPU kernel call computes every cold half."""
+        from .kernels import cpu, gpu
         experts = [self.experts[e] for e in sel]
         masks = [ex.predict(x) for ex in experts]
+        cold = [k for k, ex in enumerate(experts) if ex.cold is not None]
+        host = None
+        if cold:
+            extra = (torch.stack([masks[k] for k in cold]),) if masks[0] is not None else ()
+            host = gpu.to_host(x, w, *extra)
         y = torch.zeros_like(x)
         for k, (ex, m) in enumerate(zip(experts, masks)):
             part = ex.gpu_half(x, m)
             if part is not None:
                 y = y + w[k] * part
-        cold = [(k, ex) for k, ex in enumerate(experts) if ex.cold is not None]
         if not cold:
             return y
-        x_cpu = x.to("cpu", torch.float32).contiguous()
-        if masks[0] is not None:                           # one D2H copy for all experts' masks
-            mcpu = torch.stack([masks[k] for k, _ in cold]).cpu()
-            rows = [ex.cold_rows(mcpu[i]) for i, (_, ex) in enumerate(cold)]
-        else:
-            rows = [ex.cold_rows(None) for _, ex in cold]
-        scales = w.float().cpu()[[k for k, _ in cold]]
-        ex0 = cold[0][1]
-        y_cpu = cpu.ffn_sparse_multi([ex.cold for _, ex in cold], x_cpu, rows, scales,
+        x_cpu, w_cpu = host[0].float().contiguous(), host[1].float()
+        rows = [experts[k].cold_rows(host[2][i] if len(host) > 2 else None) for i, k in enumerate(cold)]
+        ex0 = experts[cold[0]]
+        y_cpu = cpu.ffn_sparse_multi([experts[k].cold for k in cold], x_cpu, rows, w_cpu[cold],
                                      ex0.activation, ex0.threshold, exact=ex0.sparsity == "exact")
-        return y + y_cpu.to(x.device, x.dtype, non_blocking=True)
+        return y + gpu.to_device(y_cpu, x.device, x.dtype)

@@ -17,12 +17,18 @@ from hybridinfer.llm import LLM
 from hybridinfer.tokenizer import Tokenizer
 from tiny import random_ids, write_model
 
-CPU = torch.device("cpu")
+# The GPU side: the cpu device everywhere (CI), and cuda where there is one (tests/gpu/README.md).
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
-def hybrid(folder, hot, **opts) -> LLM:
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return torch.device(request.param)
+
+
+def hybrid(folder, hot, device=torch.device("cpu"), **opts) -> LLM:
     cfg = ModelConfig.from_dir(folder)
-    net = build_hybrid(cfg, Checkpoint(folder), CPU, torch.float32, hot, RuntimeOptions(**opts))
+    net = build_hybrid(cfg, Checkpoint(folder), device, torch.float32, hot, RuntimeOptions(**opts))
     return LLM(net, Tokenizer(folder), folder)
 
 
@@ -51,7 +57,7 @@ MODELS = [("TurboSparseMixtralForCausalLM", {}), ("BambooForCausalLM", {}),
 
 
 @pytest.mark.parametrize("arch,extra", MODELS, ids=[m[0] for m in MODELS])
-def test_exact_mode_equals_dense_for_every_placement(tmp_path, arch, extra):
+def test_exact_mode_equals_dense_for_every_placement(tmp_path, arch, extra, device):
     folder, _, _ = write_model(tmp_path / "m", arch, seed=31, **extra)
     dense = hybridinfer.load(folder, device="cpu")
     ids = random_ids(9, seed=32)
@@ -60,13 +66,13 @@ def test_exact_mode_equals_dense_for_every_placement(tmp_path, arch, extra):
     g = GenerationConfig(max_new_tokens=8, temperature=0)
     ref_tokens = list(generate_tokens(dense.model, prompt, g))
     for name, hot in placements(dense.config, seed=33).items():
-        llm = hybrid(folder, hot, sparsity="exact")
+        llm = hybrid(folder, hot, device, sparsity="exact")
         err = float((llm.logits(ids) - ref).abs().max() / ref.abs().max())
         assert err <= 1e-4, (name, err)
         err = float((decode_logits(llm, ids) - ref[2:]).abs().max() / ref.abs().max())
         assert err <= 1e-4, (name, "decode", err)
         assert list(generate_tokens(llm.model, prompt, g)) == ref_tokens, name
-        d = hybrid(folder, hot, sparsity="dense")
+        d = hybrid(folder, hot, device, sparsity="dense")
         assert float((d.logits(ids) - ref).abs().max() / ref.abs().max()) <= 1e-4, name
 
 
@@ -81,7 +87,7 @@ class Oracle(torch.nn.Module):
         return activate(x @ self.w1.T, x @ self.w3.T, self.act, self.thr) != 0
 
 
-def _with_oracles(llm: LLM, folder) -> LLM:
+def _with_oracles(llm: LLM, folder, device) -> LLM:
     ck = Checkpoint(folder)
     from hybridinfer.checkpoint import ffn_names
     for layer, blk in enumerate(llm.model.blocks):
@@ -89,18 +95,19 @@ def _with_oracles(llm: LLM, folder) -> LLM:
         for e, f in enumerate(ffns):
             assert isinstance(f, HybridFFN)
             n = ffn_names(llm.config.family, layer, e if len(ffns) > 1 else None)
-            f.predictor = Oracle(ck.get(n["gate"]).float(), ck.get(n["up"]).float(), f.activation, f.threshold)
+            f.predictor = Oracle(ck.get(n["gate"]).float().to(device), ck.get(n["up"]).float().to(device),
+                                 f.activation, f.threshold)
             f.sparsity = "predictor"
     return llm
 
 
 @pytest.mark.parametrize("arch", ["TurboSparseMixtralForCausalLM", "BambooForCausalLM"])
-def test_oracle_predictor_equals_exact(tmp_path, arch):
+def test_oracle_predictor_equals_exact(tmp_path, arch, device):
     folder, _, _ = write_model(tmp_path / "m", arch, seed=34)
     cfg = ModelConfig.from_dir(folder)
     hot = placements(cfg, seed=35)["mixed"]
-    exact = hybrid(folder, hot, sparsity="exact")
-    oracle = _with_oracles(hybrid(folder, hot, sparsity="exact"), folder)
+    exact = hybrid(folder, hot, device, sparsity="exact")
+    oracle = _with_oracles(hybrid(folder, hot, device, sparsity="exact"), folder, device)
     ids = random_ids(10, seed=36)
     ref = exact.logits(ids)
     assert float((oracle.logits(ids) - ref).abs().max() / ref.abs().max()) <= 1e-5
@@ -127,7 +134,7 @@ def test_shipped_predictors_skip_neurons_and_stay_close(tmp_path):
 
 
 @pytest.mark.parametrize("fmt", ["q8_0", "q4_0", "bf16"])
-def test_quantised_rows_match_dense_on_the_same_rounded_weights(tmp_path, fmt):
+def test_quantised_rows_match_dense_on_the_same_rounded_weights(tmp_path, fmt, device):
     from hybridinfer import quant
     from hybridinfer.checkpoint import save_checkpoint
     import json
@@ -141,7 +148,7 @@ def test_quantised_rows_match_dense_on_the_same_rounded_weights(tmp_path, fmt):
         n: (folder / n).read_text() for n in ("tokenizer.json", "tokenizer_config.json")})
     ref = hybridinfer.load(ref_dir, device="cpu")
     cfg = ModelConfig.from_dir(folder)
-    llm = hybrid(folder, placements(cfg, seed=41)["mixed"], sparsity="exact", cpu_fmt=fmt, gpu_fmt=fmt)
+    llm = hybrid(folder, placements(cfg, seed=41)["mixed"], device, sparsity="exact", cpu_fmt=fmt, gpu_fmt=fmt)
     ids = random_ids(8, seed=42)
     want = ref.logits(ids)
     # the CPU kernels quantise x to q8_0 for block formats: a small, bounded difference

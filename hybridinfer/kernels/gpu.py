@@ -72,3 +72,32 @@ def hot_ffn(h: HotFFN, x: torch.Tensor, act, mask: torch.Tensor | None = None) -
     if mask is not None:
         a = a * mask.to(a.dtype)
     return a @ down_t                                  # [n, d]
+
+
+# ---- host <-> device traffic of the hybrid split: pinned buffers, one sync per copy-out ---------
+
+class SyncCounter:
+    """Counts the host-device synchronisations the runtime makes (reported by benchmarks)."""
+    syncs = 0
+
+
+def to_host(*ts: torch.Tensor) -> list[torch.Tensor]:
+    """Copy device tensors into pinned host memory with ONE synchronisation (D2H).
+    On the cpu device: no copy, no sync."""
+    if all(t.device.type == "cpu" for t in ts):
+        return list(ts)
+    outs = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in ts]
+    for o, t in zip(outs, ts):
+        o.copy_(t, non_blocking=True)
+    torch.cuda.current_stream(ts[0].device).synchronize()
+    SyncCounter.syncs += 1
+    return outs
+
+
+def to_device(t: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Host -> device without blocking the host (through a pinned staging buffer)."""
+    if device.type == "cpu":
+        return t.to(dtype)
+    pinned = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    pinned.copy_(t)
+    return pinned.to(device, non_blocking=True).to(dtype)
