@@ -97,9 +97,6 @@ class HybridFFN(nn.Module):
         self.device = device
         self._all_cold = (torch.arange(cold.n_ff, dtype=torch.int32) if cold is not None else None)
 
-    def act(self, g, u):
-        return activate(g, u, self.activation, self.threshold)
-
     def predict(self, x: torch.Tensor) -> torch.Tensor | None:
         """bool [n_ff] on the device: neurons predicted active for any token of x; None = all."""
         if self.sparsity != "predictor":
@@ -110,7 +107,8 @@ class HybridFFN(nn.Module):
         if self.hot is None:
             return None
         from .kernels.gpu import hot_ffn
-        return hot_ffn(self.hot, x, self.act, None if mask is None else mask[self.hot_ids])
+        return hot_ffn(self.hot, x, self.activation, self.threshold,
+                       None if mask is None else mask[self.hot_ids])
 
     def cold_rows(self, mask_cpu: torch.Tensor | None) -> torch.Tensor:
         """int32 ids into the compact cold rows to compute (mask_cpu: bool [n_ff] on the CPU)."""

@@ -63,15 +63,35 @@ class HotFFN:
                      for t in (self.gate, self.up, self.down_t))
 
 
-def hot_ffn(h: HotFFN, x: torch.Tensor, act, mask: torch.Tensor | None = None) -> torch.Tensor:
+def _triton():
+    """The Triton kernels when they can run here (CUDA and triton importable), else None."""
+    try:
+        from . import triton_ffn
+    except ImportError:
+        return None
+    return triton_ffn
+
+
+def hot_ffn(h: HotFFN, x: torch.Tensor, activation: str, threshold: float = 0.0,
+            mask: torch.Tensor | None = None, use_triton: bool | None = None) -> torch.Tensor:
     """x [n, d] -> y [n, d]: sum over hot rows j of mask_j * a_j(x) * W2[:, ids_j].
 
-    act(g, u) -> a: the FFN's activation; mask: bool [n_hot] (rows to keep) or None (all)."""
+    mask: bool [n_hot] (rows to keep) or None (all). One dispatch: a single token on CUDA goes
+    to the Triton gather-GEMV / transposed-axpy kernels (masked and zero rows never read);
+    batches (prefill) and the cpu device use torch matmuls over the compact rows."""
+    from ..ffn import activate
+    if use_triton is None:
+        use_triton = x.is_cuda and x.shape[0] == 1
+    tk = _triton() if use_triton else None
+    if tk is not None and tk.supported(h.fmt):
+        y = tk.hot_ffn_one_token(h.fmt, h.d_model, h.gate, h.up, h.down_t, x[0], activation,
+                                 threshold, mask)
+        return y.to(x.dtype)[None]
     gate, up, down_t = h._weights(x.dtype)
-    a = act(F.linear(x, gate), F.linear(x, up))      # [n, n_hot]
+    a = activate(F.linear(x, gate), F.linear(x, up), activation, threshold)   # [n, n_hot]
     if mask is not None:
         a = a * mask.to(a.dtype)
-    return a @ down_t                                  # [n, d]
+    return a @ down_t                                                         # [n, d]
 
 
 # ---- host <-> device traffic of the hybrid split: pinned buffers, one sync per copy-out ---------
