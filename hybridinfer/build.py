@@ -47,7 +47,8 @@ def build_hybrid(cfg: ModelConfig, ckpt: Checkpoint, device: torch.device, dtype
     options = options.validate()
     gpu_fmt = _FMT_OF[dtype] if options.gpu_fmt == "auto" else options.gpu_fmt
 
-    def factory(layer, expert, w1, w3, w2, predictor):
+    def factory(layer, expert, fetch, predictor):
+        w1, w3, w2 = fetch("gate"), fetch("up"), fetch("down")
         n_ff = w1.shape[0]
         cpu_fmt = options.cpu_fmt if options.cpu_fmt != "auto" else _FMT_OF.get(w1.dtype, "f32")
         hot_ids = np.asarray(hot.get(hot_key(layer, expert), ()), dtype=np.int64)

@@ -144,8 +144,9 @@ def build_model(cfg: ModelConfig, ckpt: Checkpoint, device: torch.device, dtype:
                 with_predictors: bool = True, ffn_factory=None, moe_class=MoE) -> Transformer:
     """Fetch every tensor by its architecture's name, check its shape, and place it.
 
-    ffn_factory(layer, expert, w1, w3, w2, predictor) -> module builds each FFN from its CPU
-    (memory-mapped) weights instead of a DenseFFN on `device` (the hybrid build uses it)."""
+    ffn_factory(layer, expert, fetch, predictor) -> module builds each FFN instead of a DenseFFN
+    on `device`; fetch("gate" | "up" | "down") gives its CPU (memory-mapped) weights, read only
+    when asked (the hybrid build uses it; synthetic benchmarks need not)."""
     d, ff, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
 
     def get(name, shape):
@@ -162,8 +163,8 @@ def build_model(cfg: ModelConfig, ckpt: Checkpoint, device: torch.device, dtype:
             rank = ckpt.shape(n["fc1"])[0]
             pred = Predictor(get(n["fc1"], (rank, d)), get(n["fc2"], (ff, rank)))
         if ffn_factory is not None:
-            return ffn_factory(layer, expert, ckpt.get(n["gate"], (ff, d)), ckpt.get(n["up"], (ff, d)),
-                               ckpt.get(n["down"], (d, ff)), pred)
+            shapes = {"gate": (ff, d), "up": (ff, d), "down": (d, ff)}
+            return ffn_factory(layer, expert, lambda key: ckpt.get(n[key], shapes[key]), pred)
         return DenseFFN(get(n["gate"], (ff, d)), get(n["up"], (ff, d)), get(n["down"], (d, ff)),
                         cfg.activation, cfg.act_threshold, pred)
 
