@@ -26,6 +26,7 @@ class RuntimeOptions:
     cpu_fmt: str = "auto"          # cold rows: auto (the checkpoint's float format) | f32 | f16 | bf16 | q8_0 | q4_0
     gpu_fmt: str = "auto"          # hot rows: auto (the compute dtype) | the same formats
     predictor_threshold: float = 0.0
+    dense_above: int = 16          # batches of more tokens (prefill chunks) compute densely
 
     def validate(self) -> "RuntimeOptions":
         if self.sparsity not in SPARSITY_MODES:
@@ -69,7 +70,7 @@ def build_hybrid(cfg: ModelConfig, ckpt: Checkpoint, device: torch.device, dtype
                 f"no predictor for layer {layer}{'' if expert is None else f' expert {expert}'}: use "
                 "--sparsity exact, or train predictors with `hybridinfer train-predictors`")
         return HybridFFN(n_ff, hot_ffn, cold, cold_ids, cfg.activation, cfg.act_threshold,
-                         options.sparsity, predictor, device)
+                         options.sparsity, predictor, device, options.dense_above)
 
     return build_model(cfg, ckpt, device, dtype, with_predictors=options.sparsity == "predictor",
                        ffn_factory=factory, moe_class=HybridMoE)

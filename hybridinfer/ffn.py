@@ -83,7 +83,8 @@ class HybridFFN(nn.Module):
     """
 
     def __init__(self, n_ff: int, hot, cold, cold_ids: torch.Tensor, activation: str,
-                 threshold: float, sparsity: str, predictor: Predictor | None, device):
+                 threshold: float, sparsity: str, predictor: Predictor | None, device,
+                 dense_above: int = 16):
         super().__init__()
         if sparsity not in SPARSITY_MODES:
             raise ValueError(f"unknown sparsity {sparsity!r}")
@@ -95,11 +96,17 @@ class HybridFFN(nn.Module):
         self.activation, self.threshold, self.sparsity = activation, threshold, sparsity
         self.predictor = predictor
         self.device = device
+        self.dense_above = dense_above      # batches larger than this (prefill) compute densely
         self._all_cold = (torch.arange(cold.n_ff, dtype=torch.int32) if cold is not None else None)
+
+    def mode(self, n_tokens: int) -> str:
+        """The sparsity for a batch: a large batch (prefill) touches nearly every neuron anyway,
+        so it reads each row once, densely."""
+        return "dense" if n_tokens > self.dense_above else self.sparsity
 
     def predict(self, x: torch.Tensor) -> torch.Tensor | None:
         """bool [n_ff] on the device: neurons predicted active for any token of x; None = all."""
-        if self.sparsity != "predictor":
+        if self.mode(x.shape[0]) != "predictor":
             return None
         return self.predictor.active(x).any(dim=0)
 
@@ -128,7 +135,7 @@ class HybridFFN(nn.Module):
         y = self.gpu_half(x, mask)
         ids = self.cold_rows(host[1] if mask is not None else None)
         y_cpu = cpu.ffn_sparse(self.cold, host[0].float().contiguous(), ids, self.activation,
-                               self.threshold, exact=self.sparsity == "exact")
+                               self.threshold, exact=self.mode(x.shape[0]) == "exact")
         y_cpu = gpu.to_device(y_cpu, x.device, x.dtype)
         return y_cpu if y is None else y + y_cpu
 

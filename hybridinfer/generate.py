@@ -60,10 +60,13 @@ def sample(logits: torch.Tensor, g: GenerationConfig, gen: torch.Generator | Non
     return int(torch.multinomial(probs.cpu(), 1, generator=gen))
 
 
-def prefill(model: Transformer, ids: list[int], cache: KVCache) -> torch.Tensor:
-    """Run the prompt through the model; logits of its last position [V]."""
+def prefill(model: Transformer, ids: list[int], cache: KVCache, chunk: int = 256) -> torch.Tensor:
+    """Run the prompt through the model in chunks of `chunk` tokens (bounded activation and
+    attention memory); logits of its last position [V]."""
     tokens = torch.tensor([ids], dtype=torch.long, device=model.device)
-    return model(tokens, cache, last_only=True)[0, -1]
+    for s in range(0, len(ids), chunk):
+        logits = model(tokens[:, s:s + chunk], cache, last_only=True)
+    return logits[0, -1]
 
 
 def decode_one_token(model: Transformer, token: int, cache: KVCache) -> torch.Tensor:

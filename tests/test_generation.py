@@ -116,3 +116,12 @@ def test_empty_prompt_and_context_overflow(llm):
         list(generate_tokens(llm.model, [], GenerationConfig()))
     with pytest.raises(HybridInferError, match="max_position_embeddings|holds"):
         llm.logits(random_ids(65))
+
+
+def test_chunked_prefill_equals_one_pass(llm):
+    ids = random_ids(23, seed=27)
+    from hybridinfer.generate import prefill
+    with torch.inference_mode():
+        whole = prefill(llm.model, ids, llm.model.new_cache(len(ids)), chunk=64)
+        parts = prefill(llm.model, ids, llm.model.new_cache(len(ids)), chunk=5)
+    assert float((whole - parts).abs().max() / whole.abs().max()) <= 1e-5

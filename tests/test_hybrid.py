@@ -74,6 +74,8 @@ def test_exact_mode_equals_dense_for_every_placement(tmp_path, arch, extra, devi
         assert list(generate_tokens(llm.model, prompt, g)) == ref_tokens, name
         d = hybrid(folder, hot, device, sparsity="dense")
         assert float((d.logits(ids) - ref).abs().max() / ref.abs().max()) <= 1e-4, name
+        b = hybrid(folder, hot, device, sparsity="exact", dense_above=4)   # 9-token batch: dense
+        assert float((b.logits(ids) - ref).abs().max() / ref.abs().max()) <= 1e-4, name
 
 
 class Oracle(torch.nn.Module):
