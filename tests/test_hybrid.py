@@ -39,7 +39,7 @@ def decode_logits(llm: LLM, ids: list[int]) -> torch.Tensor:
     with torch.inference_mode():
         out = [prefill(llm.model, ids[:3], cache)]
         out += [decode_one_token(llm.model, t, cache) for t in ids[3:]]
-    return torch.stack(out)
+    return torch.stack(out).cpu()
 
 
 def placements(cfg: ModelConfig, seed: int) -> dict[str, dict]:
