@@ -97,6 +97,7 @@ class HybridFFN(nn.Module):
         self.predictor = predictor
         self.device = device
         self.dense_above = dense_above      # batches larger than this (prefill) compute densely
+        self.device_bytes = hot.nbytes if hot is not None else 0   # what this FFN holds on the device
         self._all_cold = (torch.arange(cold.n_ff, dtype=torch.int32) if cold is not None else None)
 
     def mode(self, n_tokens: int) -> str:
@@ -108,12 +109,15 @@ class HybridFFN(nn.Module):
         """bool [n_ff] on the device: neurons predicted active for any token of x; None = all."""
         if self.mode(x.shape[0]) != "predictor":
             return None
-        return self.predictor.active(x).any(dim=0)
+        dev = getattr(self.predictor, "fc1", x).device     # the placement may keep it on the CPU
+        return self.predictor.active(x if dev == x.device else x.to(dev)).any(dim=0)
 
     def gpu_half(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
         if self.hot is None:
             return None
         from .kernels.gpu import hot_ffn
+        if mask is not None and mask.device != x.device:   # a predictor kept on the CPU
+            mask = mask.to(x.device, non_blocking=True)
         return hot_ffn(self.hot, x, self.activation, self.threshold,
                        None if mask is None else mask[self.hot_ids])
 

@@ -131,29 +131,39 @@ class Transformer(nn.Module):
             raise HybridInferError(f"context full: {start + t} positions, cache holds {cache.capacity}")
         cos, sin = self.cos[start:start + t], self.sin[start:start + t]
         mask = self._mask(start, t)
-        x = F.embedding(tokens, self.embed)
+        x = F.embedding(tokens.to(self.embed.device), self.embed).to(self.device)
         for i, blk in enumerate(self.blocks):
             x = blk(x, i, cache, cos, sin, mask)
         cache.length = start + t
         if last_only:
             x = x[:, -1:]
-        return F.linear(self.norm(x), self.lm_head).float()
+        h = self.norm(x)
+        return F.linear(h.to(self.lm_head.device), self.lm_head).float()
 
 
 def build_model(cfg: ModelConfig, ckpt: Checkpoint, device: torch.device, dtype: torch.dtype,
-                with_predictors: bool = True, ffn_factory=None, moe_class=MoE) -> Transformer:
+                with_predictors: bool = True, ffn_factory=None, moe_class=MoE,
+                places: dict[str, torch.device] | None = None) -> Transformer:
     """Fetch every tensor by its architecture's name, check its shape, and place it.
 
     ffn_factory(layer, expert, fetch, predictor) -> module builds each FFN instead of a DenseFFN
     on `device`; fetch("gate" | "up" | "down") gives its CPU (memory-mapped) weights, read only
-    when asked (the hybrid build uses it; synthetic benchmarks need not)."""
+    when asked (the hybrid build uses it; synthetic benchmarks need not).
+    places: component ("embeddings", "lm_head", "predictors") -> device, where a placement keeps
+    it off the GPU; default: `device`. The model's `device_bytes` counts, per component, the
+    bytes this build put on `device` (what the planner budgeted: tests hold the two together)."""
     d, ff, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    places = places or {}
+    placed: dict[str, int] = {}
 
-    def get(name, shape):
+    def get(name, shape, component="attention"):
+        where = places.get(component, device)
         t = ckpt.get(name, shape)
-        out = t.to(device=device, dtype=dtype)
+        out = t.to(device=where, dtype=dtype)
         if out.data_ptr() != t.data_ptr():   # a converted copy is kept: unmap the source pages
             ckpt.release(name)
+        if torch.device(where) == torch.device(device):
+            placed[component] = placed.get(component, 0) + out.numel() * out.element_size()
         return out
 
     def ffn(layer, expert=None):
@@ -161,10 +171,12 @@ def build_model(cfg: ModelConfig, ckpt: Checkpoint, device: torch.device, dtype:
         pred = None
         if with_predictors and n["fc1"] in ckpt and n["fc2"] in ckpt:
             rank = ckpt.shape(n["fc1"])[0]
-            pred = Predictor(get(n["fc1"], (rank, d)), get(n["fc2"], (ff, rank)))
+            pred = Predictor(get(n["fc1"], (rank, d), "predictors"), get(n["fc2"], (ff, rank), "predictors"))
         if ffn_factory is not None:
             shapes = {"gate": (ff, d), "up": (ff, d), "down": (d, ff)}
-            return ffn_factory(layer, expert, lambda key: ckpt.get(n[key], shapes[key]), pred)
+            module = ffn_factory(layer, expert, lambda key: ckpt.get(n[key], shapes[key]), pred)
+            placed["ffn_hot"] = placed.get("ffn_hot", 0) + getattr(module, "device_bytes", 0)
+            return module
         return DenseFFN(get(n["gate"], (ff, d)), get(n["up"], (ff, d)), get(n["down"], (d, ff)),
                         cfg.activation, cfg.act_threshold, pred)
 
@@ -182,20 +194,23 @@ def build_model(cfg: ModelConfig, ckpt: Checkpoint, device: torch.device, dtype:
                      vb=get(a + "v_proj.bias", (cfg.num_kv_heads * hd,)),
                      ob=get(a + "o_proj.bias", (d,)))
         if cfg.is_moe:
-            f = moe_class(get(router_name(i), (cfg.num_experts, d)),
+            f = moe_class(get(router_name(i), (cfg.num_experts, d), "router"),
                     [ffn(i, e) for e in range(cfg.num_experts)], cfg.experts_per_token)
         else:
             f = ffn(i)
-        blocks.append(Block(cfg, RMSNorm(get(p + "input_layernorm.weight", (d,)), cfg.rms_norm_eps),
+        blocks.append(Block(cfg, RMSNorm(get(p + "input_layernorm.weight", (d,), "norms"), cfg.rms_norm_eps),
                             Attention(cfg, w),
-                            RMSNorm(get(p + "post_attention_layernorm.weight", (d,)), cfg.rms_norm_eps),
+                            RMSNorm(get(p + "post_attention_layernorm.weight", (d,), "norms"),
+                                    cfg.rms_norm_eps),
                             f))
-    embed = get("model.embed_tokens.weight", (cfg.vocab_size, d))
+    embed = get("model.embed_tokens.weight", (cfg.vocab_size, d), "embeddings")
     if "lm_head.weight" in ckpt:
-        lm_head = get("lm_head.weight", (cfg.vocab_size, d))
+        lm_head = get("lm_head.weight", (cfg.vocab_size, d), "lm_head")
     elif cfg.tie_word_embeddings:
         lm_head = embed
     else:
         raise HybridInferError(f"{ckpt.folder}: missing tensor 'lm_head.weight'")
-    norm = RMSNorm(get("model.norm.weight", (d,)), cfg.rms_norm_eps)
-    return Transformer(cfg, embed, blocks, norm, lm_head, device)
+    norm = RMSNorm(get("model.norm.weight", (d,), "norms"), cfg.rms_norm_eps)
+    model = Transformer(cfg, embed, blocks, norm, lm_head, device)
+    model.device_bytes = placed
+    return model

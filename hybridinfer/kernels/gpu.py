@@ -103,13 +103,19 @@ class SyncCounter:
 
 def to_host(*ts: torch.Tensor) -> list[torch.Tensor]:
     """Copy device tensors into pinned host memory with ONE synchronisation (D2H).
-    On the cpu device: no copy, no sync."""
-    if all(t.device.type == "cpu" for t in ts):
+    Tensors already on the CPU pass through; with none on a GPU: no copy, no sync."""
+    dev = next((t.device for t in ts if t.device.type != "cpu"), None)
+    if dev is None:
         return list(ts)
-    outs = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in ts]
-    for o, t in zip(outs, ts):
+    outs = []
+    for t in ts:
+        if t.device.type == "cpu":
+            outs.append(t)
+            continue
+        o = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
         o.copy_(t, non_blocking=True)
-    torch.cuda.current_stream(ts[0].device).synchronize()
+        outs.append(o)
+    torch.cuda.current_stream(dev).synchronize()
     SyncCounter.syncs += 1
     return outs
 
