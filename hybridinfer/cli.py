@@ -180,6 +180,15 @@ def build_parser() -> argparse.ArgumentParser:
                             description="CPU sparse FFN kernels vs the machine's read bandwidth.")
         bench_kernels.configure(k)
         k.set_defaults(func=bench_kernels.run)
+    try:
+        from .bench import decode as bench_decode
+    except ImportError:  # the native kernels are not built
+        bench_decode = None
+    if bench_decode is not None:
+        dd = bsub.add_parser("decode", help="decode at M47/M7 scale: hybrid vs the peers (workloads M47, M7)",
+                             description="Decode tokens/s of every policy on a synthetic M47/M7 model.")
+        bench_decode.configure(dd)
+        dd.set_defaults(func=bench_decode.run)
     return p
 
 

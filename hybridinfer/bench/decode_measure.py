@@ -1,0 +1,239 @@
+"""Measuring one built policy: decode tokens/s, the ms/token split, prefill, memory; and the
+roofline's inputs (CPU read bandwidth, GPU bandwidth, sync latency) measured in the same run.
+
+The split of one token's wall time (host view; the columns but GPU add up to the wall time):
+  cpu     time inside the CPU kernels (native calls: FFN halves, CPU predictors), plus, for a
+          model on the CPU, torch's own ops (attention, router, lm_head: aten self time)
+  sync    time the host is blocked: D2H/H2D copies of the hybrid split, the router's expert ids,
+          the sampled token, a CPU predictor's round trip (waits include unfinished GPU work)
+  python  the rest: interpreter, torch dispatch and kernel launches (what CUDA graphs remove)
+  gpu     GPU busy time (union of kernel and copy intervals, torch.profiler), overlapping the rest
+cpu and sync come from a pass with timers around those calls; gpu and aten times from a short
+profiled pass; python = clean wall time - cpu - sync (never below 0).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import statistics
+import time
+
+import torch
+
+from ..generate import decode_one_token
+from ..kernels import cpu as cpu_k
+from ..kernels import gpu as gpu_k
+from . import machine
+from .synth_predictor import Counters
+
+
+def rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
+
+
+def gpu_bandwidth(device, nbytes: int = 2 << 30, repeat: int = 10) -> float | None:
+    """GB/s of a large device-to-device copy, bytes read + written (METHOD.md's ceiling)."""
+    if torch.device(device).type != "cuda":
+        return None
+    a = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    b = torch.empty_like(a)
+    b.copy_(a)
+    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    best = float("inf")
+    for _ in range(repeat):
+        s.record()
+        b.copy_(a)
+        e.record()
+        e.synchronize()
+        best = min(best, s.elapsed_time(e) / 1e3)
+    del a, b
+    torch.cuda.empty_cache()
+    return 2 * nbytes / best / 1e9
+
+
+def sync_latency(device, repeat: int = 200) -> float | None:
+    """Median seconds of a tiny D2H copy + synchronize (gpu.to_host, as the runtime does it)."""
+    if torch.device(device).type != "cuda":
+        return None
+    x = torch.zeros(8, device=device)
+    gpu_k.to_host(x)
+    out = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        gpu_k.to_host(x)
+        out.append(time.perf_counter() - t)
+    return statistics.median(out)
+
+
+def roofline_inputs(threads: int, device) -> dict:
+    bw = machine.read_bandwidth(threads)
+    machine.release_buffer()
+    return {"cpu_read_gbs": bw, "gpu_copy_gbs": gpu_bandwidth(device), "sync_s": sync_latency(device),
+            "threads": threads}
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def decode(model, cache, n: int, token: int = 1) -> list[float]:
+    """Decode n tokens (greedy; the argmax is the real sync of sampling), seconds per token."""
+    out = []
+    for _ in range(n):
+        t = time.perf_counter()
+        logits = decode_one_token(model, token, cache)
+        token = int(logits.argmax())
+        out.append(time.perf_counter() - t)
+    return out
+
+
+class _Timers:
+    """Wraps the runtime's CPU kernel entry points and host<->device copies with timers; each
+    HybridMoE's router gets an explicit synchronize (the ids' .tolist() syncs there anyway)."""
+
+    def __init__(self, model, device):
+        self.model, self.device = model, device
+        self.cpu = self.sync = 0.0
+        self.syncs = 0
+
+    def _wrap(self, mod, name, field):
+        orig = getattr(mod, name)
+
+        def timed(*a, **k):
+            t = time.perf_counter()
+            try:
+                return orig(*a, **k)
+            finally:
+                setattr(self, field, getattr(self, field) + time.perf_counter() - t)
+        setattr(mod, name, timed)
+        self._undo.append((mod, name, orig))
+
+    def __enter__(self):
+        self._undo = []
+        self._wrap(cpu_k, "ffn_sparse_multi", "cpu")
+        self._wrap(cpu_k, "down_sparse", "cpu")
+        self._wrap(gpu_k, "to_host", "sync")
+        self._wrap(gpu_k, "to_device", "sync")
+        self._s0 = (gpu_k.SyncCounter.syncs, Counters.sync_s, Counters.syncs)
+        if self.device.type == "cuda":
+            for blk in self.model.blocks:
+                if hasattr(blk.ffn, "route"):
+                    orig = blk.ffn.route
+
+                    def route(x, _orig=orig):
+                        out = _orig(x)
+                        t = time.perf_counter()
+                        torch.cuda.synchronize(self.device)
+                        self.sync += time.perf_counter() - t
+                        self.syncs += 1
+                        return out
+                    blk.ffn.route = route
+                    self._undo.append((blk.ffn, "route", None))
+        return self
+
+    def __exit__(self, *exc):
+        for mod, name, orig in reversed(self._undo):
+            if orig is None:
+                mod.__dict__.pop(name, None)
+            else:
+                setattr(mod, name, orig)
+        self.syncs += gpu_k.SyncCounter.syncs - self._s0[0] + Counters.syncs - self._s0[2]
+        self.sync += Counters.sync_s - self._s0[1]
+
+
+def _intervals_union(iv: list[tuple[float, float]]) -> float:
+    total, end = 0.0, -float("inf")
+    for a, b in sorted(iv):
+        if b <= end:
+            continue
+        total += b - max(a, end)
+        end = b
+    return total
+
+
+def profiled(model, cache, n: int, device) -> dict:
+    """GPU busy seconds and aten self CPU seconds per token over n profiled tokens."""
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        decode(model, cache, n)
+        _sync(device)
+    gpu, aten = [], 0.0
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            gpu.append((ev.time_range.start, ev.time_range.end))
+        elif ev.name.startswith("aten::"):
+            aten += ev.self_cpu_time_total
+    return {"gpu_s": _intervals_union(gpu) / 1e6 / n, "aten_s": aten / 1e6 / n}
+
+
+def measure(built, warmup: int, tokens: int, prefill: int, context: int, profile_tokens: int = 4) -> dict:
+    """Everything `bench decode` reports for one policy."""
+    model, dev = built.model, built.device
+    need = warmup + 2 * tokens + profile_tokens + 1
+    cache = model.new_cache(max(context, need))
+    decode(model, cache, warmup)
+    _sync(dev)
+    secs = decode(model, cache, tokens)
+    with _Timers(model, dev) as tm:
+        inst = decode(model, cache, tokens)
+        _sync(dev)
+    prof = profiled(model, cache, profile_tokens, dev)
+    wall = statistics.median(secs)
+    cpu_s = tm.cpu / tokens
+    sync_s = tm.sync / tokens
+    if dev.type == "cpu":      # torch ops of a model on the CPU are CPU compute (profiled: capped)
+        cpu_s = min(cpu_s + prof["aten_s"], max(wall - sync_s, 0.0))
+    out = {"tok_s": 1.0 / wall, "ms_token": wall * 1e3, "ms_token_mean": statistics.mean(secs) * 1e3,
+           "ms_instrumented": statistics.median(inst) * 1e3,
+           "split_ms": {"gpu": prof["gpu_s"] * 1e3, "cpu": cpu_s * 1e3, "sync": sync_s * 1e3,
+                        "python": max(0.0, wall - cpu_s - sync_s) * 1e3},
+           "syncs_per_token": (tm.syncs + (tokens if dev.type == "cuda" else 0)) / tokens,
+           "context_mean": warmup + tokens * 1.5}
+    del cache
+    if prefill:
+        out["prefill_tok_s"] = _prefill(model, prefill, dev)
+    return out
+
+
+@torch.inference_mode()
+def _prefill(model, n: int, dev) -> float:
+    """tokens/s of one n-token prompt (after a 16-token warm-up prompt)."""
+    g = torch.Generator().manual_seed(5)
+    for length in (16, n):
+        ids = torch.randint(0, model.cfg.vocab_size, (1, length), generator=g).to(dev)
+        cache = model.new_cache(length + 1)
+        _sync(dev)
+        t = time.perf_counter()
+        model(ids, cache, last_only=True)
+        _sync(dev)
+        dt = time.perf_counter() - t
+        del cache
+    return n / dt
+
+
+@contextlib.contextmanager
+def vram_cap(device, budget: int | None):
+    """Cap torch's allocator at the budget (set_per_process_memory_fraction) and track the peak."""
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        yield {}
+        return
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(dev)
+    total = torch.cuda.get_device_properties(dev).total_memory
+    if budget is not None:
+        torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total), dev)
+    info = {}
+    try:
+        yield info
+    finally:
+        info["peak_vram"] = torch.cuda.max_memory_allocated(dev)
+        info["peak_vram_reserved"] = torch.cuda.max_memory_reserved(dev)
+        torch.cuda.set_per_process_memory_fraction(1.0, dev)

@@ -1,0 +1,213 @@
+"""The policies `bench decode` compares, each built from the same Workload with the runtime's own
+modules (HotFFN, PackedFFN, HybridFFN, HybridMoE, build_model), and the bytes each reads per token.
+
+  hybrid         the planner's placement at a VRAM budget: hot neurons on the GPU, cold on the CPU,
+                 predictor mode; predictors on the GPU when the planner takes them
+  dense-offload  whole layers' FFNs (all experts) on the GPU up to the same budget, the rest dense
+                 on the CPU kernels (exact=False); attention on the GPU for every layer, as
+                 llama.cpp's --n-cpu-moe (its best policy; plain -ngl also moves attention)
+  gpu-dense      every FFN dense on the GPU (when the card holds the model)
+  gpu-sparse     every FFN on the GPU, predictor mode: the upper bound
+  cpu-dense      everything on the CPU, FFNs dense on the CPU kernels
+  cpu-sparse     everything on the CPU, predictor mode (predictors on the CPU too)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..ffn import HybridFFN, HybridMoE
+from ..footprint import attention_numel, ffn_rows_bytes
+from ..kernels.cpu import PackedFFN
+from ..kernels.gpu import HotFFN
+from ..model import Transformer, build_model
+from ..placement import Placement, plan
+from ..quant import row_bytes
+from .synth_predictor import SynthPredictor
+from .workload import FMT, SynthCheckpoint, Workload
+
+POLICIES = ("hybrid", "dense-offload", "gpu-dense", "gpu-sparse", "cpu-dense", "cpu-sparse")
+MARGIN = 1 << 30          # VRAM kept free under a budget for activations, prefill scratch, allocator
+
+
+@dataclass(frozen=True)
+class Built:
+    """A policy ready to run: the model, where things are, and the expected bytes per token."""
+    name: str
+    budget: int | None                 # GPU-side bytes allowed (None: no budget)
+    model: Transformer
+    device: torch.device
+    gpu_layers: int                    # layers whose FFNs are wholly on the GPU side
+    hot_share: float                   # share of all FFN neurons on the GPU side
+    predictors_on_gpu: bool
+    note: str = ""
+    placement: dict = field(default_factory=dict)   # the planner's components and stats
+
+
+def _elt(dtype: torch.dtype) -> int:
+    return torch.empty(0, dtype=dtype).element_size()
+
+
+def fixed_gpu_bytes(cfg, dtype: torch.dtype, context: int) -> int:
+    """What the runtime always puts on the model's device: attention, norms, router, embeddings,
+    lm_head (in dtype) and the KV cache for `context` positions."""
+    d, L, e = cfg.hidden_size, cfg.num_layers, _elt(dtype)
+    n = L * attention_numel(cfg) + (2 * L + 1) * d + L * cfg.num_experts * d + 2 * cfg.vocab_size * d
+    kv = 2 * L * cfg.num_kv_heads * context * cfg.head_dim * e
+    return n * e + kv
+
+
+def layer_ffn_bytes(wl: Workload) -> int:
+    c = wl.cfg
+    return max(c.num_experts, 1) * ffn_rows_bytes(c.intermediate_size, c.hidden_size, FMT)
+
+
+def plan_hybrid(wl: Workload, profile, budget: int, context: int, dtype) -> Placement:
+    """The planner at `budget` less MARGIN; the embedding table (which the runtime always keeps
+    on the device, the planner only when it pays) is taken out of the budget when not planned."""
+    cfg = wl.cfg
+    b = max(0, budget - MARGIN)
+    p = plan(cfg, profile, b, context=context, fmt=FMT, predictor_numel=wl.predictor_bytes // 2)
+    if not p.embeddings_on_gpu:
+        emb = cfg.vocab_size * cfg.hidden_size * _elt(dtype)
+        p = plan(cfg, profile, max(0, b - emb), context=context, fmt=FMT,
+                 predictor_numel=wl.predictor_bytes // 2)
+    return p
+
+
+def _keys(layer, expert):
+    return (layer, -1 if expert is None else expert)
+
+
+def _model(wl: Workload, device, dtype, factory) -> Transformer:
+    moe = HybridMoE if wl.cfg.is_moe else None
+    kw = {"moe_class": moe} if moe else {}
+    return build_model(wl.cfg, SynthCheckpoint(wl.cfg, wl.seed, device, dtype), device, dtype,
+                       with_predictors=False, ffn_factory=factory, **kw)
+
+
+def _hybrid_ffn(wl, key, hot_ids: np.ndarray, device, sparsity: str, pred_device):
+    cfg, f = wl.cfg, wl.ffns[key]
+    n, d = cfg.intermediate_size, cfg.hidden_size
+    ids = torch.from_numpy(np.asarray(hot_ids, np.int64))
+    cold_mask = torch.ones(n, dtype=torch.bool)
+    cold_mask[ids] = False
+    cold_ids = cold_mask.nonzero().flatten()
+    hot = None
+    if ids.numel() == n:       # all rows: no gather copy
+        hot = HotFFN(FMT, d, f.gate.to(device), f.up.to(device), f.down_t.to(device),
+                     ids.to(torch.int32).to(device))
+    elif ids.numel():
+        hot = HotFFN(FMT, d, f.gate[ids].to(device), f.up[ids].to(device), f.down_t[ids].to(device),
+                     ids.to(torch.int32).to(device))
+    cold = None
+    if cold_ids.numel() == n:  # all rows cold: the workload's rows themselves, no copy
+        cold = PackedFFN(FMT, d, n, f.gate, f.up, f.down_t)
+    elif cold_ids.numel():
+        cold = PackedFFN(FMT, d, cold_ids.numel(), f.gate[cold_ids], f.up[cold_ids], f.down_t[cold_ids])
+    pred = None
+    if sparsity == "predictor":
+        pred = SynthPredictor(f, d, wl.rank, pred_device, seed=wl.seed * 7919 + key[0] * 64 + key[1])
+    return HybridFFN(n, hot, cold, cold_ids, cfg.activation, cfg.act_threshold, sparsity, pred, device)
+
+
+def build_hybrid(wl: Workload, hot: dict, device, dtype, predictors_on_gpu: bool) -> Transformer:
+    """hot[(layer, expert|-1)] = neuron ids on the GPU side; predictor mode everywhere."""
+    pdev = torch.device(device) if predictors_on_gpu else torch.device("cpu")
+    empty = np.zeros(0, np.int64)
+
+    def factory(layer, expert, fetch, predictor):
+        k = _keys(layer, expert)
+        return _hybrid_ffn(wl, k, hot.get(k, empty), device, "predictor", pdev)
+    return _model(wl, device, dtype, factory)
+
+
+def build_dense(wl: Workload, gpu_layers: int, device, dtype) -> Transformer:
+    """Layers < gpu_layers: every row on the GPU side; the rest on the CPU kernels; dense mode."""
+    n = wl.cfg.intermediate_size
+    every, none = np.arange(n), np.zeros(0, np.int64)
+
+    def factory(layer, expert, fetch, predictor):
+        k = _keys(layer, expert)
+        return _hybrid_ffn(wl, k, every if layer < gpu_layers else none, device, "dense", None)
+    return _model(wl, device, dtype, factory)
+
+
+def build(name: str, wl: Workload, device, dtype, cpu_dtype, budget: int | None = None,
+          profile=None, context: int = 4096) -> Built:
+    cfg, n = wl.cfg, wl.cfg.intermediate_size
+    dev, cpu = torch.device(device), torch.device("cpu")
+    if name == "hybrid":
+        p = plan_hybrid(wl, profile, budget, context, dtype)
+        m = build_hybrid(wl, p.hot, dev, dtype, p.predictors_on_gpu)
+        share = p.hot_count() / (len(wl.ffns) * n)
+        return Built(name, budget, m, dev, 0, share, p.predictors_on_gpu,
+                     f"{p.hot_count():,} hot neurons, solver {p.solver}",
+                     {"components": p.components, "stats": p.stats, "gpu_bytes": p.gpu_bytes})
+    if name == "dense-offload":
+        room = budget - MARGIN - fixed_gpu_bytes(cfg, dtype, context)
+        k = int(min(cfg.num_layers, max(0, room // layer_ffn_bytes(wl))))
+        return Built(name, budget, build_dense(wl, k, dev, dtype), dev, k, k / cfg.num_layers, False,
+                     f"{k} of {cfg.num_layers} layers' FFNs on the GPU")
+    if name == "gpu-dense":
+        return Built(name, None, build_dense(wl, cfg.num_layers, dev, dtype), dev, cfg.num_layers,
+                     1.0, False, "every FFN dense on the GPU")
+    if name == "gpu-sparse":
+        hot = {k: np.arange(n) for k in wl.ffns}
+        return Built(name, None, build_hybrid(wl, hot, dev, dtype, True), dev, cfg.num_layers, 1.0,
+                     True, "every FFN on the GPU, predictor mode")
+    if name == "cpu-dense":
+        return Built(name, None, build_dense(wl, 0, cpu, cpu_dtype), cpu, 0, 0.0, False,
+                     "all on the CPU, dense")
+    if name == "cpu-sparse":
+        return Built(name, None, build_hybrid(wl, {}, cpu, cpu_dtype, False), cpu, 0, 0.0, False,
+                     "all on the CPU, predictor mode")
+    raise ValueError(f"unknown policy {name!r}; expected one of {POLICIES}")
+
+
+def hot_sets(b: Built) -> dict:
+    """(layer, expert) -> hot ids tensor (GPU side) of a built model."""
+    out = {}
+    for layer, blk in enumerate(b.model.blocks):
+        ffns = blk.ffn.experts if hasattr(blk.ffn, "experts") else [blk.ffn]
+        for e, f in enumerate(ffns):
+            key = (layer, e if wl_is_moe(blk) else -1)
+            out[key] = None if f.hot is None else f.hot.ids.long().cpu()
+    return out
+
+
+def wl_is_moe(blk) -> bool:
+    return hasattr(blk.ffn, "experts")
+
+
+def bytes_per_token(b: Built, wl: Workload, ctx: float) -> dict:
+    """Expected weight bytes read per token on each side, from the firing probabilities
+    (an active neuron reads its 3 rows), the routing share and where each tensor lives."""
+    cfg, dtype = wl.cfg, b.model.embed.dtype
+    e, d, L = _elt(dtype), cfg.hidden_size, cfg.num_layers
+    rb3 = 3 * row_bytes(d, FMT)
+    side = "cpu" if b.name.startswith("cpu") else "gpu"       # "gpu": the GPU side (cpu in CI)
+    pside = "gpu" if b.predictors_on_gpu and side == "gpu" else "cpu"
+    out = {"gpu": 0.0, "cpu": 0.0}
+    core = (L * attention_numel(cfg) + (2 * L + 1) * d + L * cfg.num_experts * d
+            + cfg.vocab_size * d + d) * e
+    kv = 2 * L * cfg.num_kv_heads * ctx * cfg.head_dim * e
+    out[side] += core + kv
+    share = wl.route_share
+    hots = hot_sets(b)
+    for layer, blk in enumerate(b.model.blocks):
+        ffns = blk.ffn.experts if wl_is_moe(blk) else [blk.ffn]
+        for i, f in enumerate(ffns):
+            key = (layer, i if wl_is_moe(blk) else -1)
+            p = wl.ffns[key].p.double()
+            hot_ids = hots[key]
+            sparse = f.sparsity == "predictor"
+            w = p if sparse else torch.ones_like(p)
+            g = float(w[hot_ids].sum()) if hot_ids is not None else 0.0
+            out[side] += share * g * rb3
+            out["cpu"] += share * (float(w.sum()) - g) * rb3
+            if sparse:
+                out[pside] += share * f.predictor.nbytes
+    return out

@@ -1,0 +1,97 @@
+"""The benchmark's predictor: computes the real fc2 · relu(fc1 · x) in q4_0 (its cost is the cost a
+TurboSparse predictor has), then returns a mask sampled from the FFN's fixed firing probabilities.
+
+Why sampled: random weights do not fire with the published statistics, so the score cannot be the
+mask; the statistics are what the benchmark is about (docs/BENCH_DECODE.md says this plainly).
+The score is still computed, and the mask is made to depend on it (`score == score` is all-true
+but is a real data dependency), so no work can be skipped.
+
+Where it runs:
+- cuda: both GEMVs through kernels/triton_ffn's transposed-axpy kernel (the hot "down" kernel:
+  y = sum_j a_j * W^T[j], rows with a_j = 0 never read, so relu's zeros skip fc2 rows);
+- cpu: both GEMVs through kernels.cpu.down_sparse (the same axpy on the CPU pool);
+- a model on cuda whose predictor the planner left on the CPU: x is copied to the host (a sync,
+  counted in SYNCS), the mask goes back to the device.
+Batches (prefill) dequantise the q4_0 rows (quant.unpack) and use a matmul.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+
+from .. import quant
+from ..kernels import cpu as cpu_kernels
+from .workload import FMT, SynthFFN
+
+
+class Counters:
+    """Host time blocked in the predictor's own copies, and their number (read by the harness)."""
+    sync_s = 0.0
+    syncs = 0
+
+
+def _packed_view(w: torch.Tensor, cols: int) -> cpu_kernels.PackedFFN:
+    """W^T rows uint8 [rows, rb(cols)] as a PackedFFN whose down_t is W^T (gate/up unused)."""
+    return cpu_kernels.PackedFFN(FMT, cols, w.shape[0], w, w, w)
+
+
+def _gemv_t_cuda(wt: torch.Tensor, cols: int, a: torch.Tensor) -> torch.Tensor:
+    """y [cols] f32 = sum_j a[j] * W^T[j]; wt uint8 [rows, rb(cols)] on cuda, a f32 [rows]."""
+    import triton
+
+    from ..kernels import triton_ffn as tk
+    n = wt.shape[0]
+    y = torch.zeros(cols, dtype=torch.float32, device=a.device)
+    tk._down_kernel[(triton.cdiv(cols, 128), triton.cdiv(n, 256))](
+        a, wt, y, n, cols, wt.shape[1], ROWS_PER=256, IS_Q4=True, BLOCK_R=16, BLOCK_D=128)
+    return y
+
+
+class SynthPredictor(nn.Module):
+    """active(x [n, d]) -> bool [n, n_ff] on x's device. threshold is kept for build code."""
+
+    def __init__(self, ffn: SynthFFN, d: int, rank: int, device, seed: int):
+        super().__init__()
+        self.device = torch.device(device)
+        self.d, self.rank, self.n_ff = d, rank, ffn.p.numel()
+        self.fc1t = ffn.fc1t.to(self.device)      # uint8 [d, rb(rank)]
+        self.fc2t = ffn.fc2t.to(self.device)      # uint8 [rank, rb(n_ff)]
+        self.p = ffn.p.to(self.device)            # float32 [n_ff]
+        self.gen = torch.Generator(device=self.device).manual_seed(seed)
+        self.threshold = 0.0
+        if self.device.type == "cpu":
+            self._fc1 = _packed_view(self.fc1t, rank)
+            self._fc2 = _packed_view(self.fc2t, self.n_ff)
+            self._all1 = torch.arange(d, dtype=torch.int32)
+            self._all2 = torch.arange(rank, dtype=torch.int32)
+
+    @property
+    def nbytes(self) -> int:
+        return self.fc1t.numel() + self.fc2t.numel()
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        """float32 [n, n_ff] = fc2 · relu(fc1 · x), x on self.device."""
+        x = x.float()
+        if x.shape[0] == 1 and self.device.type == "cuda":
+            h = torch.relu(_gemv_t_cuda(self.fc1t, self.rank, x[0].contiguous()))
+            return _gemv_t_cuda(self.fc2t, self.n_ff, h)[None]
+        if x.shape[0] == 1:
+            h = torch.relu(cpu_kernels.down_sparse(self._fc1, x[0].contiguous(), self._all1))
+            return cpu_kernels.down_sparse(self._fc2, h, self._all2, skip_zero=True)[None]
+        fc1t = quant.unpack(self.fc1t, FMT, self.rank)            # [d, rank]
+        fc2t = quant.unpack(self.fc2t, FMT, self.n_ff)            # [rank, n_ff]
+        return torch.relu(x @ fc1t) @ fc2t
+
+    def active(self, x: torch.Tensor) -> torch.Tensor:
+        dev = x.device
+        if dev != self.device:                     # a CPU predictor in a GPU model: one round trip
+            t = time.perf_counter()
+            x = x.to(self.device)
+            Counters.sync_s += time.perf_counter() - t
+            Counters.syncs += 1
+        s = self.scores(x)
+        mask = torch.rand(x.shape[0], self.n_ff, generator=self.gen, device=self.device) < self.p
+        mask &= s == s                              # all-true; keeps the score a real input
+        return mask.to(dev, non_blocking=True) if dev != self.device else mask

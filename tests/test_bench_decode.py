@@ -1,0 +1,74 @@
+"""bench decode: the harness end to end on tiny shapes (CPU), the synthetic statistics, the JSON."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("hybridinfer._C")
+
+from hybridinfer.bench import decode, workload  # noqa: E402
+from hybridinfer.placement import plan  # noqa: E402
+
+
+def test_firing_statistics_match_targets():
+    p = workload.firing_probabilities(14336, seed=3).numpy()
+    assert abs(p.mean() - workload.MEAN_FIRE) < 0.005           # ~85% inactive per token
+    assert abs(workload.top_share(p) - workload.TOP20_SHARE) < 0.02   # 20% of neurons: ~80% of firings
+    assert p.max() <= workload.P_MAX and p.min() > 0
+    q = workload.firing_probabilities(14336, seed=4).numpy()
+    assert not np.array_equal(p, q) and np.allclose(np.sort(p), np.sort(q))   # same law, new order
+
+
+def test_workload_profile_and_predictor():
+    wl = workload.make_workload("T47", seed=1)
+    f = wl.ffns[(0, 0)]
+    d, n = wl.cfg.hidden_size, wl.cfg.intermediate_size
+    assert f.gate.dtype == torch.uint8 and tuple(f.gate.shape) == (n, d // 32 * 18)
+    prof = workload.synthetic_profile(wl, tokens=4000)
+    assert abs(prof.sparsity() - (1 - workload.MEAN_FIRE)) < 0.02
+    freq = prof.frequency(0, 0).numpy()
+    assert np.corrcoef(freq, f.p.numpy())[0, 1] > 0.9          # the profile sees the fixed p_i
+    # the planner puts the most frequent neurons on the GPU side
+    pl = plan(wl.cfg, prof, 2 << 20, context=64, fmt="q4_0", min_active_bytes=0)
+    part = [k for k, v in pl.hot.items() if 0 < len(v) < n]
+    assert part
+    for k in part:
+        assert wl.ffns[k].p[pl.hot[k]].mean() > wl.ffns[k].p.mean()
+    from hybridinfer.bench.synth_predictor import SynthPredictor
+    pr = SynthPredictor(f, d, wl.rank, "cpu", seed=0)
+    masks = torch.cat([pr.active(torch.randn(1, d)) for _ in range(300)])
+    assert abs(masks.float().mean().item() - workload.MEAN_FIRE) < 0.02
+    assert pr.scores(torch.randn(3, d)).shape == (3, n)
+
+
+@pytest.mark.parametrize("shape", ["T47", "T7"])
+def test_harness_end_to_end_json(tmp_path, shape):
+    out = tmp_path / "d.json"
+    png = tmp_path / "d.png"
+    rc = decode.main(["--shape", shape, "--device", "cpu", "--policies", *decode.POLICIES,
+                      "--vram-budget", "3MiB", "1MiB", "--tokens", "3", "--warmup", "1",
+                      "--prefill", "16", "--context", "64", "--threads", "1", "--json", str(out),
+                      "--plot", str(png)])
+    assert rc == 0
+    d = json.loads(out.read_text())
+    for k in ("benchmark", "machine", "command", "roofline_inputs", "policies", "table", "threads",
+              "expert_bytes", "predictor_bytes", "budget_scale", "peer_reference_issue6"):
+        assert k in d, k
+    assert {"cpu_read_gbs", "gpu_copy_gbs", "sync_s"} <= set(d["roofline_inputs"])
+    rows = d["policies"]
+    assert {r["policy"] for r in rows} == set(decode.POLICIES)
+    for r in rows:
+        assert "error" not in r, r
+        for k in ("tok_s", "ms_token", "split_ms", "bytes_gpu", "bytes_cpu", "roofline_ms",
+                  "x_roofline", "rss", "prefill_tok_s", "syncs_per_token"):
+            assert k in r, (r["policy"], k)
+        assert set(r["split_ms"]) == {"gpu", "cpu", "sync", "python"}
+        assert r["tok_s"] > 0 and r["roofline_ms"] > 0
+    hy = [r for r in rows if r["policy"] == "hybrid"]
+    assert all("x_dense_offload" in r for r in hy)
+    cpu_dense = next(r for r in rows if r["policy"] == "cpu-dense")
+    cpu_sparse = next(r for r in rows if r["policy"] == "cpu-sparse")
+    assert cpu_sparse["bytes_cpu"] < cpu_dense["bytes_cpu"]        # sparse reads fewer FFN bytes
+    if decode.plot.__module__ and png.exists():
+        assert png.stat().st_size > 1000
