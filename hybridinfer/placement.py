@@ -1,0 +1,407 @@
+"""Placement solver: (config, profile, VRAM budget) -> Placement, what lives on the GPU. Pure: no
+torch.cuda, no weights; every byte count comes from footprint.py, as the runtime builder's do.
+
+Objective (PowerInfer's): maximise the weight bytes read per token that are served from the GPU.
+  - "core" = attention, norms, router + the KV cache for `context` positions: read every token
+    (value per byte 1, the most any item has), so it goes first; when it does not fit, nothing
+    goes on the GPU (the runtime then runs everything on the CPU).
+  - lm_head (read every token), the embedding table (one row per token), predictors (each FFN's
+    predictor is read whenever its FFN is reached): one yes/no item each.
+  - FFN neurons: neuron i of FFN j is read with probability f_ij (profile.token_frequency: fire
+    rate times the expert's routing rate), 3 rows (gate, up, down^T) each time. An FFN's hot set
+    is a top-frequency prefix of its neurons. Neurons are grouped (consecutive in frequency order)
+    so the MILP has <= ~16k group variables.
+  - Sync constraint (the paper's): an FFN gets no GPU neurons, or enough that the expected bytes
+    they serve per token save at least one synchronisation: sync_s / (1/cpu_bw - 1/gpu_bw)
+    = 10 us / (1/100 GB/s - 1/3 TB/s) ~ 1.03 MB per token by default, or the whole FFN.
+MILP (scipy.optimize.milp, HiGHS): binary per item and per FFN "open", a continuous [0, 1] share
+of each group; groups' values per byte fall within an FFN, so the optimum takes prefixes, and it
+is rounded down to whole neurons. Greedy fallback: items by value per byte, the last one partial.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import math
+import os
+import re
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .config import ModelConfig
+from .errors import HybridInferError
+from .footprint import attention_numel, dense_bytes, ffn_rows_bytes, kv_cache_bytes
+from .profile import NeuronProfile, ffn_keys, model_identity
+from .quant import row_bytes
+
+SCHEMA_VERSION = 1
+GPU_FORMATS = ("f16", "bf16", "q8_0", "q4_0", "f32")   # f32: the cpu device (tests, CPU-only runs)
+DENSE_BYTES = 2            # attention, norms, router, predictors, embeddings, KV: f16/bf16 on the GPU
+SYNC_S, GPU_BW, CPU_BW = 10e-6, 3e12, 100e9
+MIN_ACTIVE_BYTES = int(SYNC_S / (1 / CPU_BW - 1 / GPU_BW))   # ~1.03 MB per token per FFN
+UNIFORM_FIRE = 0.1         # with no profile: every neuron fires on 10% of the tokens reaching it
+MAX_GROUPS = 16000         # group variables in the MILP at most
+AUTO_MARGIN = (512 << 20, 0.05)   # "auto" leaves max(512 MiB, 5% of free VRAM) for the allocator, scratch
+
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_budget(text: str, free_vram: int | None = None, total_vram: int | None = None) -> int:
+    """A VRAM budget in bytes from "16GiB", "16000MB", "300KiB", "123456" (bytes), "0" (nothing),
+    "0.8" (share of free VRAM; a bare number <= 1 is a share) or "auto" (free VRAM minus a margin)."""
+    s = str(text).strip().lower().replace(" ", "").replace("_", "")
+    if s == "auto":
+        if free_vram is None:
+            raise HybridInferError("--vram-budget auto needs a visible GPU; give a size such as 8GiB")
+        return max(0, free_vram - max(AUTO_MARGIN[0], int(free_vram * AUTO_MARGIN[1])))
+    m = re.fullmatch(r"([+-]?)(\d+(?:\.\d*)?|\.\d+)([a-z]*)", s)
+    if not m or (m.group(3) and m.group(3) not in _UNITS):
+        raise HybridInferError(f"bad VRAM budget {text!r}: use a size (16GiB, 16000MB, 300KiB), "
+                               "0, a share of free VRAM (0.8) or auto")
+    if m.group(1) == "-" and float(m.group(2)) != 0:
+        raise HybridInferError(f"VRAM budget {text!r} is negative")
+    value, unit = float(m.group(2)), m.group(3)
+    if unit:
+        n = int(value * _UNITS[unit])
+    elif value <= 1.0 and value != 0:
+        if free_vram is None:
+            raise HybridInferError(f"VRAM budget {text!r} is a share of free VRAM, but no GPU is visible; give a size")
+        n = int(value * free_vram)
+    elif value == int(value):
+        n = int(value)
+    else:
+        raise HybridInferError(f"bad VRAM budget {text!r}: a number above 1 needs a unit (B, MB, GiB, ...)")
+    if total_vram is not None and n > total_vram:
+        raise HybridInferError(f"VRAM budget {n:,} B is larger than the GPU ({total_vram:,} B)")
+    return n
+
+
+@dataclass(frozen=True)
+class Placement:
+    schema_version: int
+    model_id: str
+    budget_bytes: int
+    gpu_bytes: int                       # everything the runtime allocates on the GPU (components sum)
+    context: int                         # KV cache positions budgeted
+    fmt: str                             # format of the hot FFN rows on the GPU
+    attention_on_gpu: bool
+    embeddings_on_gpu: bool
+    lm_head_on_gpu: bool
+    kv_on_gpu: bool
+    predictors_on_gpu: bool
+    hot: dict[tuple[int, int], np.ndarray]   # (layer, expert|-1) -> sorted unique int32 neuron ids
+    predictor_numel: int = 0             # predictor parameters budgeted (all FFNs together)
+    components: dict[str, int] = field(default_factory=dict)   # GPU bytes by component
+    stats: dict[str, float] = field(default_factory=dict)      # expected bytes per token, shares
+    solver: str = ""
+
+    def hot_count(self) -> int:
+        return sum(len(v) for v in self.hot.values())
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        d["hot_encoding"] = "base64 of int32 little-endian neuron ids"
+        d["hot"] = {f"{k[0]},{k[1]}": base64.b64encode(np.asarray(v, "<i4").tobytes()).decode()
+                    for k, v in sorted(self.hot.items())}
+        return json.dumps(d, indent=1)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(self.to_json())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+    @staticmethod
+    def load(path: str | os.PathLike, expect_model_id: str | None = None) -> "Placement":
+        path = Path(path)
+        if not path.is_file():
+            raise HybridInferError(f"placement {path} does not exist")
+        try:
+            d = json.loads(path.read_text())
+            d.pop("hot_encoding", None)
+            if d.get("schema_version") != SCHEMA_VERSION:
+                raise HybridInferError(f"{path} has placement schema {d.get('schema_version')}; "
+                                       f"this hybridinfer reads {SCHEMA_VERSION}")
+            hot = {}
+            for k, v in d.pop("hot").items():
+                layer, e = (int(x) for x in k.split(","))
+                hot[(layer, e)] = np.frombuffer(base64.b64decode(v, validate=True), "<i4").astype(np.int32)
+            p = Placement(**d, hot=hot)
+        except HybridInferError:
+            raise
+        except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
+            raise HybridInferError(f"{path} is not a valid placement file") from None
+        if expect_model_id is not None and p.model_id != expect_model_id:
+            raise HybridInferError(f"placement {path} was made for another model ({p.model_id}), not {expect_model_id}")
+        return p
+
+
+# ---- bytes: one formula for planner and builder ------------------------------------------------
+
+def fixed_bytes(cfg: ModelConfig, context: int, predictor_numel: int = 0) -> dict[str, int]:
+    """GPU bytes of each all-or-nothing component."""
+    d, L = cfg.hidden_size, cfg.num_layers
+    attn = attention_numel(cfg)
+    if cfg.attention_bias:
+        attn += (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim + d
+    return {"attention": dense_bytes(L * attn, DENSE_BYTES),
+            "norms": dense_bytes((2 * L + 1) * d, DENSE_BYTES),
+            "router": dense_bytes(L * cfg.num_experts * d, DENSE_BYTES),
+            "kv_cache": kv_cache_bytes(cfg, context, DENSE_BYTES),
+            "embeddings": dense_bytes(cfg.vocab_size * d, DENSE_BYTES),
+            "lm_head": 0 if cfg.tie_word_embeddings else dense_bytes(cfg.vocab_size * d, DENSE_BYTES),
+            "predictors": dense_bytes(predictor_numel, DENSE_BYTES)}
+
+
+def gpu_component_bytes(cfg: ModelConfig, p: Placement) -> dict[str, int]:
+    """What the runtime allocates on the GPU for placement p, by component (the builder's formula)."""
+    f = fixed_bytes(cfg, p.context, p.predictor_numel)
+    on = {"attention": p.attention_on_gpu, "norms": p.attention_on_gpu, "router": p.attention_on_gpu,
+          "kv_cache": p.kv_on_gpu, "embeddings": p.embeddings_on_gpu, "lm_head": p.lm_head_on_gpu,
+          "predictors": p.predictors_on_gpu}
+    out = {k: (v if on[k] else 0) for k, v in f.items()}
+    out["ffn_hot"] = sum(ffn_rows_bytes(len(v), cfg.hidden_size, p.fmt) for v in p.hot.values())
+    return out
+
+
+# ---- the problem --------------------------------------------------------------------------------
+
+@dataclass
+class _Problem:
+    keys: list[tuple[int, int]]
+    order: list[np.ndarray]       # per FFN: neuron ids by falling frequency
+    freq: list[np.ndarray]        # per FFN: token frequencies in that order (float64)
+    kmin: np.ndarray              # per FFN: fewest neurons allowed when not 0
+    nb: int                       # GPU bytes per hot neuron (rows + id)
+    read: int                     # bytes read per firing neuron (3 rows)
+    items: dict[str, tuple[int, float]]   # yes/no items: name -> (bytes, value per token)
+
+
+def _frequencies(cfg: ModelConfig, profile: NeuronProfile | None) -> list[np.ndarray]:
+    keys = ffn_keys(cfg)
+    if profile is None:
+        share = cfg.experts_per_token / cfg.num_experts if cfg.is_moe else 1.0
+        return [np.full(cfg.intermediate_size, UNIFORM_FIRE * share) for _ in keys]
+    if profile.model_id != model_identity(cfg):
+        raise HybridInferError(f"the profile was made for another model ({profile.model_id}), "
+                               f"not {model_identity(cfg)}")
+    return [profile.token_frequency(*k).double().numpy() for k in keys]
+
+
+def _problem(cfg, profile, fmt, fixed, min_active_bytes) -> _Problem:
+    d = cfg.hidden_size
+    read = 3 * row_bytes(d, fmt)
+    order, freq, kmin = [], [], []
+    for f in _frequencies(cfg, profile):
+        o = np.argsort(-f, kind="stable")
+        fs = f[o]
+        order.append(o.astype(np.int32))
+        freq.append(fs)
+        # smallest k whose prefix serves >= min_active_bytes per token
+        k = int(np.argmax(np.cumsum(fs * read) >= min_active_bytes)) + 1 if min_active_bytes > 0 else 0
+        if min_active_bytes > 0 and fs.sum() * read < min_active_bytes:
+            k = len(fs)             # never worth a sync: all of it or nothing
+        kmin.append(k)
+    share = cfg.experts_per_token / cfg.num_experts if cfg.is_moe else 1.0
+    d_bytes = DENSE_BYTES * d
+    items = {"lm_head": (fixed["lm_head"], float(fixed["lm_head"])),
+             "embeddings": (fixed["embeddings"], float(d_bytes + (fixed["embeddings"] if cfg.tie_word_embeddings else 0))),
+             "predictors": (fixed["predictors"], fixed["predictors"] * share)}
+    items = {k: v for k, v in items.items() if v[0] > 0}
+    return _Problem(ffn_keys(cfg), order, freq, np.array(kmin), ffn_rows_bytes(1, d, fmt), read, items)
+
+
+def _groups(pb: _Problem, group_size: int | None) -> int:
+    n = sum(len(o) for o in pb.order)
+    return group_size or max(1, math.ceil(n / MAX_GROUPS))
+
+
+def _solve_milp(pb: _Problem, budget: int, group_size: int, time_limit: float):
+    """-> (items taken, neurons per FFN) or None when HiGHS finds no solution in time.
+
+    Variables: [yes/no items | z_j: FFN j's first kmin_j neurons (binary) | x_g: share of group g,
+    the later neurons in chunks of group_size (continuous)], with x_g <= z_j. The block's value per
+    byte is at least its later groups', so the LP relaxation is the fractional greedy and HiGHS
+    only has to settle a few blocks."""
+    from scipy.optimize import Bounds, LinearConstraint, milp
+    from scipy.sparse import coo_matrix
+
+    names = list(pb.items)
+    blocks = [j for j in range(len(pb.keys)) if pb.kmin[j] > 0]
+    zcol = {j: len(names) + i for i, j in enumerate(blocks)}
+    g_ffn, g_size, g_val = [], [], []
+    for j, fs in enumerate(pb.freq):
+        for s in range(int(pb.kmin[j]), len(fs), group_size):
+            g_ffn.append(j)
+            g_size.append(min(group_size, len(fs) - s))
+            g_val.append(fs[s:s + group_size].sum() * pb.read)
+    ni, nz, G = len(names), len(blocks), len(g_ffn)
+    gi = np.arange(G) + ni + nz
+    c = -np.concatenate([[pb.items[k][1] for k in names],
+                         [pb.freq[j][:pb.kmin[j]].sum() * pb.read for j in blocks], g_val])
+    integ = np.concatenate([np.ones(ni + nz), np.zeros(G)])
+    # row 0: bytes <= budget
+    rows = [0] * (ni + nz + G)
+    cols = list(range(ni + nz + G))
+    vals = [pb.items[k][0] for k in names] + [int(pb.kmin[j]) * pb.nb for j in blocks] \
+        + (np.array(g_size) * pb.nb).tolist()
+    # rows 1..: x_g - z_j <= 0 for the groups of FFNs with a block
+    r = 1
+    for g, j in enumerate(g_ffn):
+        if j in zcol:
+            rows += [r, r]
+            cols += [int(gi[g]), zcol[j]]
+            vals += [1.0, -1.0]
+            r += 1
+    A = coo_matrix((np.array(vals, float), (np.array(rows), np.array(cols))), shape=(r, ni + nz + G)).tocsr()
+    ub = np.concatenate([[budget], np.zeros(r - 1)])
+    res = milp(c, integrality=integ, bounds=Bounds(0, 1), constraints=LinearConstraint(A, -np.inf, ub),
+               options={"time_limit": time_limit, "mip_rel_gap": 1e-4, "disp": False})
+    if res.x is None:
+        return None
+    x = res.x
+    taken = {k for i, k in enumerate(names) if x[i] > 0.5}
+    share = np.zeros(len(pb.keys))
+    np.add.at(share, np.array(g_ffn, dtype=np.int64), x[ni + nz:] * np.array(g_size))
+    counts = np.floor(share + 1e-6).astype(np.int64)
+    for j in blocks:
+        counts[j] = counts[j] + pb.kmin[j] if x[zcol[j]] > 0.5 else 0
+    return taken, counts
+
+
+def _solve_greedy(pb: _Problem, budget: int, group_size: int):
+    """Items by value per byte (an FFN's first item is its kmin prefix), the last one partial."""
+    cand = [(-v / b, 0, i, k, 0, 0) for i, (k, (b, v)) in enumerate(pb.items.items())]
+    for j, fs in enumerate(pb.freq):
+        k0 = int(pb.kmin[j]) or min(group_size, len(fs))
+        starts = [0] + list(range(k0, len(fs), group_size))
+        for c, s in enumerate(starts):
+            e = k0 if c == 0 else min(s + group_size, len(fs))
+            cand.append((-fs[s:e].mean() * pb.read / pb.nb, 1, j, c, s, e))
+    cand.sort(key=lambda t: (t[0], t[1], t[2], t[3]))
+    left, taken = budget, set()
+    counts = np.zeros(len(pb.keys), dtype=np.int64)
+    closed = np.zeros(len(pb.keys), dtype=bool)
+    for _, kind, j, c, s, e in cand:
+        if kind == 0:
+            b = pb.items[c][0]
+            if b <= left:
+                taken.add(c)
+                left -= b
+            continue
+        if closed[j]:
+            continue
+        n = min(e - s, left // pb.nb)
+        if c == 0 and n < e - s:
+            n = 0                            # the first item is all-or-nothing (kmin)
+        counts[j] += n
+        left -= n * pb.nb
+        if n < e - s:
+            closed[j] = True
+    return taken, counts
+
+
+def plan(cfg: ModelConfig, profile: NeuronProfile | None, budget_bytes: int, context: int | None = None,
+         fmt: str = "f16", solver: str = "milp", predictor_numel: int = 0, group_size: int | None = None,
+         min_active_bytes: int = MIN_ACTIVE_BYTES, time_limit: float = 10.0) -> Placement:
+    """The placement for a VRAM budget (bytes). profile None: uniform frequencies (UNIFORM_FIRE)."""
+    if budget_bytes < 0:
+        raise HybridInferError(f"VRAM budget {budget_bytes} is negative")
+    if fmt not in GPU_FORMATS:
+        raise HybridInferError(f"GPU row format {fmt!r} is not one of {', '.join(GPU_FORMATS)}")
+    try:
+        row_bytes(cfg.hidden_size, fmt)
+    except ValueError as e:
+        raise HybridInferError(str(e)) from None
+    if solver not in ("milp", "greedy"):
+        raise HybridInferError(f"solver {solver!r}: use milp or greedy")
+    context = min(4096, cfg.max_position_embeddings) if context is None else int(context)
+    if not 0 < context <= cfg.max_position_embeddings:
+        raise HybridInferError(f"context {context} is outside 1..{cfg.max_position_embeddings}")
+    fixed = fixed_bytes(cfg, context, predictor_numel)
+    pb = _problem(cfg, profile, fmt, fixed, min_active_bytes)
+    core = fixed["attention"] + fixed["norms"] + fixed["router"] + fixed["kv_cache"]
+    used = solver
+    taken, counts = set(), np.zeros(len(pb.keys), dtype=np.int64)
+    if core <= budget_bytes:
+        gs = _groups(pb, group_size)
+        out = _solve_milp(pb, budget_bytes - core, gs, time_limit) if solver == "milp" else None
+        if out is None:
+            used = "greedy" if solver == "greedy" else "greedy (milp found no solution in time)"
+            out = _solve_greedy(pb, budget_bytes - core, gs)
+        taken, counts = out
+    on = core <= budget_bytes
+    hot = {k: np.sort(pb.order[j][:counts[j]]).astype(np.int32) for j, k in enumerate(pb.keys)}
+    p = Placement(SCHEMA_VERSION, model_identity(cfg), int(budget_bytes), 0, context, fmt,
+                  attention_on_gpu=on, embeddings_on_gpu="embeddings" in taken,
+                  lm_head_on_gpu="lm_head" in taken or (cfg.tie_word_embeddings and "embeddings" in taken),
+                  kv_on_gpu=on, predictors_on_gpu="predictors" in taken, hot=hot,
+                  predictor_numel=int(predictor_numel), solver=used)
+    comp = gpu_component_bytes(cfg, p)
+    total = sum(comp.values())
+    if total > budget_bytes:   # cannot happen by construction; never hand out a plan that overruns
+        raise HybridInferError(f"internal: plan uses {total} B of a {budget_bytes} B budget")
+    return _with_totals(p, comp, _stats(cfg, pb, fixed, p, counts))
+
+
+def _with_totals(p: Placement, comp: dict[str, int], stats: dict[str, float]) -> Placement:
+    from dataclasses import replace
+    return replace(p, gpu_bytes=sum(comp.values()), components=comp, stats=stats)
+
+
+def _stats(cfg, pb: _Problem, fixed, p: Placement, counts) -> dict[str, float]:
+    """Expected weight bytes read per token on each side (profile frequencies; KV reads excluded)."""
+    share = cfg.experts_per_token / cfg.num_experts if cfg.is_moe else 1.0
+    core = fixed["attention"] + fixed["norms"] + fixed["router"]
+    parts = [(core, p.attention_on_gpu), (fixed["lm_head"] or fixed["embeddings"], p.lm_head_on_gpu),
+             (DENSE_BYTES * cfg.hidden_size, p.embeddings_on_gpu),
+             (fixed["predictors"] * share, p.predictors_on_gpu)]
+    gpu = sum(b for b, on in parts if on)
+    cpu = sum(b for b, on in parts if not on)
+    for j, fs in enumerate(pb.freq):
+        g = float(fs[:counts[j]].sum()) * pb.read
+        gpu += g
+        cpu += float(fs.sum()) * pb.read - g
+    ffn_all = sum(float(fs.sum()) for fs in pb.freq) * pb.read
+    ffn_gpu = sum(float(fs[:counts[j]].sum()) for j, fs in enumerate(pb.freq)) * pb.read
+    return {"gpu_bytes_per_token": gpu, "cpu_bytes_per_token": cpu,
+            "gpu_share_of_active_bytes": gpu / max(gpu + cpu, 1e-9),
+            "ffn_gpu_share_of_active_bytes": ffn_gpu / max(ffn_all, 1e-9),
+            "hot_neurons": float(sum(counts)), "ffns_with_hot_neurons": float((counts > 0).sum())}
+
+
+def summary(p: Placement) -> str:
+    """The table `hybridinfer plan` prints."""
+    from .info import human_bytes
+
+    lines = [f"model:   {p.model_id}", f"budget:  {human_bytes(p.budget_bytes)} ({p.budget_bytes:,} B); "
+             f"context {p.context}; hot rows {p.fmt}; solver {p.solver}",
+             f"{'GPU component':<16} {'bytes':>14} {'':>11}"]
+    for k, v in p.components.items():
+        lines.append(f"{k:<16} {v:>14,} {human_bytes(v):>11}")
+    lines.append(f"{'total':<16} {p.gpu_bytes:>14,} {human_bytes(p.gpu_bytes):>11}")
+    s = p.stats
+    lines += [f"hot neurons:   {int(s['hot_neurons']):,} in {int(s['ffns_with_hot_neurons'])} of {len(p.hot)} FFNs",
+              f"expected share of activated weight bytes on the GPU: {s['gpu_share_of_active_bytes']:.1%} "
+              f"(FFN neurons alone: {s['ffn_gpu_share_of_active_bytes']:.1%})",
+              f"expected bytes per token: GPU {human_bytes(s['gpu_bytes_per_token'])}, "
+              f"CPU {human_bytes(s['cpu_bytes_per_token'])}"]
+    return "\n".join(lines)
+
+
+def timed_plan(*args, **kw) -> tuple[Placement, float]:
+    t = time.perf_counter()
+    p = plan(*args, **kw)
+    return p, time.perf_counter() - t
