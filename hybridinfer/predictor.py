@@ -1,13 +1,32 @@
-"""Activation predictors: which FFN neurons will fire for a given input.
+"""Activation predictors: which FFN neurons will fire for a given input. Load, run, train, save.
 
-TurboSparse / PowerInfer shape: score = fc2 · relu(fc1 · x), no biases; a neuron is predicted
-active when score > threshold (TurboSparse applies sigmoid and rounds, i.e. score > 0).
+What the TurboSparse predictor computes (docs/PREDICTORS.md has the sources):
+    score = fc2 · relu(fc1 · x)        fc1 [rank, d], fc2 [n_ff, rank], no biases
+    TurboSparse: mask = round(sigmoid(score)), i.e. neuron i is kept when score_i > 0;
+    PowerInfer's model_{L}.pt: the same MLP without the sigmoid, kept when score_i > threshold.
+So one rule serves both: active = score > threshold, threshold 0.0 by default (a probability
+threshold p is the logit log(p / (1 - p)): see logit_threshold).
+Input x: TurboSparse-Mixtral's predictor sees the FFN input (the normalised hidden state), and so do
+the predictors train_predictors makes. TurboSparse-Mistral's may see the residual before the norm
+(third-party source, open question): shipped_input(cfg) says which.
+All predictors are held under TurboSparse tensor names, whatever file they came from:
+    model.layers.N.mlp.predictor.fc{1,2}.weight / model.layers.N.block_sparse_moe.experts.E.predictor.fc{1,2}.weight
 """
 from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .errors import HybridInferError
+
+PREDICTOR_FILE = "predictors.safetensors"
 
 
 class Predictor(nn.Module):
@@ -25,3 +44,248 @@ class Predictor(nn.Module):
     def active(self, x: torch.Tensor) -> torch.Tensor:
         """Boolean mask [n, n_ff] of the neurons predicted to fire."""
         return self(x) > self.threshold
+
+
+def logit_threshold(p: float) -> float:
+    """The score threshold equivalent to sigmoid(score) > p (p = 0.5 gives TurboSparse's 0.0)."""
+    if not 0.0 < p < 1.0:
+        raise HybridInferError(f"a probability threshold must be in (0, 1), got {p}")
+    return math.log(p / (1.0 - p))
+
+
+def shipped_input(cfg) -> str:
+    """What the model's own predictors read: "ffn_input" (after post_attention_layernorm) or
+    "residual" (before it; TurboSparse-Mistral per a third-party port, unverified)."""
+    return "residual" if cfg.family == "bamboo" else "ffn_input"
+
+
+# ---- names, loading, saving ---------------------------------------------------------------------
+
+def predictor_names(cfg) -> dict[tuple[int, int], tuple[str, str]]:
+    """(layer, expert|-1) -> (fc1 name, fc2 name) in TurboSparse naming."""
+    from .checkpoint import ffn_names
+    from .profile import ffn_keys
+
+    out = {}
+    for layer, e in ffn_keys(cfg):
+        n = ffn_names(cfg.family, layer, None if e < 0 else e)
+        out[(layer, e)] = (n["fc1"], n["fc2"])
+    return out
+
+
+def predictor_numel(tensors: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() for name, t in tensors.items() if ".predictor." in name)
+
+
+def checkpoint_predictor_numel(ckpt) -> int:
+    """Predictor parameters a checkpoint ships (from headers, nothing read)."""
+    return sum(math.prod(ckpt.shape(n)) for n in ckpt.names() if ".predictor." in n)
+
+
+def _check(tensors: dict[str, torch.Tensor], cfg, where: str) -> dict[str, torch.Tensor]:
+    names = predictor_names(cfg)
+    out = {}
+    for (layer, e), (n1, n2) in names.items():
+        if n1 not in tensors or n2 not in tensors:
+            raise HybridInferError(f"{where} has no predictor for layer {layer}"
+                                   + (f" expert {e}" if e >= 0 else "") + f" ({n1})")
+        fc1, fc2 = tensors[n1], tensors[n2]
+        if (fc1.dim() != 2 or fc2.dim() != 2 or fc1.shape[1] != cfg.hidden_size
+                or fc2.shape != (cfg.intermediate_size, fc1.shape[0])):
+            raise HybridInferError(f"{where}: predictor {n1} {list(fc1.shape)} / {list(fc2.shape)} does not fit "
+                                   f"d={cfg.hidden_size}, n_ff={cfg.intermediate_size}")
+        out[n1], out[n2] = fc1, fc2
+    return out
+
+
+def load_predictors(source: str | os.PathLike, cfg) -> dict[str, torch.Tensor]:
+    """Predictor tensors in TurboSparse naming from: a .safetensors file, a folder holding
+    predictors.safetensors (train-predictors' output), or PowerInfer's model_{L}.pt folder."""
+    from .checkpoint import load_powerinfer_predictors
+
+    p = Path(source)
+    if p.is_dir() and (p / PREDICTOR_FILE).is_file():
+        p = p / PREDICTOR_FILE
+    if p.is_file():
+        from safetensors.torch import load_file
+        try:
+            tensors = load_file(str(p))
+        except Exception:  # noqa: BLE001 - any parse failure is a bad file
+            raise HybridInferError(f"{p} is not a valid safetensors predictor file") from None
+        return _check(tensors, cfg, str(p))
+    if p.is_dir():
+        if cfg.is_moe:
+            raise HybridInferError(f"{p}: PowerInfer predictor folders are per layer; {cfg.architecture} "
+                                   "needs one predictor per expert")
+        pairs = load_powerinfer_predictors(p)
+        names = predictor_names(cfg)
+        if len(pairs) != cfg.num_layers:
+            raise HybridInferError(f"{p} has {len(pairs)} predictor files, the model has {cfg.num_layers} layers")
+        tensors = {}
+        for layer, (fc1, fc2) in enumerate(pairs):
+            n1, n2 = names[(layer, -1)]
+            tensors[n1], tensors[n2] = fc1, fc2
+        return _check(tensors, cfg, str(p))
+    raise HybridInferError(f"predictors {p} do not exist")
+
+
+def save_predictors(tensors: dict[str, torch.Tensor], out_dir: str | os.PathLike, meta: dict) -> Path:
+    """out_dir/predictors.safetensors (atomic), metadata as strings."""
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{PREDICTOR_FILE}.", dir=out)
+    os.close(fd)
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp,
+                  metadata={k: str(v) for k, v in meta.items()})
+        os.replace(tmp, out / PREDICTOR_FILE)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return out / PREDICTOR_FILE
+
+
+# ---- training -----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PredictorScore:
+    """Held-out quality of one FFN's predictor."""
+    layer: int
+    expert: int           # -1 for a dense FFN
+    tokens: int           # held-out tokens that reached the FFN
+    recall: float         # predicted & fired / fired
+    precision: float      # predicted & fired / predicted
+    predicted_ratio: float  # predicted / fired (the target is <= 2)
+
+
+def score(pred: torch.Tensor, true: torch.Tensor) -> tuple[float, float, float]:
+    """(recall, precision, predicted/true) of boolean masks [n, n_ff]."""
+    tp = (pred & true).sum().item()
+    npred, ntrue = pred.sum().item(), true.sum().item()
+    return tp / max(ntrue, 1), tp / max(npred, 1), npred / max(ntrue, 1)
+
+
+@torch.inference_mode()
+def record(llm, windows: list[list[int]]) -> dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]]:
+    """Run the model densely; per FFN the inputs X [n, d] (float16, CPU) and fired masks Y [n, n_ff]."""
+    from .profile import ActivationTap
+
+    xs: dict = {}
+
+    def keep(key, x, a):
+        xs.setdefault(key, []).append((x.to("cpu", torch.float16), (a != 0).cpu()))
+
+    model = llm.model
+    with ActivationTap(model, keep):
+        for w in windows:
+            model(torch.tensor([w], device=model.device), model.new_cache(len(w)), last_only=True)
+    return {k: (torch.cat([x for x, _ in v]), torch.cat([y for _, y in v])) for k, v in xs.items()}
+
+
+def _fit(X: torch.Tensor, Y: torch.Tensor, rank: int, steps: int, lr: float, gen: torch.Generator,
+         device) -> tuple[torch.Tensor, torch.Tensor]:
+    """fc1 [rank, d], fc2 [n_ff, rank] minimising class-weighted BCE(fc2 relu(fc1 x), y)."""
+    X, Y = X.to(device, torch.float32), Y.to(device, torch.float32)
+    n, d = X.shape
+    fc1 = (torch.randn(rank, d, generator=gen) / math.sqrt(d)).to(device).requires_grad_()
+    fc2 = (torch.randn(Y.shape[1], rank, generator=gen) / math.sqrt(rank)).to(device).requires_grad_()
+    pos = Y.mean(0).clamp(1e-3, 1 - 1e-3)
+    weight = ((1 - pos) / pos).clamp(max=50.0)   # balance each neuron's classes
+    opt = torch.optim.Adam([fc1, fc2], lr=lr)
+    batch = min(n, 1024)
+    for step in range(steps):
+        idx = torch.randint(0, n, (batch,), generator=gen).to(device) if batch < n else slice(None)
+        logits = F.linear(F.relu(F.linear(X[idx], fc1)), fc2)
+        loss = F.binary_cross_entropy_with_logits(logits, Y[idx], pos_weight=weight)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return fc1.detach(), fc2.detach()
+
+
+def _predict_all(d: int, n_ff: int, rank: int, gen) -> tuple[torch.Tensor, torch.Tensor]:
+    """A predictor that calls every neuron active: relu(u·x) + relu(-u·x) = |u·x| > 0."""
+    u = torch.randn(d, generator=gen)
+    fc1 = torch.zeros(rank, d)
+    fc2 = torch.zeros(n_ff, rank)
+    fc1[0], fc2[:, 0] = u, 1.0
+    if rank > 1:
+        fc1[1], fc2[:, 1] = -u, 1.0
+    return fc1, fc2
+
+
+def train_predictors(llm, texts: list[str], rank: int, max_tokens: int = 16384, holdout: float = 0.2,
+                     steps: int = 300, lr: float = 1e-2, threshold: float = 0.0, device=None,
+                     seed: int = 0, progress: bool = True) -> tuple[dict[str, torch.Tensor], list[PredictorScore]]:
+    """Low-rank predictors (fc1 -> ReLU -> fc2) for every FFN, fitted on the FFN inputs and fired
+    masks recorded from texts; scored on the last `holdout` share of the tokens. Returns the
+    tensors (TurboSparse names, the model's dtype, CPU) and a score per FFN."""
+    from .profile import token_windows
+
+    cfg = llm.config
+    if not 1 <= rank:
+        raise HybridInferError(f"predictor rank must be >= 1, got {rank}")
+    if not 0.0 < holdout < 1.0:
+        raise HybridInferError(f"holdout must be in (0, 1), got {holdout}")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    window = max(2, min(512, cfg.max_position_embeddings))
+    windows = token_windows(llm.tokenizer, texts, max_tokens, window)
+    n_test = int(round(len(windows) * holdout))
+    if len(windows) < 2 or n_test < 1:
+        windows = [w for ww in windows for w in (ww[:len(ww) // 2], ww[len(ww) // 2:])]
+        n_test = max(1, int(round(len(windows) * holdout)))
+    if len(windows) < 2:
+        raise HybridInferError("the corpus has too little text to train predictors on")
+    train, test = record(llm, windows[:-n_test]), record(llm, windows[-n_test:])
+    flush = torch.set_flush_denormal(True)   # Adam's tiny updates hit x86 denormals: 5x slower
+    try:
+        tensors, scores = _train_all(llm, train, test, rank, steps, lr, threshold, device, seed, progress)
+    finally:
+        if flush:
+            torch.set_flush_denormal(False)
+    return tensors, scores
+
+
+def _train_all(llm, train, test, rank, steps, lr, threshold, device, seed, progress):
+    from tqdm import tqdm
+
+    cfg = llm.config
+    gen = torch.Generator().manual_seed(seed)
+    names = predictor_names(cfg)
+    dtype = llm.model.embed.dtype
+    tensors, scores = {}, []
+    for key in tqdm(list(names), desc="train predictors", disable=not progress, unit="ffn"):
+        n1, n2 = names[key]
+        if key not in train:   # no training token reached this expert: predict every neuron
+            fc1, fc2 = _predict_all(cfg.hidden_size, cfg.intermediate_size, rank, gen)
+        else:
+            fc1, fc2 = (t.cpu() for t in _fit(*train[key], rank, steps, lr, gen, device))
+        tensors[n1], tensors[n2] = fc1.to(dtype), fc2.to(dtype)
+        if key in test:
+            X, Y = test[key]
+            p = Predictor(tensors[n1].float(), tensors[n2].float(), threshold)
+            r, pr, ratio = score(p.active(X.float()), Y)
+            scores.append(PredictorScore(key[0], key[1], X.shape[0], r, pr, ratio))
+    return tensors, scores
+
+
+def report_table(scores: list[PredictorScore]) -> str:
+    """Per-FFN held-out recall / precision, and the token-weighted totals."""
+    lines = [f"{'layer':>5} {'expert':>6} {'tokens':>7} {'recall':>7} {'precision':>9} {'pred/true':>9}"]
+    for s in scores:
+        lines.append(f"{s.layer:>5} {s.expert if s.expert >= 0 else '-':>6} {s.tokens:>7} "
+                     f"{s.recall:>7.3f} {s.precision:>9.3f} {s.predicted_ratio:>9.2f}")
+    w = sum(s.tokens for s in scores) or 1
+    lines.append(f"{'all':>5} {'':>6} {w:>7} {sum(s.recall * s.tokens for s in scores) / w:>7.3f} "
+                 f"{sum(s.precision * s.tokens for s in scores) / w:>9.3f} "
+                 f"{sum(s.predicted_ratio * s.tokens for s in scores) / w:>9.2f}")
+    return "\n".join(lines)
+
+
+def scores_json(scores: list[PredictorScore]) -> str:
+    from dataclasses import asdict
+    return json.dumps([asdict(s) for s in scores], indent=1)
