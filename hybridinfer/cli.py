@@ -132,6 +132,56 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_profile(args) -> int:
+    from .llm import load
+    from .profile import default_profile_path, profile_model, read_corpus
+
+    name, texts = read_corpus(args.corpus)
+    llm = load(args.model, device=args.device, dtype=args.dtype, threads=args.threads, sparsity="dense")
+    prof = profile_model(llm, texts, args.tokens, progress=not args.quiet, corpus=name)
+    out = prof.save(args.out or default_profile_path(llm.config))
+    print(f"profiled {prof.tokens} tokens of {name}: {prof.sparsity():.1%} of FFN activations are zero; wrote {out}")
+    return 0
+
+
+def cmd_plan(args) -> int:
+    import torch
+
+    from . import default_model, registry
+    from .checkpoint import Checkpoint
+    from .config import ModelConfig
+    from .loader import find_profile
+    from .placement import parse_budget, plan, summary
+    from .predictor import budget_predictor_numel
+
+    folder = default_model.ensure() if args.model is None else registry.resolve(args.model)
+    cfg = ModelConfig.from_dir(folder)
+    prof, src = find_profile(cfg, folder, args.profile)
+    free, total = torch.cuda.mem_get_info() if torch.cuda.is_available() else (None, None)
+    pn = budget_predictor_numel(cfg, Checkpoint(folder), args.predictors)
+    p = plan(cfg, prof, parse_budget(args.vram_budget, free, total), context=args.context, fmt=args.fmt,
+             solver=args.solver, predictor_numel=pn)
+    print(f"profile: {src}\n{summary(p)}")
+    if args.out:
+        print(f"wrote {p.save(args.out)}")
+    return 0
+
+
+def cmd_train_predictors(args) -> int:
+    from .llm import load
+    from .predictor import default_predictor_dir, report_table, save_predictors, train_predictors
+    from .profile import read_corpus
+
+    name, texts = read_corpus(args.corpus)
+    llm = load(args.model, device=args.device, dtype=args.dtype, threads=args.threads, sparsity="dense")
+    tensors, scores = train_predictors(llm, texts, args.rank, max_tokens=args.tokens, steps=args.steps,
+                                       progress=not args.quiet)
+    print(report_table(scores))
+    out = save_predictors(tensors, args.out or default_predictor_dir(llm.config), llm.config, name, args.rank, scores)
+    print(f"wrote {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hybridinfer",
                                 description="Hybrid CPU-GPU inference for activation-sparse LLMs.")
@@ -167,6 +217,41 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens per scoring window (default: the model's context length)")
     _add_runtime_args(e)
     e.set_defaults(func=cmd_eval)
+
+    pr = sub.add_parser("profile", help="count how often each FFN neuron fires on calibration text",
+                        description="Run the model densely over text and write a neuron profile (safetensors).")
+    _add_model_args(pr)
+    pr.add_argument("--corpus", default=None, help="a UTF-8 file or a folder of .txt/.md (default: the shipped corpus)")
+    pr.add_argument("--tokens", type=_pos_int, default=32768, help="tokens to run at most (default 32768)")
+    pr.add_argument("--out", default=None, help="profile file to write (default: the user cache, where run finds it)")
+    pr.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_runtime_args(pr)
+    pr.set_defaults(func=cmd_profile)
+
+    pl = sub.add_parser("plan", help="decide what lives on the GPU for a VRAM budget",
+                        description="Solve the placement (hot neurons, attention, KV cache, ...) and print it.")
+    _add_model_args(pl)
+    pl.add_argument("--vram-budget", required=True,
+                    help="16GiB, 16000MB, 300KiB, bytes, 0 (nothing), 0.8 (share of free VRAM) or auto")
+    pl.add_argument("--profile", default=None, help="profile file (default: the one `profile` wrote, or uniform)")
+    pl.add_argument("--predictors", default=None, help="predictor file/folder to budget instead of the model's own")
+    pl.add_argument("--context", type=_pos_int, default=None, help="KV cache positions (default min(4096, max))")
+    pl.add_argument("--fmt", default="f16", help="format of hot FFN rows on the GPU: f16, bf16, q8_0, q4_0")
+    pl.add_argument("--solver", default="milp", choices=["milp", "greedy"], help="default milp")
+    pl.add_argument("--out", default=None, help="write the placement as JSON")
+    pl.set_defaults(func=cmd_plan)
+
+    tp = sub.add_parser("train-predictors", help="train low-rank activation predictors on calibration text",
+                        description="Train fc1 -> ReLU -> fc2 predictors per FFN; report held-out recall/precision.")
+    _add_model_args(tp)
+    tp.add_argument("--corpus", default=None, help="a UTF-8 file or a folder of .txt/.md (default: the shipped corpus)")
+    tp.add_argument("--rank", type=_pos_int, default=64, help="predictor rank (default 64)")
+    tp.add_argument("--tokens", type=_pos_int, default=16384, help="tokens to record at most (default 16384)")
+    tp.add_argument("--steps", type=_pos_int, default=300, help="Adam steps per FFN (default 300)")
+    tp.add_argument("--out", default=None, help="folder for predictors.safetensors (default: the user cache)")
+    tp.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_runtime_args(tp)
+    tp.set_defaults(func=cmd_train_predictors)
 
     b = sub.add_parser("bench", help="benchmarks (see shared BENCHMARKS.md)",
                        description="Benchmarks; each prints a table and can write JSON.")

@@ -77,11 +77,6 @@ def predictor_numel(tensors: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() for name, t in tensors.items() if ".predictor." in name)
 
 
-def checkpoint_predictor_numel(ckpt) -> int:
-    """Predictor parameters a checkpoint ships (from headers, nothing read)."""
-    return sum(math.prod(ckpt.shape(n)) for n in ckpt.names() if ".predictor." in n)
-
-
 def _check(tensors: dict[str, torch.Tensor], cfg, where: str) -> dict[str, torch.Tensor]:
     names = predictor_names(cfg)
     out = {}
@@ -129,23 +124,47 @@ def load_predictors(source: str | os.PathLike, cfg) -> dict[str, torch.Tensor]:
     raise HybridInferError(f"predictors {p} do not exist")
 
 
-def save_predictors(tensors: dict[str, torch.Tensor], out_dir: str | os.PathLike, meta: dict) -> Path:
-    """out_dir/predictors.safetensors (atomic), metadata as strings."""
+def budget_predictor_numel(cfg, ckpt, predictors: str | os.PathLike | None = None) -> int:
+    """Predictor parameters the runtime will hold: from `predictors` when given, else the
+    checkpoint's own (headers only)."""
+    if predictors is not None:
+        return predictor_numel(load_predictors(predictors, cfg))
+    return sum(math.prod(ckpt.shape(n)) for pair in predictor_names(cfg).values() for n in pair if n in ckpt)
+
+
+def default_predictor_dir(cfg) -> Path:
+    """Where train-predictors writes by default: the user cache, by model identity."""
+    import hashlib
+
+    from .default_model import cache_root
+    from .profile import model_identity
+    return cache_root() / "predictors" / hashlib.sha256(model_identity(cfg).encode()).hexdigest()[:16]
+
+
+def save_predictors(tensors: dict[str, torch.Tensor], out_dir: str | os.PathLike, cfg, corpus: str = "",
+                    rank: int = 0, scores: list | None = None) -> Path:
+    """out_dir/predictors.safetensors (atomic; metadata: model_id, rank, input, corpus) and, with
+    scores, out_dir/report.json (held-out recall / precision per FFN)."""
     import tempfile
 
     from safetensors.torch import save_file
 
+    from .profile import model_identity
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    meta = {"format": "pt", "model_id": model_identity(cfg), "rank": str(rank), "input": "ffn_input",
+            "corpus": corpus, "naming": "turbosparse"}
     fd, tmp = tempfile.mkstemp(prefix=f".{PREDICTOR_FILE}.", dir=out)
     os.close(fd)
     try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp,
-                  metadata={k: str(v) for k, v in meta.items()})
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=meta)
         os.replace(tmp, out / PREDICTOR_FILE)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    if scores is not None:
+        (out / "report.json").write_text(scores_json(scores))
     return out / PREDICTOR_FILE
 
 

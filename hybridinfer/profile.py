@@ -38,6 +38,14 @@ def model_identity(cfg: ModelConfig) -> str:
     return s
 
 
+def default_profile_path(cfg: ModelConfig) -> Path:
+    """Where `hybridinfer profile` writes by default and the loader looks: the user cache."""
+    import hashlib
+
+    from .default_model import cache_root
+    return cache_root() / "profiles" / (hashlib.sha256(model_identity(cfg).encode()).hexdigest()[:16] + ".safetensors")
+
+
 def ffn_keys(cfg: ModelConfig) -> list[tuple[int, int]]:
     """(layer, expert) of every FFN in order; expert = -1 for a dense FFN."""
     experts = range(cfg.num_experts) if cfg.is_moe else [-1]
