@@ -30,6 +30,7 @@ struct Scratch {
 };
 std::vector<Scratch> g_scr;       // one per pool thread (guarded by pool_lock)
 std::vector<BlockQ8X> g_xq;       // x quantised to q8 [b, d/32]
+std::vector<XPairQ8> g_xpair;     // the same, paired for the AVX2 kernel [b, d/64]
 
 struct Chunk { int e; int64_t j0, j1; };
 
@@ -94,6 +95,18 @@ XPrep prepare_x(const Kernels& K, const float* x, int b, int d, bool need_q8) {
     g_xq.resize(size_t(b) * (d / QK));
     for (int t = 0; t < b; ++t) K.quantize_q8(x + size_t(t) * d, d, g_xq.data() + size_t(t) * (d / QK));
     xp.xq = g_xq.data();
+    const int nb = d / QK, np = nb / 2;
+    g_xpair.resize(size_t(b) * np);
+    for (int t = 0; t < b; ++t)
+      for (int j = 0; j < np; ++j) {
+        const BlockQ8X& a = g_xq[size_t(t) * nb + 2 * j];
+        const BlockQ8X& c = g_xq[size_t(t) * nb + 2 * j + 1];
+        XPairQ8& p = g_xpair[size_t(t) * np + j];
+        for (int l = 0; l < 8; ++l) { p.d[l] = (l & 2) ? c.d : a.d; p.sum8[l] = 0; }
+        p.sum8[0] = a.sum8;
+        p.sum8[2] = c.sum8;
+      }
+    xp.xpair = g_xpair.data();
   }
   return xp;
 }

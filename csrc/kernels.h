@@ -35,10 +35,18 @@ struct BlockQ8X {
   int8_t q[QK];    // round-half-even(x / d) computed as x * (1/d) in f32
 };
 
+// Two consecutive x blocks (2j, 2j+1) laid out for the AVX2 kernel, which reduces the integer
+// sums of two weight blocks into one vector (hadd: lanes a a b b | a a b b) before converting.
+struct XPairQ8 {
+  float d[8];        // scales in that lane pattern: da da db db da da db db
+  int32_t sum8[8];   // {sum8_a, 0, sum8_b, 0, 0, 0, 0, 0}
+};
+
 // The input of a batch of b tokens that share one set of rows, prepared once per call.
 struct XPrep {
   const float* xf = nullptr;      // [b, d] f32, row-major (float formats)
   const BlockQ8X* xq = nullptr;   // [b, d/32] (only for Q8_0 / Q4_0 weights)
+  const XPairQ8* xpair = nullptr; // [b, d/64] (ditto)
   int b = 0, d = 0;
 };
 

@@ -10,6 +10,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <utility>
 
 #include "kernels.h"
 
@@ -97,12 +98,14 @@ template <Fmt F> constexpr size_t kBlockBytes = F == Fmt::Q8_0 ? 34 : 18;
 
 // The 32 weights of a block as bytes in element order: q4_0 -> unsigned nibbles 0..15,
 // q8_0 -> |q| (the signs are moved onto x, since maddubs multiplies unsigned by signed).
+// q4_0: the 16 bytes go to both 128-bit lanes and the upper lane is shifted right by 4 (one
+// variable shift instead of shift + insert).
 template <Fmt F>
 inline __m256i block_bytes(const uint8_t* blk, __m256i* sign_src) {
   if constexpr (F == Fmt::Q4_0) {
-    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 2));
-    const __m256i both = _mm256_set_m128i(_mm_srli_epi16(raw, 4), raw);
-    return _mm256_and_si256(both, _mm256_set1_epi8(0x0F));
+    const __m256i both = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 2)));
+    const __m256i hi = _mm256_srlv_epi32(both, _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4));
+    return _mm256_and_si256(hi, _mm256_set1_epi8(0x0F));
   } else {
     const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 2));
     *sign_src = q;
@@ -110,52 +113,68 @@ inline __m256i block_bytes(const uint8_t* blk, __m256i* sign_src) {
   }
 }
 
-// Integer block sum for one token as 8 int32 lanes converted to f32.
+// Integer sums of one weight block against one x block: 8 int32 lanes (not yet corrected for
+// q4_0's offset of 8).
 template <Fmt F>
-inline __m256 block_dot(__m256i w, __m256i sign_src, const BlockQ8X& xb) {
-  __m256i xq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb.q));
+inline __m256i block_isum(__m256i w, __m256i sign_src, const int8_t* xq8) {
+  __m256i xq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq8));
   if constexpr (F == Fmt::Q8_0) xq = _mm256_sign_epi8(xq, sign_src);
-  __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(w, xq), _mm256_set1_epi16(1));
-  if constexpr (F == Fmt::Q4_0)
-    p = _mm256_sub_epi32(p, _mm256_zextsi128_si256(_mm_cvtsi32_si128(xb.sum8)));
-  return _mm256_cvtepi32_ps(p);
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(w, xq), _mm256_set1_epi16(1));
 }
 
-// NT tokens at once; U blocks per step with separate accumulators (U > 1 for one token).
-template <Fmt F, int NT, int U>
-void dot_quant_tile(const uint8_t* row, const BlockQ8X* xq, int nb, float* out) {
-  __m256 acc[NT][U];
-  for (int t = 0; t < NT; ++t)
-    for (int u = 0; u < U; ++u) acc[t][u] = _mm256_setzero_ps();
-  int i = 0;
-  auto step = [&](int blk, int u) {
-    const uint8_t* p = row + size_t(blk) * kBlockBytes<F>;
-    if (u == 0) prefetch_ahead(row, size_t(blk) * kBlockBytes<F>, size_t(nb) * kBlockBytes<F>);
-    __m256i sgn = _mm256_setzero_si256();
-    const __m256i w = block_bytes<F>(p, &sgn);
-    const __m256 dw = _mm256_broadcast_ss(h2f_ptr(p));
+// NT tokens at once. Blocks go in pairs: the two integer sums are folded into one vector by
+// hadd (lanes a a b b | a a b b), so one convert, one scale multiply and one FMA serve two
+// blocks; the scale vector pairs the weight scales (two table loads + blend) with the x scales
+// pre-arranged in XPairQ8. An odd last block takes the single-block path.
+template <Fmt F, int NT>
+void dot_quant_tile(const uint8_t* row, const BlockQ8X* xq, const XPairQ8* xp, int nb,
+                    float* out) {
+  constexpr size_t BB = kBlockBytes<F>;
+  const int np = nb / 2;
+  const size_t rb = size_t(nb) * BB;
+  __m256 acc[NT];
+  for (int t = 0; t < NT; ++t) acc[t] = _mm256_setzero_ps();
+  for (int j = 0; j < np; ++j) {
+    const uint8_t* pa = row + size_t(2 * j) * BB;
+    const uint8_t* pb = pa + BB;
+    prefetch_ahead(row, size_t(2 * j) * BB, rb);
+    __m256i sa = _mm256_setzero_si256(), sb = sa;
+    const __m256i wa = block_bytes<F>(pa, &sa), wb = block_bytes<F>(pb, &sb);
+    const __m256 dw = _mm256_blend_ps(_mm256_broadcast_ss(h2f_ptr(pa)),
+                                      _mm256_broadcast_ss(h2f_ptr(pb)), 0xCC);
     for (int t = 0; t < NT; ++t) {
-      const BlockQ8X& xb = xq[size_t(t) * nb + blk];
-      const __m256 s = _mm256_mul_ps(dw, _mm256_broadcast_ss(&xb.d));
-      acc[t][u] = _mm256_fmadd_ps(s, block_dot<F>(w, sgn, xb), acc[t][u]);
+      const BlockQ8X* xt = xq + size_t(t) * nb + 2 * j;
+      const XPairQ8& pr = xp[size_t(t) * np + j];
+      __m256i h = _mm256_hadd_epi32(block_isum<F>(wa, sa, xt[0].q), block_isum<F>(wb, sb, xt[1].q));
+      if constexpr (F == Fmt::Q4_0)
+        h = _mm256_sub_epi32(h, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pr.sum8)));
+      const __m256 s = _mm256_mul_ps(dw, _mm256_loadu_ps(pr.d));
+      acc[t] = _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(h), acc[t]);
     }
-  };
-  for (; i + U <= nb; i += U)
-    for (int u = 0; u < U; ++u) step(i + u, u);
-  for (; i < nb; ++i) step(i, 0);
-  for (int t = 0; t < NT; ++t) {
-    for (int u = 1; u < U; ++u) acc[t][0] = _mm256_add_ps(acc[t][0], acc[t][u]);
-    out[t] = hsum(acc[t][0]);
   }
+  if (nb % 2) {
+    const uint8_t* p = row + size_t(nb - 1) * BB;
+    __m256i sg = _mm256_setzero_si256();
+    const __m256i w = block_bytes<F>(p, &sg);
+    for (int t = 0; t < NT; ++t) {
+      const BlockQ8X& xb = xq[size_t(t) * nb + nb - 1];
+      __m256i i = block_isum<F>(w, sg, xb.q);
+      if constexpr (F == Fmt::Q4_0)
+        i = _mm256_sub_epi32(i, _mm256_zextsi128_si256(_mm_cvtsi32_si128(xb.sum8)));
+      acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(h2f(p) * xb.d), _mm256_cvtepi32_ps(i), acc[t]);
+    }
+  }
+  for (int t = 0; t < NT; ++t) out[t] = hsum(acc[t]);
 }
 
 template <Fmt F>
 void dot_quant(const uint8_t* row, const XPrep& x, float* out) {
-  const int nb = x.d / QK;
+  const int nb = x.d / QK, np = nb / 2;
   int t = 0;
-  for (; t + 4 <= x.b; t += 4) dot_quant_tile<F, 4, 1>(row, x.xq + size_t(t) * nb, nb, out + t);
-  for (; t + 2 <= x.b; t += 2) dot_quant_tile<F, 2, 1>(row, x.xq + size_t(t) * nb, nb, out + t);
-  for (; t < x.b; ++t) dot_quant_tile<F, 1, 2>(row, x.xq + size_t(t) * nb, nb, out + t);
+  auto at = [&](int t0) { return std::make_pair(x.xq + size_t(t0) * nb, x.xpair + size_t(t0) * np); };
+  for (; t + 4 <= x.b; t += 4) { auto p = at(t); dot_quant_tile<F, 4>(row, p.first, p.second, nb, out + t); }
+  for (; t + 2 <= x.b; t += 2) { auto p = at(t); dot_quant_tile<F, 2>(row, p.first, p.second, nb, out + t); }
+  for (; t < x.b; ++t) { auto p = at(t); dot_quant_tile<F, 1>(row, p.first, p.second, nb, out + t); }
 }
 
 // ---- axpy (down) -------------------------------------------------------------------------
