@@ -54,10 +54,10 @@ def random_packed(fmt: str, n: int, d: int, gen: torch.Generator) -> torch.Tenso
 
 
 def _copies(fmt: str, d: int, n: int, gen: torch.Generator) -> list:
-    one = cpu.PackedFFN(fmt, d, n, *(random_packed(fmt, n, d, gen) for _ in range(3)))
-    count = max(2, math.ceil(POOL_BYTES / one.nbytes))
-    return [one] + [cpu.PackedFFN(fmt, d, n, one.gate.clone(), one.up.clone(), one.down_t.clone())
-                    for _ in range(count - 1)]
+    mats = [random_packed(fmt, n, d, gen) for _ in range(3)]
+    count = max(2, math.ceil(POOL_BYTES / (3 * mats[0].numel())))
+    # Weights live where the runtime puts them: cpu.to_weights (huge pages where allowed).
+    return [cpu.PackedFFN(fmt, d, n, *(cpu.to_weights(m) for m in mats)) for _ in range(count)]
 
 
 def _timed(fn, repeat: int) -> list[float]:

@@ -18,6 +18,7 @@ only where the activation is non-zero: the same result, fewer bytes.
 """
 from __future__ import annotations
 
+import mmap
 from dataclasses import dataclass
 
 import numpy as np
@@ -85,12 +86,34 @@ class PackedFFN:
         if tuple(w3.shape) != (n_ff, d) or tuple(w2.shape) != (d, n_ff):
             raise ValueError(f"from_weights: expected w1, w3 [n_ff, d] and w2 [d, n_ff], got "
                              f"{tuple(w1.shape)}, {tuple(w3.shape)}, {tuple(w2.shape)}")
-        return cls(fmt, d, n_ff, quant.pack(w1, fmt), quant.pack(w3, fmt),
-                   quant.pack(w2.t(), fmt))
+        return cls(fmt, d, n_ff, to_weights(quant.pack(w1, fmt)), to_weights(quant.pack(w3, fmt)),
+                   to_weights(quant.pack(w2.t(), fmt)))
 
     @property
     def nbytes(self) -> int:
         return 3 * self.gate.numel()
+
+
+def alloc_weights(rows: int, row_bytes: int) -> torch.Tensor:
+    """An uninitialised uint8 [rows, row_bytes] for packed weights, backed by transparent huge
+    pages where the OS allows (madvise): a sparse id set touches rows all over the matrix, and
+    with 4 KiB pages nearly every row costs a TLB miss per matrix."""
+    n = rows * row_bytes
+    if n >= (8 << 20) and hasattr(mmap, "MADV_HUGEPAGE"):
+        try:
+            m = mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            m.madvise(mmap.MADV_HUGEPAGE)
+            return torch.frombuffer(m, dtype=torch.uint8).view(rows, row_bytes)
+        except (OSError, ValueError):
+            pass
+    return torch.empty(rows, row_bytes, dtype=torch.uint8)
+
+
+def to_weights(packed: torch.Tensor) -> torch.Tensor:
+    """A copy of a packed matrix in alloc_weights() memory."""
+    out = alloc_weights(*packed.shape)
+    out.copy_(packed)
+    return out
 
 
 def _x2d(x, d: int, name: str = "x"):
