@@ -10,7 +10,7 @@ Objective (PowerInfer's): maximise the weight bytes read per token that are serv
   - FFN neurons: neuron i of FFN j is read with probability f_ij (profile.token_frequency: fire
     rate times the expert's routing rate), 3 rows (gate, up, down^T) each time. An FFN's hot set
     is a top-frequency prefix of its neurons. Neurons are grouped (consecutive in frequency order)
-    so the MILP has <= ~16k group variables.
+    so the MILP has <= ~4k group variables.
   - Sync constraint (the paper's): an FFN gets no GPU neurons, or enough that the expected bytes
     they serve per token save at least one synchronisation: sync_s / (1/cpu_bw - 1/gpu_bw)
     = 10 us / (1/100 GB/s - 1/3 TB/s) ~ 1.03 MB per token by default, or the whole FFN.
@@ -44,7 +44,7 @@ DENSE_BYTES = 2            # attention, norms, router, predictors, embeddings, K
 SYNC_S, GPU_BW, CPU_BW = 10e-6, 3e12, 100e9
 MIN_ACTIVE_BYTES = int(SYNC_S / (1 / CPU_BW - 1 / GPU_BW))   # ~1.03 MB per token per FFN
 UNIFORM_FIRE = 0.1         # with no profile: every neuron fires on 10% of the tokens reaching it
-MAX_GROUPS = 16000         # group variables in the MILP at most
+MAX_GROUPS = 4096          # group variables in the MILP at most (simplex pivots ~ groups taken)
 AUTO_MARGIN = (512 << 20, 0.05)   # "auto" leaves max(512 MiB, 5% of free VRAM) for the allocator, scratch
 
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -313,9 +313,21 @@ def _solve_greedy(pb: _Problem, budget: int, group_size: int):
     return taken, counts
 
 
+def _all_placed(pb: _Problem, taken: set, counts: np.ndarray) -> bool:
+    """Every item and every FFN neuron with a non-zero frequency is on the GPU."""
+    return len(taken) == len(pb.items) and all(
+        counts[j] >= int(np.count_nonzero(fs)) for j, fs in enumerate(pb.freq))
+
+
+def _objective(pb: _Problem, taken: set, counts: np.ndarray) -> float:
+    """Bytes per token served from the GPU by the yes/no items and hot prefixes."""
+    return (sum(pb.items[k][1] for k in taken)
+            + sum(float(fs[:counts[j]].sum()) for j, fs in enumerate(pb.freq)) * pb.read)
+
+
 def plan(cfg: ModelConfig, profile: NeuronProfile | None, budget_bytes: int, context: int | None = None,
          fmt: str = "f16", solver: str = "milp", predictor_numel: int = 0, group_size: int | None = None,
-         min_active_bytes: int = MIN_ACTIVE_BYTES, time_limit: float = 10.0) -> Placement:
+         min_active_bytes: int = MIN_ACTIVE_BYTES, time_limit: float = 8.0) -> Placement:
     """The placement for a VRAM budget (bytes). profile None: uniform frequencies (UNIFORM_FIRE)."""
     if budget_bytes < 0:
         raise HybridInferError(f"VRAM budget {budget_bytes} is negative")
@@ -337,10 +349,17 @@ def plan(cfg: ModelConfig, profile: NeuronProfile | None, budget_bytes: int, con
     taken, counts = set(), np.zeros(len(pb.keys), dtype=np.int64)
     if core <= budget_bytes:
         gs = _groups(pb, group_size)
-        out = _solve_milp(pb, budget_bytes - core, gs, time_limit) if solver == "milp" else None
-        if out is None:
-            used = "greedy" if solver == "greedy" else "greedy (milp found no solution in time)"
-            out = _solve_greedy(pb, budget_bytes - core, gs)
+        t0 = time.perf_counter()
+        out = _solve_greedy(pb, budget_bytes - core, gs)
+        if solver == "milp" and _all_placed(pb, *out):
+            used = "greedy (everything worth placing fits: optimal)"
+        elif solver == "milp":   # keep the greedy answer when HiGHS runs out of time with a worse one
+            left = max(1.0, time_limit - (time.perf_counter() - t0))
+            m = _solve_milp(pb, budget_bytes - core, gs, left)
+            if m is None or _objective(pb, *m) < _objective(pb, *out) * (1 - 1e-9):
+                used = "greedy (milp found no better solution in time)"
+            else:
+                out = m
         taken, counts = out
     on = core <= budget_bytes
     hot = {k: np.sort(pb.order[j][:counts[j]]).astype(np.int32) for j, k in enumerate(pb.keys)}

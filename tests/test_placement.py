@@ -111,7 +111,7 @@ def test_milp_and_greedy_agree_on_small_cases():
             budget = core_bytes(cfg, 512) + extra
             kw = dict(context=512, min_active_bytes=0, group_size=1)
             a, b = plan(cfg, prof, budget, solver="milp", **kw), plan(cfg, prof, budget, solver="greedy", **kw)
-            assert a.solver == "milp" and b.solver == "greedy"
+            assert a.solver.startswith(("milp", "greedy (everything")) and b.solver == "greedy"
             one = float(max(prof.token_frequency(*k).max() for k in prof.counts))
             assert abs(value(cfg, prof, a) - value(cfg, prof, b)) <= one + 1e-9
             read = 3 * cfg.hidden_size * 2          # the whole objective: bytes per token from the GPU
