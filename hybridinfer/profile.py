@@ -219,6 +219,8 @@ def model_ffns(model) -> dict[tuple[int, int], torch.nn.Module]:
             out[(layer, -1)] = blk.ffn
         else:
             out.update({(layer, e): m for e, m in enumerate(experts)})
+    if not all(callable(getattr(m, "activations", None)) for m in out.values()):
+        raise HybridInferError("profiling and predictor training need the dense model: load(..., sparsity='dense')")
     return out
 
 
