@@ -120,6 +120,10 @@ def _one(name, budget, label, wl, profile, args, dev, dtype, cpu_dtype, rf) -> d
             del b
         except torch.cuda.OutOfMemoryError as e:
             row["error"] = f"out of GPU memory under the budget: {str(e).splitlines()[0]}"
+        except Exception as e:  # noqa: BLE001 - one policy's failure is a reported result
+            import traceback
+            traceback.print_exc()
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         gc.collect()
         if dev.type == "cuda":
             torch.cuda.empty_cache()

@@ -225,6 +225,8 @@ def vram_cap(device, budget: int | None):
     if dev.type != "cuda":
         yield {}
         return
+    if dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(dev)
     total = torch.cuda.get_device_properties(dev).total_memory
