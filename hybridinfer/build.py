@@ -28,6 +28,9 @@ class RuntimeOptions:
     predictor_threshold: float = 0.0
     dense_above: int = 16          # batches of more tokens (prefill chunks) compute densely
 
+    def resolved_gpu_fmt(self, dtype: torch.dtype) -> str:
+        return _FMT_OF[dtype] if self.gpu_fmt == "auto" else self.gpu_fmt
+
     def validate(self) -> "RuntimeOptions":
         if self.sparsity not in SPARSITY_MODES:
             raise HybridInferError(f"bad sparsity {self.sparsity!r}: use {', '.join(SPARSITY_MODES)}")
@@ -43,10 +46,11 @@ def hot_key(layer: int, expert: int | None) -> tuple[int, int]:
 
 
 def build_hybrid(cfg: ModelConfig, ckpt: Checkpoint, device: torch.device, dtype: torch.dtype,
-                 hot: Mapping[tuple[int, int], np.ndarray], options: RuntimeOptions) -> Transformer:
+                 hot: Mapping[tuple[int, int], np.ndarray], options: RuntimeOptions,
+                 places: dict[str, bool] | None = None) -> Transformer:
     """hot[(layer, expert or -1)] = sorted neuron ids kept on the GPU side (missing: none)."""
     options = options.validate()
-    gpu_fmt = _FMT_OF[dtype] if options.gpu_fmt == "auto" else options.gpu_fmt
+    gpu_fmt = options.resolved_gpu_fmt(dtype)
 
     def factory(layer, expert, fetch, predictor):
         w1, w3, w2 = fetch("gate"), fetch("up"), fetch("down")
@@ -73,4 +77,37 @@ def build_hybrid(cfg: ModelConfig, ckpt: Checkpoint, device: torch.device, dtype
                          options.sparsity, predictor, device, options.dense_above)
 
     return build_model(cfg, ckpt, device, dtype, with_predictors=options.sparsity == "predictor",
-                       ffn_factory=factory, moe_class=HybridMoE)
+                       ffn_factory=factory, moe_class=HybridMoE, places=places)
+
+
+def build_from_placement(cfg: ModelConfig, ckpt: Checkpoint, device: torch.device, dtype: torch.dtype,
+                         placement, options: RuntimeOptions) -> Transformer:
+    """Build what a placement.Placement says: its hot rows, and embeddings / lm_head /
+    predictors on the CPU where it keeps them off the GPU. The bytes the build put on the GPU
+    side are checked against what the plan budgeted, component by component."""
+    from .placement import gpu_component_bytes
+    from .profile import model_identity
+
+    if placement.model_id != model_identity(cfg):
+        raise HybridInferError(f"the placement is for {placement.model_id}, not {model_identity(cfg)}")
+    if device.type == "cuda" and not placement.attention_on_gpu:
+        raise HybridInferError(
+            f"a VRAM budget of {placement.budget_bytes:,} B does not hold attention and the KV cache "
+            "for the context; give a larger --vram-budget, a smaller --context, or --device cpu")
+    if device.type == "cuda" and dtype.itemsize != 2:
+        raise HybridInferError(f"on a GPU the hybrid runtime keeps dense weights in 2-byte floats "
+                               f"(what the plan budgets), not {dtype}: use --dtype float16 or bfloat16")
+    places = {"embeddings": placement.embeddings_on_gpu, "lm_head": placement.lm_head_on_gpu,
+              "predictors": placement.predictors_on_gpu}
+    if placement.fmt != options.resolved_gpu_fmt(dtype):
+        raise HybridInferError(f"the placement budgets hot rows in {placement.fmt}, the runtime "
+                               f"would store {options.resolved_gpu_fmt(dtype)}")
+    model = build_hybrid(cfg, ckpt, device, dtype, placement.hot, options, places)
+    model.placement = placement
+    if device.type == "cuda":      # on the cpu device the "GPU side" shares the host's memory
+        want = gpu_component_bytes(cfg, placement)
+        for comp, got in model.device_bytes.items():
+            if got > want.get(comp, 0):
+                raise HybridInferError(f"internal: the build put {got:,} B of {comp} on the GPU, "
+                                       f"the plan budgeted {want.get(comp, 0):,} B")
+    return model

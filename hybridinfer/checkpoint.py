@@ -83,6 +83,25 @@ class SafetensorsFile:
             self._mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
 
+def trim_heap() -> None:
+    """Hand freed heap memory back to the OS (glibc keeps freed multi-MB blocks otherwise, so
+    per-FFN temporaries would pile up in RSS while a model is built)."""
+    global _LIBC
+    if _LIBC is None:
+        import ctypes
+        import ctypes.util
+        try:
+            _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _LIBC.malloc_trim  # noqa: B018 - glibc only
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = None
+
+
 class Checkpoint:
     """All weight files of one model folder behind one name -> tensor lookup."""
 
@@ -122,6 +141,10 @@ class Checkpoint:
                     self._where[name] = t
         else:
             raise HybridInferError(f"{self.folder} has no *.safetensors or pytorch_model*.bin weights")
+
+    def overlay(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Serve these tensors by name, over the folder's (e.g. trained predictors)."""
+        self._where.update(tensors)
 
     def names(self) -> set[str]:
         return set(self._where)

@@ -43,6 +43,35 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
                    help="compute dtype: auto (float32 on CPU, the checkpoint's on GPU), float32, float16, bfloat16")
 
 
+def _add_hybrid_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sparsity", choices=("dense", "exact", "predictor"), default=None,
+                   help="dense: every neuron; exact: lossless skipping of zero activations; predictor: "
+                        "only neurons the predictor calls active (default: predictor when the model has "
+                        "predictors, else exact)")
+    p.add_argument("--vram-budget", default=None,
+                   help="GPU memory for the model: 16GiB, 16000MB, 0, a share of free VRAM (0.8) or auto "
+                        "(default: auto on a GPU, 0 on the CPU); the plan is cached on disk")
+    p.add_argument("--context", type=_pos_int, default=None, help="KV-cache positions to budget (default 4096)")
+    p.add_argument("--profile", default=None,
+                   help="neuron profile file (default: next to the model or from `hybridinfer profile`)")
+    p.add_argument("--predictors", default=None,
+                   help="trained predictors (file or folder; default: what train-predictors wrote, if any)")
+    p.add_argument("--weights", default="auto",
+                   help="format of the FFN rows in RAM (CPU kernels): auto (the checkpoint's), f32, f16, bf16, q8_0, q4_0")
+    p.add_argument("--gpu-weights", default="auto",
+                   help="format of the hot FFN rows on the GPU: auto (the compute dtype), f16, bf16, q8_0, q4_0")
+
+
+def _load(args, **over):
+    from .llm import load
+
+    opts = dict(device=args.device, dtype=args.dtype, threads=args.threads, sparsity=args.sparsity,
+                vram_budget=args.vram_budget, context=args.context, profile=args.profile,
+                weights=args.weights, gpu_weights=args.gpu_weights, predictors=args.predictors)
+    opts.update(over)
+    return load(args.model, **opts)
+
+
 def _sampling(args) -> dict:
     return dict(max_new_tokens=args.n, temperature=args.temperature, top_p=args.top_p,
                 top_k=args.top_k, seed=args.seed, stop=tuple(args.stop))
@@ -53,7 +82,7 @@ def cmd_run(args) -> int:
 
     if args.prompt is not None and not args.prompt.strip():
         raise HybridInferError("the prompt is empty")
-    llm = load(args.model, device=args.device, dtype=args.dtype, threads=args.threads)
+    llm = _load(args)
     if args.chat:
         return _chat_loop(llm, _sampling(args))
     prompt = "Once upon a time" if args.prompt is None else args.prompt
@@ -127,7 +156,7 @@ def cmd_eval(args) -> int:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise HybridInferError(f"{path} is not UTF-8 text") from None
-    llm = load(args.model, device=args.device, dtype=args.dtype, threads=args.threads)
+    llm = _load(args)
     print(f"perplexity: {llm.perplexity(text, window=args.window):.4f}")
     return 0
 
@@ -202,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, default=0, help="random seed for sampling (default 0)")
     r.add_argument("--stop", action="append", default=[], help="stop string (may repeat)")
     _add_runtime_args(r)
+    _add_hybrid_args(r)
     r.set_defaults(func=cmd_run)
 
     i = sub.add_parser("info", help="architecture, parameter counts, bytes per component",
@@ -216,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--window", type=_pos_int, default=None,
                    help="tokens per scoring window (default: the model's context length)")
     _add_runtime_args(e)
+    _add_hybrid_args(e)
     e.set_defaults(func=cmd_eval)
 
     pr = sub.add_parser("profile", help="count how often each FFN neuron fires on calibration text",

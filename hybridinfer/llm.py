@@ -9,11 +9,10 @@ from typing import Iterator
 import torch
 
 from . import default_model, registry
-from .checkpoint import Checkpoint
 from .config import ModelConfig
 from .errors import HybridInferError
 from .generate import GenerationConfig, TextStream, generate_tokens
-from .model import Transformer, build_model
+from .model import Transformer
 from .tokenizer import Tokenizer
 
 DTYPES = {"float32": torch.float32, "f32": torch.float32, "float16": torch.float16,
@@ -122,19 +121,40 @@ class LLM:
 
 
 def load(model: str | os.PathLike | None = None, *, device: str | None = None,
-         dtype: str | torch.dtype | None = "auto", threads: int | None = None, **defaults) -> LLM:
+         dtype: str | torch.dtype | None = "auto", threads: int | None = None,
+         sparsity: str | None = None, vram_budget: str | int | None = None,
+         context: int | None = None, profile: str | None = None, weights: str = "auto",
+         gpu_weights: str = "auto", predictors: str | None = None, **defaults) -> LLM:
     """Load a model folder or known name (None: the bundled default) -> LLM.
 
-    device: where the GPU part lives ("cuda", "cuda:1", or "cpu"; None: cuda when present); threads: CPU threads;
-    further keywords set default sampling options (temperature, top_p, ...).
+    device: where the GPU part lives ("cuda", "cuda:1", or "cpu"; None: cuda when present).
+    sparsity: "dense" | "exact" | "predictor" (None: predictor when the model has predictors,
+      else exact). "dense" with no vram_budget is the plain dense reference on `device`.
+    vram_budget: "16GiB", "0.8" (share of free VRAM), "auto", 0, or bytes (None: auto on a GPU,
+      0 on the CPU); the plan is cached on disk. context: KV positions to budget.
+    profile: a neuron profile file (default: found next to the model, or uniform).
+    predictors: trained predictors (file or folder; default: what train-predictors wrote, if any).
+    weights / gpu_weights: format of the cold (CPU) / hot (GPU) FFN rows: auto, f32, f16, bf16,
+      q8_0, q4_0. threads: CPU threads (torch and the sparse kernels).
+    Further keywords set default sampling options (temperature, top_p, ...).
     """
+    from .loader import LoadOptions, build
+
     if threads is not None:
         if int(threads) < 1:
             raise HybridInferError(f"threads must be >= 1, got {threads}")
         torch.set_num_threads(int(threads))
+        try:
+            from .kernels import cpu
+            cpu.set_num_threads(int(threads))
+        except ImportError:
+            pass
     folder = default_model.ensure() if model is None else registry.resolve(model)
     cfg = ModelConfig.from_dir(folder)
     dev = resolve_device(device)
     tok = Tokenizer(folder)
-    net = build_model(cfg, Checkpoint(folder), dev, resolve_dtype(dtype, cfg, dev))
+    opts = LoadOptions(dev, resolve_dtype(dtype, cfg, dev), sparsity=sparsity, vram_budget=vram_budget,
+                       context=context, profile=profile, cpu_fmt=weights, gpu_fmt=gpu_weights,
+                       predictors=predictors)
+    _, net = build(folder, opts)
     return LLM(net, tok, folder, GenerationConfig().with_options(**defaults))

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import Checkpoint, ffn_names, layer_prefix, router_name
+from .checkpoint import Checkpoint, ffn_names, layer_prefix, router_name, trim_heap
 from .config import ModelConfig
 from .errors import HybridInferError
 from .ffn import DenseFFN, MoE
@@ -143,26 +143,27 @@ class Transformer(nn.Module):
 
 def build_model(cfg: ModelConfig, ckpt: Checkpoint, device: torch.device, dtype: torch.dtype,
                 with_predictors: bool = True, ffn_factory=None, moe_class=MoE,
-                places: dict[str, torch.device] | None = None) -> Transformer:
+                places: dict[str, bool] | None = None) -> Transformer:
     """Fetch every tensor by its architecture's name, check its shape, and place it.
 
     ffn_factory(layer, expert, fetch, predictor) -> module builds each FFN instead of a DenseFFN
     on `device`; fetch("gate" | "up" | "down") gives its CPU (memory-mapped) weights, read only
     when asked (the hybrid build uses it; synthetic benchmarks need not).
-    places: component ("embeddings", "lm_head", "predictors") -> device, where a placement keeps
-    it off the GPU; default: `device`. The model's `device_bytes` counts, per component, the
-    bytes this build put on `device` (what the planner budgeted: tests hold the two together)."""
+    places: component ("embeddings", "lm_head", "predictors") -> False where a placement keeps
+    it off the GPU side (then it lives on the CPU); default True. The model's `device_bytes`
+    counts, per component, the bytes this build put on the GPU side (what the planner budgeted:
+    tests hold the two together)."""
     d, ff, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
     places = places or {}
     placed: dict[str, int] = {}
 
     def get(name, shape, component="attention"):
-        where = places.get(component, device)
+        on_gpu_side = places.get(component, True)
         t = ckpt.get(name, shape)
-        out = t.to(device=where, dtype=dtype)
+        out = t.to(device=device if on_gpu_side else "cpu", dtype=dtype)
         if out.data_ptr() != t.data_ptr():   # a converted copy is kept: unmap the source pages
             ckpt.release(name)
-        if torch.device(where) == torch.device(device):
+        if on_gpu_side:
             placed[component] = placed.get(component, 0) + out.numel() * out.element_size()
         return out
 
@@ -175,6 +176,9 @@ def build_model(cfg: ModelConfig, ckpt: Checkpoint, device: torch.device, dtype:
         if ffn_factory is not None:
             shapes = {"gate": (ff, d), "up": (ff, d), "down": (d, ff)}
             module = ffn_factory(layer, expert, lambda key: ckpt.get(n[key], shapes[key]), pred)
+            for key in shapes:          # the factory kept its own copies: unmap the source pages
+                ckpt.release(n[key])
+            trim_heap()                 # and return its temporaries to the OS
             placed["ffn_hot"] = placed.get("ffn_hot", 0) + getattr(module, "device_bytes", 0)
             return module
         return DenseFFN(get(n["gate"], (ff, d)), get(n["up"], (ff, d)), get(n["down"], (d, ff)),

@@ -14,13 +14,13 @@ from tiny import random_ids, write_model
 def llm(tmp_path_factory):
     folder, _, _ = write_model(tmp_path_factory.mktemp("gen") / "m", "TurboSparseMixtralForCausalLM",
                                seed=21, max_position_embeddings=64)
-    return hybridinfer.load(folder, device="cpu")
+    return hybridinfer.load(folder, device="cpu", sparsity="dense")
 
 
 @pytest.mark.parametrize("arch", ["TurboSparseMixtralForCausalLM", "MistralForCausalLM"])
 def test_kv_cache_decode_equals_full_recompute(tmp_path, arch):
     folder, _, _ = write_model(tmp_path / "m", arch, seed=22, sliding_window=6)
-    llm = hybridinfer.load(folder, device="cpu")
+    llm = hybridinfer.load(folder, device="cpu", sparsity="dense")
     ids = random_ids(14, seed=23)
     full = llm.logits(ids)                             # one pass over all 14 positions
     cache = llm.model.new_cache(len(ids))

@@ -59,7 +59,7 @@ MODELS = [("TurboSparseMixtralForCausalLM", {}), ("BambooForCausalLM", {}),
 @pytest.mark.parametrize("arch,extra", MODELS, ids=[m[0] for m in MODELS])
 def test_exact_mode_equals_dense_for_every_placement(tmp_path, arch, extra, device):
     folder, _, _ = write_model(tmp_path / "m", arch, seed=31, **extra)
-    dense = hybridinfer.load(folder, device="cpu")
+    dense = hybridinfer.load(folder, device="cpu", sparsity="dense")
     ids = random_ids(9, seed=32)
     ref = dense.logits(ids)
     prompt = ids[:4]
@@ -148,7 +148,7 @@ def test_quantised_rows_match_dense_on_the_same_rounded_weights(tmp_path, fmt, d
             rounded[k] = quant.unpack(quant.pack(v.t(), fmt), fmt, v.shape[0]).t().contiguous()
     ref_dir = save_checkpoint(tmp_path / "r", cfg_d, rounded, extra_files={
         n: (folder / n).read_text() for n in ("tokenizer.json", "tokenizer_config.json")})
-    ref = hybridinfer.load(ref_dir, device="cpu")
+    ref = hybridinfer.load(ref_dir, device="cpu", sparsity="dense")
     cfg = ModelConfig.from_dir(folder)
     llm = hybrid(folder, placements(cfg, seed=41)["mixed"], device, sparsity="exact", cpu_fmt=fmt, gpu_fmt=fmt)
     ids = random_ids(8, seed=42)

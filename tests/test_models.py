@@ -23,9 +23,12 @@ def test_logits_match_float64_reference(tmp_path, arch):
     folder, cfg, _ = write_model(tmp_path / arch, arch, seed=ARCHS.index(arch) + 1,
                                  num_hidden_layers=2, intermediate_size=96)
     ids = random_ids(11, seed=3)
-    ours = hybridinfer.load(folder, device="cpu").logits(ids)
+    ref = ref_logits(folder, ids)
+    ours = hybridinfer.load(folder, device="cpu", sparsity="dense").logits(ids)
     assert ours.shape == (11, cfg["vocab_size"])
-    assert rel_err(ours, ref_logits(folder, ids)) <= RTOL
+    assert rel_err(ours, ref) <= RTOL
+    exact = hybridinfer.load(folder, device="cpu", sparsity="exact").logits(ids)   # the CPU kernels
+    assert rel_err(exact, ref) <= RTOL
 
 
 def test_fatrelu_threshold_changes_output(tmp_path):
@@ -33,7 +36,7 @@ def test_fatrelu_threshold_changes_output(tmp_path):
     ids = random_ids(8, seed=4)
     a, _, _ = write_model(tmp_path / "a", "SparseLlamaForCausalLM", seed=5, hidden_act_param=0.0)
     b, _, _ = write_model(tmp_path / "b", "SparseLlamaForCausalLM", seed=5, hidden_act_param=0.05)
-    la, lb = hybridinfer.load(a, device="cpu").logits(ids), hybridinfer.load(b, device="cpu").logits(ids)
+    la, lb = hybridinfer.load(a, device="cpu", sparsity="dense").logits(ids), hybridinfer.load(b, device="cpu", sparsity="dense").logits(ids)
     assert rel_err(la, lb) > 1e-3
     assert rel_err(lb, ref_logits(b, ids)) <= RTOL
 
@@ -42,7 +45,7 @@ def test_sliding_window_is_applied(tmp_path):
     ids = random_ids(12, seed=6)
     a, _, _ = write_model(tmp_path / "a", "MistralForCausalLM", seed=7, sliding_window=4)
     b, _, _ = write_model(tmp_path / "b", "MistralForCausalLM", seed=7, sliding_window=None)
-    la, lb = hybridinfer.load(a, device="cpu").logits(ids), hybridinfer.load(b, device="cpu").logits(ids)
+    la, lb = hybridinfer.load(a, device="cpu", sparsity="dense").logits(ids), hybridinfer.load(b, device="cpu", sparsity="dense").logits(ids)
     torch.testing.assert_close(la[:4], lb[:4])          # inside the window: identical
     assert rel_err(la[4:], lb[4:]) > 1e-3               # past it: the window cuts context
     assert rel_err(la, ref_logits(a, ids)) <= RTOL
@@ -55,8 +58,8 @@ def test_sharded_equals_single_file(tmp_path):
     assert len(list(sharded.glob("model-*-of-*.safetensors"))) >= 3
     assert (sharded / "model.safetensors.index.json").is_file()
     ids = random_ids(9, seed=9)
-    a = hybridinfer.load(single, device="cpu").logits(ids)
-    b = hybridinfer.load(sharded, device="cpu").logits(ids)
+    a = hybridinfer.load(single, device="cpu", sparsity="dense").logits(ids)
+    b = hybridinfer.load(sharded, device="cpu", sparsity="dense").logits(ids)
     assert torch.equal(a, b)
 
 
@@ -65,10 +68,10 @@ def test_half_precision_checkpoints(tmp_path, dtype):
     """bf16/f16 files load (as float32 on the CPU) and give the reference on the rounded weights."""
     folder, _, _ = write_model(tmp_path / "m", "BambooForCausalLM", seed=10, dtype=dtype)
     ids = random_ids(7, seed=11)
-    llm = hybridinfer.load(folder, device="cpu")
+    llm = hybridinfer.load(folder, device="cpu", sparsity="dense")
     assert llm.model.embed.dtype == torch.float32
     assert rel_err(llm.logits(ids), ref_logits(folder, ids)) <= RTOL
-    half = hybridinfer.load(folder, device="cpu", dtype=dtype).logits(ids)
+    half = hybridinfer.load(folder, device="cpu", dtype=dtype, sparsity="dense").logits(ids)
     assert rel_err(half, ref_logits(folder, ids)) <= 0.05
 
 
@@ -95,7 +98,7 @@ def _hf_model(folder):
 def test_logits_and_greedy_match_transformers(tmp_path, arch, extra):
     folder, _, _ = write_model(tmp_path / "m", arch, seed=12, **extra)
     hf = _hf_model(folder)
-    llm = hybridinfer.load(folder, device="cpu")
+    llm = hybridinfer.load(folder, device="cpu", sparsity="dense")
     ids = random_ids(13, seed=13)
     with torch.no_grad():
         ref = hf(torch.tensor([ids])).logits[0]

@@ -1,0 +1,81 @@
+"""Load options -> runtime: default sparsity, plan caching, and the bytes the build puts on the
+GPU side held against what the plan budgeted."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import hybridinfer
+from hybridinfer.build import RuntimeOptions, build_from_placement
+from hybridinfer.checkpoint import Checkpoint
+from hybridinfer.config import ModelConfig
+from hybridinfer.errors import HybridInferError
+from hybridinfer.ffn import HybridFFN
+from hybridinfer.predictor import budget_predictor_numel
+from hybridinfer.placement import gpu_component_bytes, plan
+from tiny import random_ids, write_model
+
+
+@pytest.fixture()
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("HYBRIDINFER_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
+def _ffns(llm):
+    for blk in llm.model.blocks:
+        yield from (blk.ffn.experts if hasattr(blk.ffn, "experts") else [blk.ffn])
+
+
+def test_default_sparsity_follows_the_checkpoint(tmp_path, home):
+    ts, _, _ = write_model(tmp_path / "ts", "TurboSparseMixtralForCausalLM")
+    ll, _, _ = write_model(tmp_path / "ll", "LlamaForCausalLM", hidden_act="relu")
+    assert {f.sparsity for f in _ffns(hybridinfer.load(ts, device="cpu"))} == {"predictor"}
+    assert {f.sparsity for f in _ffns(hybridinfer.load(ll, device="cpu"))} == {"exact"}
+    assert all(isinstance(f, HybridFFN) and f.hot is None for f in _ffns(hybridinfer.load(ll, device="cpu")))
+    with pytest.raises(HybridInferError, match="no predictor"):
+        hybridinfer.load(ll, device="cpu", sparsity="predictor")
+
+
+@pytest.mark.parametrize("budget", [300_000, 900_000, 3_000_000])
+def test_build_puts_on_the_gpu_side_exactly_what_the_plan_budgets(tmp_path, budget):
+    folder, _, _ = write_model(tmp_path / "m", "TurboSparseMixtralForCausalLM", seed=3,
+                               hidden_size=128, intermediate_size=256)
+    cfg, ck = ModelConfig.from_dir(folder), Checkpoint(folder)
+    p = plan(cfg, None, budget, context=64, fmt="bf16", predictor_numel=budget_predictor_numel(cfg, ck),
+             min_active_bytes=0)
+    model = build_from_placement(cfg, ck, torch.device("cpu"), torch.bfloat16, p,
+                                 RuntimeOptions(sparsity="predictor", gpu_fmt="bf16"))
+    want = gpu_component_bytes(cfg, p)
+    got = model.device_bytes
+    for comp, b in want.items():
+        if comp != "kv_cache":                     # allocated per generation, for p.context positions
+            assert got.get(comp, 0) == b, (comp, got, want)
+    kv = model.new_cache(p.context).k[0]
+    kv_bytes = 2 * cfg.num_layers * kv.numel() * kv.element_size() if p.kv_on_gpu else 0
+    assert kv_bytes == want["kv_cache"]
+    assert sum(got.values()) + kv_bytes == p.gpu_bytes <= budget
+    if budget >= 900_000:
+        assert p.hot_count() > 0
+
+
+def test_plans_are_cached_on_disk(tmp_path, home):
+    folder, _, _ = write_model(tmp_path / "m", "TurboSparseMixtralForCausalLM", seed=4)
+    a = hybridinfer.load(folder, device="cpu", vram_budget="1MiB", sparsity="exact")
+    plans = list((home / "plans").glob("*.json"))
+    assert len(plans) == 1
+    b = hybridinfer.load(folder, device="cpu", vram_budget="1MiB", sparsity="exact")
+    assert list((home / "plans").glob("*.json")) == plans
+    assert a.model.placement.to_json() == b.model.placement.to_json()
+    hybridinfer.load(folder, device="cpu", vram_budget="2MiB", sparsity="exact")
+    assert len(list((home / "plans").glob("*.json"))) == 2
+    ids = random_ids(6)
+    ref = hybridinfer.load(folder, device="cpu", sparsity="dense").logits(ids)
+    assert float((a.logits(ids) - ref).abs().max() / ref.abs().max()) <= 1e-4
+
+
+def test_bad_budgets(tmp_path, home):
+    folder, _, _ = write_model(tmp_path / "m", "LlamaForCausalLM")
+    for bad, msg in [("abc", "bad VRAM budget"), ("-5GiB", "negative"), ("auto", "needs a visible GPU")]:
+        with pytest.raises(HybridInferError, match=msg):
+            hybridinfer.load(folder, device="cpu", vram_budget=bad)
