@@ -51,6 +51,8 @@ def _llc_bytes() -> int | None:
 
 
 def _git_commit() -> str | None:
+    if os.environ.get("HYBRIDINFER_GIT_COMMIT"):  # set where the package runs outside a checkout
+        return os.environ["HYBRIDINFER_GIT_COMMIT"]
     here = os.path.dirname(os.path.abspath(__file__))
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
