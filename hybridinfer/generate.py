@@ -93,7 +93,14 @@ def generate_tokens(model: Transformer, prompt: list[int], g: GenerationConfig,
             gen.seed()
         else:
             gen.manual_seed(g.seed)
-    cache = model.new_cache(capacity)
+    graphs = getattr(model, "graph_decoder", None)       # CUDA graphs for batch-1 decode
+    if graphs is not None and capacity <= graphs.C:
+        cache = graphs.cache
+        cache.length = 0
+        step = graphs.step
+    else:
+        cache = model.new_cache(capacity)
+        step = lambda tok: decode_one_token(model, tok, cache)  # noqa: E731
     logits = prefill(model, prompt, cache)
     n_new = capacity - len(prompt)
     for i in range(n_new):
@@ -102,7 +109,7 @@ def generate_tokens(model: Transformer, prompt: list[int], g: GenerationConfig,
             return
         yield tok
         if i + 1 < n_new:               # the last token needs no forward pass of its own
-            logits = decode_one_token(model, tok, cache)
+            logits = step(tok)
 
 
 @dataclass

@@ -31,6 +31,7 @@ class LoadOptions:
     gpu_fmt: str = "auto"
     plan_cache: bool = True
     predictors: str | None = None        # trained predictors (default: what train-predictors wrote, if any)
+    cuda_graphs: bool = True             # batch-1 decode through CUDA graphs (on a GPU)
 
 
 def default_sparsity(cfg: ModelConfig, ckpt: Checkpoint) -> str:
@@ -123,4 +124,8 @@ def build(folder: Path, opts: LoadOptions):
     ro = RuntimeOptions(sparsity=sparsity, cpu_fmt=opts.cpu_fmt, gpu_fmt=opts.gpu_fmt).validate()
     gpu_fmt = ro.resolved_gpu_fmt(opts.dtype)
     placement = get_placement(cfg, ckpt, folder, opts, gpu_fmt)
-    return cfg, build_from_placement(cfg, ckpt, opts.device, opts.dtype, placement, ro)
+    model = build_from_placement(cfg, ckpt, opts.device, opts.dtype, placement, ro)
+    if opts.device.type == "cuda" and opts.cuda_graphs:
+        from .graphs import GraphDecoder
+        model.graph_decoder = GraphDecoder(model, placement.context)
+    return cfg, model

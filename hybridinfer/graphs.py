@@ -1,0 +1,278 @@
+"""One-token decode with the GPU segments of every layer captured as CUDA graphs.
+
+Eager decode launches ~80 small kernels per layer from Python; at batch 1 that overhead, not the
+GPU, sets the token time. Here each layer's GPU work is cut where the host must act, the pieces
+are captured once and replayed:
+
+  A[l]      (prev layer's merge) + attention + ffn norm + router / predictor; D2H of what the host
+            needs (the FFN input u, the expert ids and weights, the predicted masks)
+  P[l, e]   MoE, predictor on the GPU: expert e's predictor; D2H of its mask
+  H[l, e]   expert e's hot half (Triton), accumulated into y_acc[l] with the router weight
+  F         the last merge, final norm, lm_head
+
+Host, per layer: replay A; (MoE) one sync for the expert ids; replay P of the two experts; replay
+their H (async); one sync for the masks; the CPU kernel over the cold rows (GIL released) into a
+pinned buffer that A[l+1] copies to the device (H2D inside the graph). Buffers are static; the
+KV cache is a static [capacity] cache and attention reads all of it under a position mask.
+
+The same code runs without capture (graphs=False): on the cpu device that is how CI tests the
+logic against the plain decode path.
+
+Shapes: d hidden, E experts, k top-k, C cache capacity, H/KV heads, hd head dim, V vocab.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .ffn import DenseFFN, HybridFFN, HybridMoE, MoE
+from .model import KVCache, Transformer, apply_rope
+
+
+class GraphDecoder:
+    def __init__(self, model: Transformer, capacity: int, graphs: bool | None = None):
+        self.m, cfg = model, model.cfg
+        self.dev, self.dt = model.device, model.embed.dtype
+        self.graphs = self.dev.type == "cuda" if graphs is None else graphs
+        self.cache: KVCache = model.new_cache(capacity)     # static: graphs hold its addresses
+        self.C = capacity
+        dev, dt, d, L = self.dev, self.dt, cfg.hidden_size, cfg.num_layers
+        pin = self.dev.type == "cuda"
+
+        def host(*shape, dtype=torch.float32):
+            return torch.zeros(*shape, dtype=dtype, pin_memory=pin)
+
+        self.tok = torch.zeros(1, dtype=torch.long, device=dev)
+        self.pos = torch.zeros(1, dtype=torch.long, device=dev)
+        self.kpos = torch.arange(capacity, device=dev)
+        self.x0 = torch.zeros(1, d, dtype=dt, device=dev)        # embedding row, when on the CPU
+        self.x0_host = host(1, d, dtype=dt)
+        self.h = [torch.zeros(1, d, dtype=dt, device=dev) for _ in range(L)]     # after attention
+        self.u = [torch.zeros(1, d, dtype=dt, device=dev) for _ in range(L)]     # FFN input
+        self.yacc = [torch.zeros(1, d, dtype=dt, device=dev) for _ in range(L)]  # GPU halves, summed
+        self.u_host = [host(1, d) for _ in range(L)]                             # FFN input, f32
+        self.ycpu_host = [host(1, d) for _ in range(L)]                          # CPU halves, summed
+        self.ycpu_dev = [torch.zeros(1, d, device=dev) for _ in range(L)]
+        self.logits = torch.zeros(cfg.vocab_size, device=dev)
+        self.xf_host = host(1, d, dtype=dt)                      # final hidden, when lm_head is on the CPU
+        self.moe = [isinstance(b.ffn, (HybridMoE, MoE)) for b in model.blocks]
+        k = cfg.experts_per_token
+        self.w_full = [torch.zeros(max(cfg.num_experts, 1), device=dev) for _ in range(L)]
+        self.ids_host = [host(k, dtype=torch.long) if self.moe[i] else None for i in range(L)]
+        self.w_host = [host(k) if self.moe[i] else None for i in range(L)]
+        self.mask, self.mask_host = {}, {}
+        for l, blk in enumerate(model.blocks):
+            for e, f in self._ffns(l):
+                if isinstance(f, HybridFFN) and f.sparsity == "predictor":
+                    self.mask[(l, e)] = torch.zeros(f.n_ff, dtype=torch.bool, device=dev)
+                    self.mask_host[(l, e)] = host(f.n_ff, dtype=torch.bool)
+        self._graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
+        if self.graphs:
+            self._capture()
+
+    # ---- structure ----------------------------------------------------------------------------
+    def _ffns(self, l):
+        f = self.m.blocks[l].ffn
+        return list(enumerate(f.experts)) if isinstance(f, (HybridMoE, MoE)) else [(-1, f)]
+
+    def _pred_on_gpu(self, f) -> bool:
+        return getattr(f.predictor, "fc1", self.u[0]).device == self.dev
+
+    # ---- the segments (plain functions of the static buffers) ---------------------------------
+    def seg_attn(self, l: int) -> None:
+        m, cfg, blk = self.m, self.m.cfg, self.m.blocks[l]
+        if l == 0:
+            x = (F.embedding(self.tok, m.embed) if m.embed.device == self.dev else self.x0)   # [1, d]
+        else:
+            self.ycpu_dev[l - 1].copy_(self.ycpu_host[l - 1], non_blocking=True)         # H2D
+            x = self.h[l - 1] + self.yacc[l - 1] + self.ycpu_dev[l - 1].to(self.dt)
+        a, H, KV, hd = blk.attn, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        xn = blk.attn_norm(x)
+        q = F.linear(xn, a.q, a.qb).view(1, H, 1, hd)
+        kk = F.linear(xn, a.k, a.kb).view(1, KV, 1, hd)
+        v = F.linear(xn, a.v, a.vb).view(1, KV, 1, hd)
+        cos, sin = m.cos.index_select(0, self.pos), m.sin.index_select(0, self.pos)     # [1, hd]
+        q, kk = apply_rope(q, cos, sin), apply_rope(kk, cos, sin)
+        K, V = self.cache.k[l], self.cache.v[l]                                        # [1, KV, C, hd]
+        K.index_copy_(2, self.pos, kk)
+        V.index_copy_(2, self.pos, v)
+        ok = self.kpos <= self.pos                                                     # [C]
+        if cfg.sliding_window:
+            ok = ok & (self.kpos > self.pos - cfg.sliding_window)
+        qg = q.view(KV, H // KV, hd)
+        s = torch.matmul(qg, K[0].transpose(1, 2)).float() / math.sqrt(hd)            # [KV, rep, C]
+        s = s.masked_fill(~ok, float("-inf"))
+        y = torch.matmul(torch.softmax(s, dim=-1).to(self.dt), V[0])                  # [KV, rep, hd]
+        hl = x + F.linear(y.reshape(1, H * hd), a.o, a.ob)
+        self.h[l].copy_(hl)
+        u = blk.ffn_norm(hl)
+        self.u[l].copy_(u)
+        self.u_host[l].copy_(u.float(), non_blocking=True)                             # D2H
+        self.yacc[l].zero_()
+        f = blk.ffn
+        if self.moe[l]:
+            w, ids = f.route(u)                                                        # [1, k]
+            self.w_full[l].zero_().scatter_(0, ids[0], w[0].float())
+            self.ids_host[l].copy_(ids[0], non_blocking=True)
+            self.w_host[l].copy_(w[0].float(), non_blocking=True)
+        elif (l, -1) in self.mask and self._pred_on_gpu(f):
+            self.seg_predict(l, -1)
+
+    def seg_predict(self, l: int, e: int) -> None:
+        f = dict(self._ffns(l))[e]
+        mask = f.predictor.active(self.u[l])[0]
+        self.mask[(l, e)].copy_(mask)
+        self.mask_host[(l, e)].copy_(mask, non_blocking=True)                          # D2H
+
+    def seg_hot(self, l: int, e: int) -> None:
+        f = dict(self._ffns(l))[e]
+        if isinstance(f, HybridFFN):
+            mask = None
+            if (l, e) in self.mask:
+                if not self._pred_on_gpu(f):                       # mask made on the host
+                    self.mask[(l, e)].copy_(self.mask_host[(l, e)], non_blocking=True)
+                mask = self.mask[(l, e)]
+            part = f.gpu_half(self.u[l], mask)
+        else:                                                      # a dense FFN on the device
+            part = f(self.u[l])
+        if part is None:
+            return
+        scale = self.w_full[l][e] if e >= 0 else 1.0
+        self.yacc[l].add_((part.float() * scale).to(self.dt))
+
+    def seg_final(self) -> None:
+        L = self.m.cfg.num_layers
+        self.ycpu_dev[L - 1].copy_(self.ycpu_host[L - 1], non_blocking=True)
+        x = self.h[L - 1] + self.yacc[L - 1] + self.ycpu_dev[L - 1].to(self.dt)
+        xf = self.m.norm(x)
+        if self.m.lm_head.device == self.dev:
+            self.logits.copy_(F.linear(xf, self.m.lm_head)[0].float())
+        else:
+            self.xf_host.copy_(xf, non_blocking=True)
+
+    # ---- replay (or call) ---------------------------------------------------------------------
+    def _run(self, key, fn, *args) -> None:
+        g = self._graphs.get(key)
+        if g is not None:
+            g.replay()
+        else:
+            fn(*args)
+
+    def _mark(self):
+        """An event after the work enqueued so far (None on the cpu device)."""
+        if self.dev.type != "cuda":
+            return None
+        ev = torch.cuda.Event()
+        ev.record(torch.cuda.current_stream(self.dev))
+        return ev
+
+    @staticmethod
+    def _wait(ev) -> None:
+        """Block the host until `ev` (a host-device synchronisation; counted)."""
+        if ev is not None:
+            ev.synchronize()
+            from .kernels.gpu import SyncCounter
+            SyncCounter.syncs += 1
+
+    def _cpu_half(self, l: int, sel: list[tuple[int, float]]) -> None:
+        """The cold rows of the selected FFNs (expert, weight) in one CPU kernel call."""
+        from .kernels import cpu
+        ffns = dict(self._ffns(l))
+        cold = [(e, w, ffns[e]) for e, w in sel if isinstance(ffns[e], HybridFFN) and ffns[e].cold is not None]
+        if not cold:
+            self.ycpu_host[l].zero_()
+            return
+        rows = [f.cold_rows(self.mask_host.get((l, e))) for e, _, f in cold]
+        f0 = cold[0][2]
+        y = cpu.ffn_sparse_multi([f.cold for _, _, f in cold], self.u_host[l], rows,
+                                 torch.tensor([w for _, w, _ in cold], dtype=torch.float32),
+                                 f0.activation, f0.threshold, exact=f0.sparsity == "exact")
+        self.ycpu_host[l].copy_(y)
+
+    @torch.inference_mode()
+    def step(self, token: int) -> torch.Tensor:
+        """Logits [V] (float32) for `token` at position cache.length; advances the cache.
+        Host-device synchronisations per layer: MoE 1 (expert ids) + 1 (masks, when there are
+        cold rows); dense FFN 1 (when there are cold rows)."""
+        m, cache = self.m, self.cache
+        p = cache.length
+        if p >= self.C:
+            raise RuntimeError("graph decoder: the static cache is full")
+        self.tok.fill_(token)
+        self.pos.fill_(p)
+        if m.embed.device != self.dev:
+            self.x0_host.copy_(m.embed[token])
+            self.x0.copy_(self.x0_host, non_blocking=True)
+        for l in range(m.cfg.num_layers):
+            ffns = dict(self._ffns(l))
+            self._run(("A", l), self.seg_attn, l)
+            synced = False
+            if self.moe[l]:
+                self._wait(self._mark())                            # the expert ids (and u)
+                synced = True
+                sel = list(zip(self.ids_host[l].tolist(), self.w_host[l].tolist()))
+                for e, _ in sel:
+                    if (l, e) in self.mask and self._pred_on_gpu(ffns[e]):
+                        self._run(("P", l, e), self.seg_predict, l, e)
+                        synced = False
+            else:
+                sel = [(-1, 1.0)]
+            ready = self._mark()                                    # u and the GPU-made masks
+            cpu_pred = [e for e, _ in sel if (l, e) in self.mask and not self._pred_on_gpu(ffns[e])]
+            if cpu_pred:                                            # predictors kept on the CPU
+                if not synced:
+                    self._wait(ready)
+                    synced = True
+                for e in cpu_pred:
+                    pr = ffns[e].predictor
+                    self.mask_host[(l, e)].copy_(pr.active(self.u_host[l].to(pr.fc1.dtype))[0])
+            for e, _ in sel:
+                self._run(("H", l, e), self.seg_hot, l, e)          # async on the GPU
+            if any(isinstance(ffns[e], HybridFFN) and ffns[e].cold is not None for e, _ in sel):
+                if not synced:
+                    self._wait(ready)                               # not the hot halves: overlap
+                self._cpu_half(l, sel)
+            else:
+                self.ycpu_host[l].zero_()
+        self._run(("F",), self.seg_final)
+        cache.length = p + 1
+        if m.lm_head.device != self.dev:
+            self._wait(self._mark())
+            return F.linear(self.xf_host, m.lm_head)[0].float()
+        return self.logits
+
+    # ---- capture ------------------------------------------------------------------------------
+    def _segments(self):
+        for l in range(self.m.cfg.num_layers):
+            yield ("A", l), self.seg_attn, (l,)
+            for e, f in self._ffns(l):
+                if e >= 0 and (l, e) in self.mask and self._pred_on_gpu(f):
+                    yield ("P", l, e), self.seg_predict, (l, e)
+                yield ("H", l, e), self.seg_hot, (l, e)
+        yield ("F",), self.seg_final, ()
+
+    def _capture(self) -> None:
+        """Warm up every segment on a side stream (Triton compiles, cuBLAS sets up), then capture
+        each into a graph; all graphs share one memory pool (they never run concurrently)."""
+        segs = list(self._segments())
+        side = torch.cuda.Stream(self.dev)
+        side.wait_stream(torch.cuda.current_stream(self.dev))
+        with torch.inference_mode(), torch.cuda.stream(side):
+            for _ in range(2):
+                for _, fn, args in segs:
+                    fn(*args)
+        torch.cuda.current_stream(self.dev).wait_stream(side)
+        torch.cuda.synchronize(self.dev)
+        pool = None
+        with torch.inference_mode():
+            for key, fn, args in segs:
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g, pool=pool):
+                    fn(*args)
+                pool = g.pool() if pool is None else pool
+                self._graphs[key] = g
+        for t in self.cache.k + self.cache.v:       # the warm-up wrote position 0: start clean
+            t.zero_()
+        self.cache.length = 0

@@ -1,0 +1,52 @@
+"""The CUDA-graph decoder's logic (segments, static cache, merges across layers, the CPU half),
+run uncaptured on the cpu device against the plain decode path; captured on cuda where present."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import hybridinfer
+from hybridinfer.generate import GenerationConfig, decode_one_token, generate_tokens, prefill
+from hybridinfer.graphs import GraphDecoder
+from test_hybrid import hybrid, placements
+from tiny import random_ids, write_model
+
+CASES = [("TurboSparseMixtralForCausalLM", "predictor", "mixed"),
+         ("TurboSparseMixtralForCausalLM", "exact", "random"),
+         ("TurboSparseMixtralForCausalLM", "exact", "all_cpu"),
+         ("BambooForCausalLM", "predictor", "random"),
+         ("MistralForCausalLM", "exact", "all_gpu")]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("arch,sparsity,placement", CASES)
+def test_graph_decoder_equals_plain_decode(tmp_path, arch, sparsity, placement, device):
+    folder, _, _ = write_model(tmp_path / "m", arch, seed=51, sliding_window=5)
+    from hybridinfer.config import ModelConfig
+    hot = placements(ModelConfig.from_dir(folder), seed=52)[placement]
+    llm = hybrid(folder, hot, torch.device(device), sparsity=sparsity)
+    ids = random_ids(12, seed=53)
+    ref_cache = llm.model.new_cache(16)
+    gd = GraphDecoder(llm.model, 16)
+    with torch.inference_mode():
+        ref = [prefill(llm.model, ids[:3], ref_cache)]
+        ref += [decode_one_token(llm.model, t, ref_cache) for t in ids[3:]]
+        gd.cache.length = 0
+        out = [prefill(llm.model, ids[:3], gd.cache)]
+        out += [gd.step(t).clone() for t in ids[3:]]
+    ref, out = torch.stack(ref).cpu(), torch.stack(out).cpu()
+    assert float((out - ref).abs().max() / ref.abs().max()) <= 1e-4
+
+
+def test_generate_uses_the_graph_decoder(tmp_path):
+    folder, _, _ = write_model(tmp_path / "m", "TurboSparseMixtralForCausalLM", seed=54)
+    llm = hybridinfer.load(folder, device="cpu", sparsity="exact")
+    prompt, g = random_ids(4, seed=55), GenerationConfig(max_new_tokens=8, temperature=0)
+    plain = list(generate_tokens(llm.model, prompt, g))
+    llm.model.graph_decoder = GraphDecoder(llm.model, 32)
+    calls = []
+    step = llm.model.graph_decoder.step
+    llm.model.graph_decoder.step = lambda t: calls.append(t) or step(t)
+    assert list(generate_tokens(llm.model, prompt, g)) == plain
+    assert len(calls) == 7
+    assert list(generate_tokens(llm.model, prompt, g)) == plain      # the static cache is reused
