@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .predictor import Predictor
+from .predictor import Predictor, predictor_device
 
 
 def activate(g: torch.Tensor, u: torch.Tensor, kind: str, threshold: float = 0.0) -> torch.Tensor:
@@ -109,7 +109,7 @@ class HybridFFN(nn.Module):
         """bool [n_ff] on the device: neurons predicted active for any token of x; None = all."""
         if self.mode(x.shape[0]) != "predictor":
             return None
-        dev = getattr(self.predictor, "fc1", x).device     # the placement may keep it on the CPU
+        dev = predictor_device(self.predictor)             # the placement may keep it on the CPU
         return self.predictor.active(x if dev == x.device else x.to(dev)).any(dim=0)
 
     def gpu_half(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from .ffn import DenseFFN, HybridFFN, HybridMoE, MoE
 from .model import KVCache, Transformer, apply_rope
+from .predictor import host_active, predictor_device
 
 
 class GraphDecoder:
@@ -78,7 +79,7 @@ class GraphDecoder:
         return list(enumerate(f.experts)) if isinstance(f, (HybridMoE, MoE)) else [(-1, f)]
 
     def _pred_on_gpu(self, f) -> bool:
-        return getattr(f.predictor, "fc1", self.u[0]).device == self.dev
+        return predictor_device(f.predictor) == self.dev
 
     # ---- the segments (plain functions of the static buffers) ---------------------------------
     def seg_attn(self, l: int) -> None:
@@ -226,8 +227,7 @@ class GraphDecoder:
                     self._wait(ready)
                     synced = True
                 for e in cpu_pred:
-                    pr = ffns[e].predictor
-                    self.mask_host[(l, e)].copy_(pr.active(self.u_host[l].to(pr.fc1.dtype))[0])
+                    self.mask_host[(l, e)].copy_(host_active(ffns[e].predictor, self.u_host[l])[0])
             for e, _ in sel:
                 self._run(("H", l, e), self.seg_hot, l, e)          # async on the GPU
             if any(isinstance(ffns[e], HybridFFN) and ffns[e].cold is not None for e, _ in sel):

@@ -46,6 +46,18 @@ class Predictor(nn.Module):
         return self(x) > self.threshold
 
 
+def predictor_device(pred) -> torch.device:
+    """Where a predictor computes: its weights' device (fc1), or its `device` attribute."""
+    fc1 = getattr(pred, "fc1", None)
+    return fc1.device if fc1 is not None else torch.device(getattr(pred, "device", "cpu"))
+
+
+def host_active(pred, x_host: torch.Tensor) -> torch.Tensor:
+    """The mask of a predictor kept on the CPU, for a float32 host vector x [n, d]."""
+    fc1 = getattr(pred, "fc1", None)
+    return pred.active(x_host if fc1 is None else x_host.to(fc1.dtype))
+
+
 def logit_threshold(p: float) -> float:
     """The score threshold equivalent to sigmoid(score) > p (p = 0.5 gives TurboSparse's 0.0)."""
     if not 0.0 < p < 1.0:

@@ -50,6 +50,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="bfloat16", help="attention/embeddings dtype on the device")
     parser.add_argument("--cpu-dtype", default="bfloat16", help="dtype of a model wholly on the CPU")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-cuda-graphs", action="store_true",
+                        help="decode eagerly on the GPU (default: the runtime's CUDA-graph decoder)")
     parser.add_argument("--json", metavar="FILE", help="write figures + machine info here")
     parser.add_argument("--plot", metavar="FILE", help="PNG: tokens/s against VRAM budget")
     parser.add_argument("--peer", choices=["llama.cpp"], default=None,
@@ -111,7 +113,7 @@ def _one(name, budget, label, wl, profile, args, dev, dtype, cpu_dtype, rf) -> d
             if args.prefill_only is not None and name not in args.prefill_only \
                     and f"{name}@{label}" not in args.prefill_only:
                 pf = 0
-            row.update(measure(b, args.warmup, args.tokens, pf, args.context))
+            row.update(measure(b, args.warmup, args.tokens, pf, args.context, graphs=not args.no_cuda_graphs))
             bpt = bytes_per_token(b, wl, row["context_mean"])
             row["bytes_gpu"], row["bytes_cpu"] = bpt["gpu"], bpt["cpu"]
             row["roofline_ms"] = _roofline(row, rf, dev) * 1e3
@@ -203,6 +205,7 @@ def run(args: argparse.Namespace) -> int:
     from ..kernels import cpu as cpu_k
     cpu_k.set_num_threads(threads)
     torch.set_num_threads(threads)
+    torch.manual_seed(args.seed)              # the synthetic predictors' masks on cuda
     rf = roofline_inputs(threads, dev)
     print(f"roofline inputs: CPU read {rf['cpu_read_gbs']:.1f} GB/s ({threads} threads), GPU copy "
           f"{_fmt(rf['gpu_copy_gbs'], '.0f')} GB/s, sync {_fmt((rf['sync_s'] or 0) * 1e6, '.1f')} us",

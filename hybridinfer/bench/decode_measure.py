@@ -82,15 +82,26 @@ def _sync(device):
 
 
 @torch.inference_mode()
-def decode(model, cache, n: int, token: int = 1) -> list[float]:
-    """Decode n tokens (greedy; the argmax is the real sync of sampling), seconds per token."""
+def decode(step, n: int, token: int = 1) -> list[float]:
+    """Decode n tokens with step(token) -> logits (greedy; the argmax is the real sync of
+    sampling), seconds per token."""
     out = []
     for _ in range(n):
         t = time.perf_counter()
-        logits = decode_one_token(model, token, cache)
+        logits = step(token)
         token = int(logits.argmax())
         out.append(time.perf_counter() - t)
     return out
+
+
+def stepper(model, capacity: int, graphs: bool):
+    """(cache, step): the CUDA-graph decoder on a GPU when `graphs`, else plain eager decode."""
+    if graphs and model.device.type == "cuda":
+        from ..graphs import GraphDecoder
+        gd = GraphDecoder(model, capacity)
+        return gd.cache, gd.step
+    cache = model.new_cache(capacity)
+    return cache, lambda tok: decode_one_token(model, tok, cache)
 
 
 class _Timers:
@@ -120,6 +131,17 @@ class _Timers:
         self._wrap(cpu_k, "down_sparse", "cpu")
         self._wrap(gpu_k, "to_host", "sync")
         self._wrap(gpu_k, "to_device", "sync")
+        from ..graphs import GraphDecoder
+        wait = GraphDecoder.__dict__["_wait"].__func__
+
+        def timed_wait(ev, _orig=wait):
+            t = time.perf_counter()
+            try:
+                return _orig(ev)
+            finally:
+                self.sync += time.perf_counter() - t
+        GraphDecoder._wait = staticmethod(timed_wait)
+        self._undo.append((GraphDecoder, "_wait", staticmethod(wait)))
         self._s0 = (gpu_k.SyncCounter.syncs, Counters.sync_s, Counters.syncs)
         if self.device.type == "cuda":
             for blk in self.model.blocks:
@@ -157,12 +179,12 @@ def _intervals_union(iv: list[tuple[float, float]]) -> float:
     return total
 
 
-def profiled(model, cache, n: int, device) -> dict:
+def profiled(step, n: int, device) -> dict:
     """GPU busy seconds and aten self CPU seconds per token over n profiled tokens."""
     from torch.profiler import ProfilerActivity, profile
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=acts) as prof:
-        decode(model, cache, n)
+        decode(step, n)
         _sync(device)
     gpu, aten = [], 0.0
     for ev in prof.events():
@@ -173,18 +195,20 @@ def profiled(model, cache, n: int, device) -> dict:
     return {"gpu_s": _intervals_union(gpu) / 1e6 / n, "aten_s": aten / 1e6 / n}
 
 
-def measure(built, warmup: int, tokens: int, prefill: int, context: int, profile_tokens: int = 4) -> dict:
-    """Everything `bench decode` reports for one policy."""
+def measure(built, warmup: int, tokens: int, prefill: int, context: int, profile_tokens: int = 4,
+            graphs: bool = True) -> dict:
+    """Everything `bench decode` reports for one policy (decode through CUDA graphs on a GPU
+    unless graphs=False)."""
     model, dev = built.model, built.device
     need = warmup + 2 * tokens + profile_tokens + 1
-    cache = model.new_cache(max(context, need))
-    decode(model, cache, warmup)
+    cache, step = stepper(model, max(context, need), graphs)
+    decode(step, warmup)
     _sync(dev)
-    secs = decode(model, cache, tokens)
+    secs = decode(step, tokens)
     with _Timers(model, dev) as tm:
-        inst = decode(model, cache, tokens)
+        inst = decode(step, tokens)
         _sync(dev)
-    prof = profiled(model, cache, profile_tokens, dev)
+    prof = profiled(step, profile_tokens, dev)
     wall = statistics.median(secs)
     cpu_s = tm.cpu / tokens
     sync_s = tm.sync / tokens
@@ -196,7 +220,7 @@ def measure(built, warmup: int, tokens: int, prefill: int, context: int, profile
                         "python": max(0.0, wall - cpu_s - sync_s) * 1e3},
            "syncs_per_token": (tm.syncs + (tokens if dev.type == "cuda" else 0)) / tokens,
            "context_mean": warmup + tokens * 1.5}
-    del cache
+    del cache, step
     if prefill:
         out["prefill_tok_s"] = _prefill(model, prefill, dev)
     return out

@@ -92,6 +92,9 @@ class SynthPredictor(nn.Module):
             Counters.sync_s += time.perf_counter() - t
             Counters.syncs += 1
         s = self.scores(x)
-        mask = torch.rand(x.shape[0], self.n_ff, generator=self.gen, device=self.device) < self.p
+        # on cuda the default generator (seeded by the harness): it is CUDA-graph safe, a private
+        # generator is not
+        gen = self.gen if self.device.type == "cpu" else None
+        mask = torch.rand(x.shape[0], self.n_ff, generator=gen, device=self.device) < self.p
         mask &= s == s                              # all-true; keeps the score a real input
         return mask.to(dev, non_blocking=True) if dev != self.device else mask
