@@ -39,7 +39,7 @@ struct Chunk { int e; int64_t j0, j1; };
 // head of every row would be a demand miss.
 inline void prefetch_head(const uint8_t* row, size_t rb) {
   const size_t n = std::min<size_t>(rb, HI_PREFETCH_BYTES);
-  for (size_t o = 0; o < n; o += 64) __builtin_prefetch(row + o, 0, 3);
+  for (size_t o = 0; o < n; o += 64) __builtin_prefetch(row + o, 0, HI_PREFETCH_LOCALITY);
 }
 
 inline bool gate_fires(Act act, float g, float thr) {

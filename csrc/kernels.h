@@ -25,6 +25,11 @@ constexpr int QK = 32;  // values per quantisation block
 #ifndef HI_PREFETCH_BYTES
 #define HI_PREFETCH_BYTES 1024
 #endif
+#ifndef HI_PREFETCH_L2  // 1: prefetch into L2 only (prefetcht1), 0: into L1 (prefetcht0)
+#define HI_PREFETCH_L2 0
+#endif
+#define HI_PREFETCH_HINT (HI_PREFETCH_L2 ? _MM_HINT_T1 : _MM_HINT_T0)
+#define HI_PREFETCH_LOCALITY (HI_PREFETCH_L2 ? 2 : 3)
 
 // Activation x quantised to q8_0 for the integer dot products (q8_0 / q4_0 weights).
 // Not a GGUF block: the scale stays f32 (more exact than f16) and `sum8` = 8 * sum(q) lets

@@ -22,7 +22,7 @@ namespace {
 // q4_0 at ~40% of the bandwidth; the driver prefetches the head of the next id's rows.
 constexpr size_t kPrefetch = HI_PREFETCH_BYTES;
 inline void prefetch_ahead(const uint8_t* row, size_t off, size_t rb) {
-  if (off + kPrefetch < rb) _mm_prefetch(reinterpret_cast<const char*>(row + off + kPrefetch), _MM_HINT_T0);
+  if (off + kPrefetch < rb) _mm_prefetch(reinterpret_cast<const char*>(row + off + kPrefetch), HI_PREFETCH_HINT);
 }
 
 inline float hsum(__m256 v) {
