@@ -109,7 +109,7 @@ class HybridFFN(nn.Module):
         """bool [n_ff] on the device: neurons predicted active for any token of x; None = all."""
         if self.mode(x.shape[0]) != "predictor":
             return None
-        dev = predictor_device(self.predictor)             # the placement may keep it on the CPU
+        dev = predictor_device(self.predictor, x.device)   # the placement may keep it on the CPU
         return self.predictor.active(x if dev == x.device else x.to(dev)).any(dim=0)
 
     def gpu_half(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:

@@ -35,7 +35,8 @@ from .predictor import host_active, predictor_device
 class GraphDecoder:
     def __init__(self, model: Transformer, capacity: int, graphs: bool | None = None):
         self.m, cfg = model, model.cfg
-        self.dev, self.dt = model.device, model.embed.dtype
+        # the device as tensors report it (cuda:0, not cuda): compared with weights' devices
+        self.dev, self.dt = model.blocks[0].attn.q.device, model.embed.dtype
         self.graphs = self.dev.type == "cuda" if graphs is None else graphs
         self.cache: KVCache = model.new_cache(capacity)     # static: graphs hold its addresses
         self.C = capacity
@@ -79,7 +80,7 @@ class GraphDecoder:
         return list(enumerate(f.experts)) if isinstance(f, (HybridMoE, MoE)) else [(-1, f)]
 
     def _pred_on_gpu(self, f) -> bool:
-        return predictor_device(f.predictor) == self.dev
+        return predictor_device(f.predictor, self.dev) == self.dev
 
     # ---- the segments (plain functions of the static buffers) ---------------------------------
     def seg_attn(self, l: int) -> None:

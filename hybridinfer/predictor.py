@@ -46,10 +46,13 @@ class Predictor(nn.Module):
         return self(x) > self.threshold
 
 
-def predictor_device(pred) -> torch.device:
-    """Where a predictor computes: its weights' device (fc1), or its `device` attribute."""
+def predictor_device(pred, default: torch.device) -> torch.device:
+    """Where a predictor computes: its weights' device (fc1), its `device` attribute, or `default`."""
     fc1 = getattr(pred, "fc1", None)
-    return fc1.device if fc1 is not None else torch.device(getattr(pred, "device", "cpu"))
+    if fc1 is not None:
+        return fc1.device
+    dev = getattr(pred, "device", None)
+    return default if dev is None else torch.device(dev)
 
 
 def host_active(pred, x_host: torch.Tensor) -> torch.Tensor:
