@@ -281,6 +281,7 @@ def test_errors_are_clear_value_errors():
         (lambda: cpu.ffn_sparse(ffn, x, torch.tensor([0, 37])), "out of range"),
         (lambda: cpu.ffn_sparse(ffn, x, torch.tensor([-1])), "out of range"),
         (lambda: cpu.ffn_sparse(ffn, x, torch.tensor([4, 2, 4])), "duplicated"),
+        (lambda: cpu.ffn_sparse(ffn, x, torch.tensor([2 ** 32 + 1])), "out of range"),
         (lambda: cpu.ffn_sparse(ffn, x, torch.tensor([0.0, 1.0])), "int32/int64"),
         (lambda: cpu.ffn_sparse(ffn, x.double(), ok), "float32"),
         (lambda: cpu.ffn_sparse(ffn, torch.randn(65), ok), "shape"),

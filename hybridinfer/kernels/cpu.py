@@ -137,6 +137,11 @@ def _ids(ids, name: str = "ids") -> torch.Tensor:
     t = _tensor(ids, name)
     if t.dtype not in (torch.int32, torch.int64) or t.dim() != 1:
         raise ValueError(f"{name}: expected a 1-D int32/int64 tensor, got {t.dtype} {tuple(t.shape)}")
+    if t.dtype == torch.int64 and t.numel():
+        lo, hi = torch.aminmax(t)
+        if int(lo) < -(2 ** 31) or int(hi) >= 2 ** 31:  # would wrap in int32
+            raise ValueError(f"{name}: neuron id {int(hi) if int(hi) >= 2 ** 31 else int(lo)} "
+                             f"is out of range")
     return t.to(torch.int32).contiguous()  # range and duplicates are checked natively
 
 
