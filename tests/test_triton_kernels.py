@@ -9,8 +9,11 @@ import sys
 import textwrap
 
 import pytest
+import torch
 
-pytest.importorskip("triton")
+from hybridinfer import quant
+from hybridinfer.footprint import ffn_rows_bytes
+from hybridinfer.kernels.gpu import HotFFN, q4_rows_from_gpu, q4_rows_to_gpu
 
 SCRIPT = textwrap.dedent("""
     import os, torch
@@ -18,30 +21,53 @@ SCRIPT = textwrap.dedent("""
     from hybridinfer import quant
     from hybridinfer.ffn import activate
     from hybridinfer.kernels.gpu import HotFFN, _triton, hot_ffn
-    assert _triton() is not None and _triton().supported("q4_0")   # the Triton path, not torch
+    tk = _triton()
+    assert tk is not None and tk.supported("q4_0")          # the Triton path, not torch
     g = torch.Generator().manual_seed(7)
     worst = {}
+
+    def ref_ffn(h, x, act, mask):
+        W1, W3, W2T = (t.double().cpu() for t in h._weights(torch.float32))
+        xd = x.double()
+        a = activate(W1 @ xd, W3 @ xd, act, 0.05)
+        return (a if mask is None else a * mask) @ W2T
+
+    def note(key, y, ref):
+        y = y.double().cpu()
+        assert torch.isfinite(y).all(), key
+        err = float((y - ref).abs().max()) / max(float(ref.abs().max()), 1e-3)
+        worst[key] = max(worst.get(key, 0.0), err)
+
     for fmt in ["f32", "f16", "bf16", "q4_0"]:
-        for n, d in [(1, 32), (37, 64), (300, 96)]:           # odd row counts, several blocks
+        # odd row counts, one block, odd block counts (2-byte aligned q4_0 rows), 16-byte rows
+        for n, d in [(1, 32), (37, 64), (300, 96), (70, 256)]:
             w1, w3 = torch.randn(n, d, generator=g) * 0.2, torch.randn(n, d, generator=g) * 0.2
             w2 = torch.randn(d, n, generator=g) * 0.2
-            ids = torch.arange(n)
-            h = HotFFN.build(w1, w3, w2, ids, fmt, dev)
-            W1, W3, W2T = (quant.unpack(t, fmt, d).cpu() if fmt == "q4_0" else t.float().cpu()
-                           for t in (h.gate, h.up, h.down_t))
-            x = torch.randn(1, d, generator=g)
+            h = HotFFN.build(w1, w3, w2, torch.arange(n), fmt, dev)
+            x = torch.randn(d, generator=g)
             for act in ["drelu", "relu", "fatrelu", "silu"]:
                 for mask in [None, torch.rand(n, generator=g) < 0.4, torch.zeros(n, dtype=torch.bool)]:
                     md = None if mask is None else mask.to(dev)
-                    xd = x[0].double()
-                    a = activate(W1.double() @ xd, W3.double() @ xd, act, 0.05)
-                    if mask is not None:
-                        a = a * mask
-                    ref = a @ W2T.double()
-                    y = hot_ffn(h, x.to(dev), act, 0.05, md, use_triton=True)[0].double().cpu()
-                    scale = max(float(ref.abs().max()), 1e-3)
-                    err = float((y - ref).abs().max()) / scale
-                    worst[fmt] = max(worst.get(fmt, 0.0), err)
+                    y = hot_ffn(h, x[None].to(dev), act, 0.05, md, use_triton=True)[0]
+                    note(fmt, y, ref_ffn(h, x, act, mask))
+
+    # several K tiles per row (NK > 1) and several column tiles in down: tiny tiles forced
+    for fmt, bk in [("q4_0", 2), ("f16", 32)]:
+        n, d = 45, 192
+        w1, w3 = torch.randn(n, d, generator=g), torch.randn(n, d, generator=g)
+        w2 = torch.randn(d, n, generator=g)
+        h = HotFFN.build(w1, w3, w2, torch.arange(n), fmt, dev)
+        x = torch.randn(d, generator=g)
+        mask = torch.rand(n, generator=g) < 0.7
+        for act in ["drelu", "silu"]:
+            a = tk.gate_up(fmt, d, h.gate, h.up, x.to(dev), act, 0.05, mask.to(dev),
+                           cfg=dict(CHUNK=16, R=4, BK=bk, num_warps=4))
+            a[5] = 0.0                                      # a zero activation is skipped
+            y = tk.down(fmt, d, h.down_t, a, cfg=dict(CHUNK=8, R=2, BK=bk, num_warps=4))
+            W1, W3, W2T = (t.double().cpu() for t in h._weights(torch.float32))
+            ra = activate(W1 @ x.double(), W3 @ x.double(), act, 0.05) * mask
+            note(fmt + "-tiles-a", a, ra.masked_fill(torch.arange(n) == 5, 0.0))
+            note(fmt + "-tiles-y", y, a.double().cpu() @ W2T)
     print(worst)
     assert all(v < 1e-5 for v in worst.values()), worst
 """)
@@ -49,9 +75,27 @@ SCRIPT = textwrap.dedent("""
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_triton_hot_ffn_matches_float64_reference(device):
+    pytest.importorskip("triton")
     env = {**os.environ, "HI_TEST_DEVICE": device}
     if device == "cpu":
         env["TRITON_INTERPRET"] = "1"      # the interpreter runs the kernels on CPU tensors
     out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True,
-                         timeout=600)
+                         timeout=900)
     assert out.returncode == 0, out.stdout + out.stderr[-3000:]
+
+
+def test_q4_gpu_row_layout_is_a_permutation_of_the_gguf_bytes():
+    g = torch.Generator().manual_seed(3)
+    n, d = 5, 96
+    w = torch.randn(n, d, generator=g)
+    p = quant.pack(w, "q4_0")                                   # GGUF rows [n, 3*18]
+    r = q4_rows_to_gpu(p)
+    assert r.shape == p.shape and r.dtype == torch.uint8
+    assert torch.equal(q4_rows_from_gpu(r), p)
+    assert torch.equal(r.sort(dim=1).values, p.sort(dim=1).values)
+    nb = d // 32
+    assert torch.equal(r[:, :16], p[:, 2:18]) and torch.equal(r[:, nb * 16:nb * 16 + 2], p[:, :2])
+    h = HotFFN.build(w, w, w.t().contiguous(), torch.arange(n), "q4_0", torch.device("cpu"))
+    assert h.nbytes == ffn_rows_bytes(n, d, "q4_0")
+    assert torch.equal(h.gate, r)                              # held in the GPU row layout
+    torch.testing.assert_close(h._weights(torch.float32)[0], quant.unpack(p, "q4_0", d))

@@ -2,7 +2,9 @@
 
 "GPU side" is a torch.device: cuda on a GPU machine, cpu in CI, so the same code is tested
 everywhere. Float formats (f32/f16/bf16) are plain matmuls over the compact rows; block formats
-(q8_0/q4_0, GGUF layout) are dequantised by quant.unpack (torch ops, any device).
+are dequantised by torch ops (any device): q8_0 rows in GGUF layout (quant.unpack), q4_0 rows in
+the GPU row layout of kernels/triton_ffn (the same bytes permuted: all nibble bytes, then all
+scales; q4_rows_to_gpu / q4_rows_from_gpu), which HotFFN.build repacks them into.
 """
 from __future__ import annotations
 
@@ -17,16 +19,37 @@ from ..footprint import ffn_rows_bytes
 _FLOAT = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 
 
+def q4_rows_to_gpu(p: torch.Tensor) -> torch.Tensor:
+    """GGUF q4_0 rows uint8 [n, nb*18] -> the GPU row layout [n, nb*16 nibble bytes | nb*2 scale
+    bytes] (same bytes, same size; any device)."""
+    blk = p.reshape(p.shape[0], -1, 18)                                  # [n, nb, 18]
+    return torch.cat([blk[..., 2:].reshape(p.shape[0], -1), blk[..., :2].reshape(p.shape[0], -1)],
+                     dim=1).contiguous()
+
+
+def q4_rows_from_gpu(p: torch.Tensor) -> torch.Tensor:
+    """The inverse of q4_rows_to_gpu: GPU row layout -> GGUF q4_0 rows."""
+    n, nb = p.shape[0], p.shape[1] // 18
+    qs, d = p[:, :nb * 16].reshape(n, nb, 16), p[:, nb * 16:].reshape(n, nb, 2)
+    return torch.cat([d, qs], dim=2).reshape(n, nb * 18).contiguous()
+
+
 @dataclass(frozen=True, eq=False)
 class HotFFN:
     """gate, up, down_t: [n_hot, d] in a float dtype, or uint8 [n_hot, row_bytes] for q8_0/q4_0;
-    ids: int32 [n_hot], the neuron id of each compact row (sorted)."""
+    ids: int32 [n_hot], the neuron id of each compact row (sorted). Constructed from quant.pack
+    rows (GGUF layout); q4_0 rows are held in the GPU row layout (repacked in __post_init__)."""
     fmt: str
     d_model: int
     gate: torch.Tensor
     up: torch.Tensor
     down_t: torch.Tensor
     ids: torch.Tensor
+
+    def __post_init__(self):
+        if self.fmt == "q4_0":      # a permutation of the same bytes: nbytes is unchanged
+            for name in ("gate", "up", "down_t"):
+                object.__setattr__(self, name, q4_rows_to_gpu(getattr(self, name)))
 
     @property
     def n_hot(self) -> int:
@@ -59,7 +82,8 @@ class HotFFN:
     def _weights(self, dtype):
         if self.fmt in _FLOAT:
             return self.gate.to(dtype), self.up.to(dtype), self.down_t.to(dtype)
-        return tuple(quant.unpack(t, self.fmt, self.d_model).to(dtype)
+        gguf = q4_rows_from_gpu if self.fmt == "q4_0" else (lambda t: t)
+        return tuple(quant.unpack(gguf(t), self.fmt, self.d_model).to(dtype)
                      for t in (self.gate, self.up, self.down_t))
 
 
