@@ -1,6 +1,10 @@
-"""The bundled default model. Until the trained one ships (its own issue), a tiny
-TurboSparse-Mixtral-layout checkpoint with a byte-level tokenizer is created deterministically
-from a seed on first use, in the user's cache, atomically. Its weights are random: its text is noise.
+"""The bundled default model: a small TurboSparse-Mixtral-layout MoE (6 layers, 8 dReLU experts,
+top-2) trained on the Python 3.11 documentation, shipped inside the package with its tokenizer,
+predictors and neuron profile (hybridinfer/data/default_model/, docs/DEFAULT_MODEL.md;
+scripts/train_default_model.py rebuilds it). ensure() returns that folder: no download, no cache.
+
+random_model() still writes the former tiny *random* checkpoint (byte-level tokenizer)
+deterministically into the user's cache, for tests that need a throwaway model of this layout.
 """
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ from .checkpoint import save_checkpoint
 from .config import ModelConfig
 from .synth import config_dict, random_tensors
 
+SHIPPED = Path(__file__).resolve().parent / "data" / "default_model"
 NAME = "hybridinfer-tiny-random-v1"
 SPECIALS = ["<unk>", "<s>", "</s>", "<|im_end|>", "<|im_start|>"]
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
@@ -37,7 +42,17 @@ def byte_tokenizer_json() -> str:
 
 
 def ensure() -> Path:
-    """The default model's folder, created on first use."""
+    """The bundled default model's folder (inside the installed package; read it, never write it)."""
+    if not (SHIPPED / "config.json").is_file() or not (SHIPPED / "model.safetensors").is_file():
+        from .errors import HybridInferError
+        raise HybridInferError(f"the bundled default model is missing from this install ({SHIPPED}): "
+                               "reinstall hybridinfer, or pass --model")
+    return SHIPPED
+
+
+def random_model() -> Path:
+    """A tiny random TurboSparse-Mixtral-layout model in the user's cache, created on first use
+    (atomically, deterministically from a seed). Its text is noise: for tests only."""
     import json
 
     folder = cache_root() / "models" / NAME

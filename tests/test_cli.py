@@ -26,10 +26,10 @@ def run_cli(capsys, *argv):
     return code, out.out, out.err
 
 
-def test_default_model_is_created_deterministically(home, tmp_path, monkeypatch):
-    a = default_model.ensure()
+def test_random_model_is_created_deterministically(home, tmp_path, monkeypatch):
+    a = default_model.random_model()
     monkeypatch.setenv("HYBRIDINFER_HOME", str(tmp_path / "other"))
-    b = default_model.ensure()
+    b = default_model.random_model()
     assert a != b
     for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
         assert (a / name).read_bytes() == (b / name).read_bytes()
