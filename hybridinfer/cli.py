@@ -78,8 +78,6 @@ def _sampling(args) -> dict:
 
 
 def cmd_run(args) -> int:
-    from .llm import load
-
     if args.prompt is not None and not args.prompt.strip():
         raise HybridInferError("the prompt is empty")
     llm = _load(args)
@@ -146,8 +144,6 @@ def cmd_info(args) -> int:
 
 def cmd_eval(args) -> int:
     from pathlib import Path
-
-    from .llm import load
 
     path = Path(args.text)
     if not path.is_file():

@@ -27,7 +27,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .ffn import DenseFFN, HybridFFN, HybridMoE, MoE
+from .ffn import HybridFFN, HybridMoE, MoE
 from .model import KVCache, Transformer, apply_rope
 from .predictor import host_active, predictor_device
 

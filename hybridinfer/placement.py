@@ -25,13 +25,13 @@ import json
 import math
 import os
 import re
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from .atomic import write_text
 from .config import ModelConfig
 from .errors import HybridInferError
 from .footprint import attention_numel, dense_bytes, ffn_rows_bytes, kv_cache_bytes
@@ -111,17 +111,7 @@ class Placement:
         return json.dumps(d, indent=1)
 
     def save(self, path: str | os.PathLike) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(self.to_json())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return write_text(path, self.to_json())
 
     @staticmethod
     def load(path: str | os.PathLike, expect_model_id: str | None = None) -> "Placement":

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .atomic import atomic_path
 from .errors import HybridInferError
 
 PREDICTOR_FILE = "predictors.safetensors"
@@ -160,7 +161,6 @@ def save_predictors(tensors: dict[str, torch.Tensor], out_dir: str | os.PathLike
                     rank: int = 0, scores: list | None = None) -> Path:
     """out_dir/predictors.safetensors (atomic; metadata: model_id, rank, input, corpus) and, with
     scores, out_dir/report.json (held-out recall / precision per FFN)."""
-    import tempfile
 
     from safetensors.torch import save_file
 
@@ -170,14 +170,8 @@ def save_predictors(tensors: dict[str, torch.Tensor], out_dir: str | os.PathLike
     out.mkdir(parents=True, exist_ok=True)
     meta = {"format": "pt", "model_id": model_identity(cfg), "rank": str(rank), "input": "ffn_input",
             "corpus": corpus, "naming": "turbosparse"}
-    fd, tmp = tempfile.mkstemp(prefix=f".{PREDICTOR_FILE}.", dir=out)
-    os.close(fd)
-    try:
+    with atomic_path(out / PREDICTOR_FILE) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=meta)
-        os.replace(tmp, out / PREDICTOR_FILE)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     if scores is not None:
         (out / "report.json").write_text(scores_json(scores))
     return out / PREDICTOR_FILE

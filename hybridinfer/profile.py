@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 import torch
 
+from .atomic import atomic_path
 from .checkpoint import load_activation_counts
 from .config import ModelConfig
 from .errors import HybridInferError
@@ -142,15 +142,9 @@ class NeuronProfile:
                 "corpus": self.corpus, "tokens": str(self.tokens),
                 "moe": "1" if any(e >= 0 for _, e in self.counts) else "0",
                 "shapes": json.dumps({"counts": list(counts.shape), "ffn_tokens": [layers, cols]})}
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        os.close(fd)
-        try:
+        with atomic_path(path) as tmp:
             save_file({"counts": counts, "ffn_tokens": self.ffn_tokens.to(torch.int64).contiguous()},
                       tmp, metadata=meta)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
         return path
 
     @staticmethod

@@ -139,7 +139,6 @@ def test_shipped_predictors_skip_neurons_and_stay_close(tmp_path):
 def test_quantised_rows_match_dense_on_the_same_rounded_weights(tmp_path, fmt, device):
     from hybridinfer import quant
     from hybridinfer.checkpoint import save_checkpoint
-    import json
     folder, cfg_d, tensors = write_model(tmp_path / "m", "TurboSparseMixtralForCausalLM", seed=40)
     rounded = {k: (quant.unpack(quant.pack(v, fmt), fmt, v.shape[1]) if ".experts." in k and "predictor" not in k
                    and not k.endswith("w2.weight") else v) for k, v in tensors.items()}

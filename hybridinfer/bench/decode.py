@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import sys
 import time
 
 import torch
 
+from ..atomic import write_json
 from ..placement import parse_budget
 from . import machine
 from .decode_measure import measure, roofline_inputs, rss_bytes, vram_cap
@@ -192,10 +192,7 @@ def plot(rows, path: str, title: str, peer: dict | None) -> bool:
 
 
 def _write_json(path: str, obj: dict) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=1, default=str)
-    os.replace(path + ".tmp", path)
+    write_json(path, obj)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -13,7 +13,6 @@ effective GB/s = bytes the op must read (k x 3 rows) / seconds, ratio = that / r
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics
@@ -24,6 +23,7 @@ import torch.nn.functional as F
 
 from hybridinfer import quant
 from hybridinfer.bench import machine
+from hybridinfer.atomic import write_json
 from hybridinfer.kernels import cpu
 
 D_MODEL, N_FF = 4096, 14336
@@ -166,11 +166,7 @@ def run(args: argparse.Namespace) -> int:
                       "speedup_vs_torch = fastest torch dense FFN (f32/bf16/f16) / seconds",
             "rows": rows,
         }
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        tmp = args.json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(out, f, indent=1)
-        os.replace(tmp, args.json)
+        write_json(args.json, out)
         print(f"wrote {args.json}")
     machine.release_buffer()
     return 0
