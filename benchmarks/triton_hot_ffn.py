@@ -152,7 +152,7 @@ def graph_time(fn, sets, calls=16, reps=15):
 
 
 def cfg_variants(fmt):
-    """(gate_up cfg, down cfg) candidates swept per case; None = the shipped config()."""
+    """(gate_up cfg, down cfg) candidates swept per case (config() ships the best of these)."""
     if fmt == "q4_0":
         gu = [dict(CHUNK=c, R=r, BK=128, num_warps=w)
               for c, r, w in [(8, 4, 4), (16, 4, 4), (32, 4, 4), (64, 4, 4), (16, 2, 4), (32, 8, 4),
@@ -302,6 +302,16 @@ def main():
             del sets
             torch.cuda.empty_cache()
 
+    # ---- registers / spills of every compiled variant (q4_0 slowness was register-bound) ----
+    for kern in (new._gate_up_kernel, new._axpy_kernel):
+        for dev_cache in getattr(kern, "device_caches", {}).values():
+            for key, ck in dev_cache[0].items():
+                try:
+                    res.setdefault("compiled", []).append(dict(
+                        kernel=kern.fn.__name__, key=str(key)[:300], n_regs=ck.n_regs,
+                        n_spills=ck.n_spills, shared=ck.metadata.shared))
+                except Exception as e:  # noqa: BLE001 - the cache layout differs between versions
+                    res["errors"].append(f"compiled info: {e!r}"[:300])
     res["elapsed_s"] = time.time() - T0
     save()
     write_md(res, out / "triton_hot_ffn_h100.md")

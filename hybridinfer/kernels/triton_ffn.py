@@ -30,8 +30,6 @@ Runs on CUDA; with TRITON_INTERPRET=1 also on CPU tensors (how CI tests the logi
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
@@ -225,36 +223,20 @@ def _axpy_kernel(a_ptr, w_ptr, y_ptr, lst_ptr, N, D, NB, RS, IS_Q4: tl.constexpr
 
 # ---- launch configuration --------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _programs_wanted(device: torch.device) -> int:
-    """About 4 programs per SM keeps enough rows in flight; the interpreter: a few programs."""
-    if device.type != "cuda":
-        return 4
-    return 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-
-
-def _pow2_clamp(v: int, lo: int, hi: int) -> int:
-    return max(lo, min(hi, 1 << max(0, int(v).bit_length() - 1)))
-
-
-def config(fmt: str, d: int, n: int, device: torch.device) -> dict:
-    """Tile sizes per shape class (picked from benchmarks/results/triton_hot_ffn_h100.md).
-    K tiles: q4_0 BK blocks of 32 values, float BK columns; one K tile covers D <= 4096."""
-    is_q4 = fmt == "q4_0"
-    units = d // 32 if is_q4 else d                            # K extent in tile units
-    bk = min(triton.next_power_of_2(units), 128 if is_q4 else 4096)
-    want = _programs_wanted(device)
-    chunk = _pow2_clamp(n // want, 8, 64)
-    gu = dict(CHUNK=chunk, R=min(4, chunk), BK=bk, num_warps=4)
-    dn_bk = min(bk, 128 if is_q4 else 1024)
-    n_col = triton.cdiv(units, dn_bk)
-    # down: ~2 programs per SM (each ends with BK*32 atomic adds into y: fewer, longer programs)
-    dn_chunk = min(128, max(8, triton.next_power_of_2(max(1, 2 * n * n_col // want))))
-    dn = dict(CHUNK=dn_chunk, R=8, BK=dn_bk, num_warps=4)
+def config(fmt: str, d: int, n: int, device: torch.device | None = None) -> dict:
+    """Launch parameters per shape class: the best measured ones of the sweep in
+    benchmarks/results/triton_hot_ffn_h100.md (H100, d = 4096). CHUNK: rows per program (compacted
+    in-program), R: live rows per tile, BK: K tile (q4_0: blocks of 32 values; float: columns;
+    one tile covers d <= 4096 for gate_up), num_warps. device is unused (kept for callers)."""
+    if fmt == "q4_0":
+        bk = min(triton.next_power_of_2(d // 32), 128)
+        gu = dict(CHUNK=16, R=2, BK=bk, num_warps=4) if n >= 4096 else \
+            dict(CHUNK=16, R=4, BK=bk, num_warps=8)
+        dn = dict(CHUNK=64, R=4, BK=bk, num_warps=4) if n >= 12288 else \
+            dict(CHUNK=64, R=8, BK=bk, num_warps=8)
+    else:
+        gu = dict(CHUNK=16, R=4, BK=min(triton.next_power_of_2(d), 4096), num_warps=8)
+        dn = dict(CHUNK=64, R=8, BK=min(triton.next_power_of_2(d), 1024), num_warps=4)
     return {"gate_up": gu, "down": dn}
 
 
