@@ -251,7 +251,8 @@ class GraphDecoder:
             for e, f in self._ffns(l):
                 if e >= 0 and (l, e) in self.mask and self._pred_on_gpu(f):
                     yield ("P", l, e), self.seg_predict, (l, e)
-                yield ("H", l, e), self.seg_hot, (l, e)
+                if not (isinstance(f, HybridFFN) and f.hot is None):    # no hot rows: nothing to replay
+                    yield ("H", l, e), self.seg_hot, (l, e)
         yield ("F",), self.seg_final, ()
 
     def _capture(self) -> None:
