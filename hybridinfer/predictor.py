@@ -53,7 +53,12 @@ def predictor_device(pred, default: torch.device) -> torch.device:
     if fc1 is not None:
         return fc1.device
     dev = getattr(pred, "device", None)
-    return default if dev is None else torch.device(dev)
+    if dev is None:
+        return default
+    dev = torch.device(dev)
+    if dev.type == "cuda" and dev.index is None:   # "cuda" names the current device: say which
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return dev
 
 
 def host_active(pred, x_host: torch.Tensor) -> torch.Tensor:
@@ -160,7 +165,8 @@ def default_predictor_dir(cfg) -> Path:
 def save_predictors(tensors: dict[str, torch.Tensor], out_dir: str | os.PathLike, cfg, corpus: str = "",
                     rank: int = 0, scores: list | None = None) -> Path:
     """out_dir/predictors.safetensors (atomic; metadata: model_id, rank, input, corpus) and, with
-    scores, out_dir/report.json (held-out recall / precision per FFN)."""
+    scores, out_dir/report.json (held-out recall / precision per FFN). A predictor_config.json
+    left there was calibrated for the predictors replaced: it is removed."""
 
     from safetensors.torch import save_file
 
@@ -172,6 +178,7 @@ def save_predictors(tensors: dict[str, torch.Tensor], out_dir: str | os.PathLike
             "corpus": corpus, "naming": "turbosparse"}
     with atomic_path(out / PREDICTOR_FILE) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=meta)
+    (out / CONFIG_FILE).unlink(missing_ok=True)
     if scores is not None:
         (out / "report.json").write_text(scores_json(scores))
     return out / PREDICTOR_FILE
@@ -317,3 +324,137 @@ def report_table(scores: list[PredictorScore]) -> str:
 def scores_json(scores: list[PredictorScore]) -> str:
     from dataclasses import asdict
     return json.dumps([asdict(s) for s in scores], indent=1)
+
+
+# ---- the score threshold: calibration and predictor_config.json ---------------------------------
+
+CONFIG_FILE = "predictor_config.json"
+
+
+def config_path(model_folder: str | os.PathLike, predictor_source: str | os.PathLike | None) -> Path:
+    """Where the threshold for the predictors in use lives: beside them. Trained predictors
+    (a file or folder overlaid on the checkpoint) -> their folder; the checkpoint's own -> the
+    model folder. A threshold is calibrated for one set of predictors, so the model folder's file
+    is never applied to predictors from elsewhere."""
+    if predictor_source is None:
+        return Path(model_folder) / CONFIG_FILE
+    p = Path(predictor_source)
+    return (p if p.is_dir() else p.parent) / CONFIG_FILE
+
+
+def read_predictor_config(path: str | os.PathLike) -> dict:
+    """A predictor_config.json, checked: a JSON object whose "threshold" is a finite number."""
+    p = Path(path)
+    try:
+        cfg = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise HybridInferError(f"{p} is not a readable JSON predictor config ({type(e).__name__}); "
+                               "delete it or rewrite it with `hybridinfer calibrate-predictors`") from None
+    t = cfg.get("threshold") if isinstance(cfg, dict) else None
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t):
+        raise HybridInferError(f"{p} needs a finite number under \"threshold\", got {t!r}; "
+                               "rewrite it with `hybridinfer calibrate-predictors`")
+    return cfg
+
+
+def write_predictor_config(path: str | os.PathLike, report: dict) -> Path:
+    """predictor_config.json from a calibrate_threshold report (the summary, not the per-FFN rows)."""
+    from .atomic import write_json
+
+    keys = ("threshold", "target_recall", "max_ratio", "recall", "precision", "ratio", "tokens",
+            "corpus", "threshold_0")
+    return write_json(path, {k: report[k] for k in keys if k in report})
+
+
+@torch.inference_mode()
+def record_scores(llm, windows: list[list[int]]) -> dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]]:
+    """Run the model densely; per FFN its predictor's scores S [n, n_ff] (float32, CPU) and the fired
+    masks Y [n, n_ff] (activation != 0), on the tokens that reached it."""
+    from .profile import ActivationTap, model_ffns
+
+    model = llm.model
+    ffns = model_ffns(model)
+    missing = [k for k, m in ffns.items() if getattr(m, "predictor", None) is None]
+    if missing:
+        layer, e = missing[0]
+        raise HybridInferError(f"no predictor for layer {layer}" + (f" expert {e}" if e >= 0 else "")
+                               + ": train them with `hybridinfer train-predictors` first")
+    out: dict = {}
+
+    def keep(key, x, a):
+        pred = ffns[key].predictor
+        s = pred(x.to(pred.fc1.dtype)).float().cpu()
+        out.setdefault(key, []).append((s, (a != 0).cpu()))
+
+    with ActivationTap(model, keep):
+        for w in windows:
+            model(torch.tensor([w], device=model.device), model.new_cache(len(w)), last_only=True)
+    return {k: (torch.cat([s for s, _ in v]), torch.cat([y for _, y in v])) for k, v in out.items()}
+
+
+def _pooled(rec, t: float) -> tuple[float, float, float]:
+    tp = npred = ntrue = 0
+    for s, y in rec.values():
+        p = s > t
+        tp += (p & y).sum().item()
+        npred += p.sum().item()
+        ntrue += y.sum().item()
+    return tp / max(ntrue, 1), tp / max(npred, 1), npred / max(ntrue, 1)
+
+
+def calibrate_threshold(llm, texts: list[str], target_recall: float = 0.95, max_ratio: float = 2.0,
+                        max_tokens: int = 16384, skip_tokens: int = 0, corpus: str = "",
+                        window: int = 512, decimals: int = 3) -> tuple[float, dict]:
+    """The largest score threshold t (one for the whole model, on a 10**-decimals grid) whose
+    recall -- fired neurons with score > t, pooled over every FFN and token -- is >= target_recall,
+    provided the neurons predicted active are then <= max_ratio x those that fire.
+
+    llm: loaded with sparsity="dense" (its FFNs carry the predictors to calibrate). texts: held-out
+    text; the first skip_tokens tokens are skipped (e.g. the ones an evaluation scores), then at
+    most max_tokens are run in windows of `window`. Memory: tokens x n_ff x 5 bytes per FFN reached.
+    Returns (t, report): report holds the pooled recall / precision / ratio at t and at 0
+    ("threshold_0"), and "per_ffn" (PredictorScore per FFN at t). Raises HybridInferError when no
+    threshold meets both."""
+    if not 0.0 < target_recall <= 1.0:
+        raise HybridInferError(f"target recall must be in (0, 1], got {target_recall}")
+    if not max_ratio >= 1.0:
+        raise HybridInferError(f"max ratio (predicted / true active) must be >= 1, got {max_ratio}")
+    if max_tokens < 2 or skip_tokens < 0:
+        raise HybridInferError("calibration needs max_tokens >= 2 and skip_tokens >= 0")
+    window = max(2, min(window, llm.config.max_position_embeddings))
+    ids = [i for text in texts for i in llm.tokenizer.encode(text)][skip_tokens:skip_tokens + max_tokens]
+    windows = [ids[s:s + window] for s in range(0, len(ids), window) if len(ids[s:s + window]) >= 2]
+    if not windows:
+        raise HybridInferError(f"the calibration text has no tokens left after skipping {skip_tokens}")
+    rec = record_scores(llm, windows)
+    pos = torch.cat([s[y] for s, y in rec.values()])
+    if pos.numel() == 0:
+        raise HybridInferError("no neuron fired on the calibration text: nothing to calibrate")
+    n_pos = pos.numel()
+    k = min(n_pos, max(1, math.ceil(target_recall * n_pos - 1e-9)))
+    s_k = float(pos.kthvalue(n_pos - k + 1).values)         # the k-th largest score of a fired neuron
+    step = 10.0 ** -decimals
+    t = round(math.floor(s_k / step) * step, decimals)
+    while (pos > t).sum().item() < k:                       # float32 comparison, as the runtime's
+        t = round(t - step, decimals)
+    recall, precision, ratio = _pooled(rec, t)
+    r0, p0, q0 = _pooled(rec, 0.0)
+    n_tok = sum(len(w) for w in windows)
+    if ratio > max_ratio:
+        allsc = torch.cat([s.flatten() for s, _ in rec.values()])
+        m = int(max_ratio * n_pos)
+        t_r = float(allsc.kthvalue(allsc.numel() - m + 1).values) if 0 < m <= allsc.numel() else float("-inf")
+        best = (pos > t_r).sum().item() / n_pos
+        raise HybridInferError(
+            f"no threshold gives recall >= {target_recall} with predicted <= {max_ratio}x true active: "
+            f"recall {target_recall} needs threshold {t} ({ratio:.2f}x); within {max_ratio}x the best "
+            f"recall is {best:.3f} (at threshold 0: recall {r0:.3f}, {q0:.2f}x; {n_tok} tokens)")
+    per = []
+    for (layer, e), (s, y) in sorted(rec.items()):
+        r, pr, q = score(s > t, y)
+        per.append(PredictorScore(layer, e, s.shape[0], r, pr, q))
+    report = {"threshold": t, "target_recall": target_recall, "max_ratio": max_ratio, "recall": recall,
+              "precision": precision, "ratio": ratio, "tokens": n_tok,
+              "corpus": corpus + (f" (tokens {skip_tokens}..{skip_tokens + n_tok})" if skip_tokens else ""),
+              "threshold_0": {"recall": r0, "precision": p0, "ratio": q0}, "per_ffn": per}
+    return t, report

@@ -50,3 +50,15 @@ def test_generate_uses_the_graph_decoder(tmp_path):
     assert list(generate_tokens(llm.model, prompt, g)) == plain
     assert len(calls) == 7
     assert list(generate_tokens(llm.model, prompt, g)) == plain      # the static cache is reused
+
+
+def test_predictor_device_names_the_index():
+    from hybridinfer.predictor import predictor_device
+
+    class P:
+        device = "cpu"
+    assert predictor_device(P(), torch.device("cuda", 0)) == torch.device("cpu")
+    assert predictor_device(object(), torch.device("cpu")) == torch.device("cpu")
+    if torch.cuda.is_available():
+        P.device = "cuda"
+        assert predictor_device(P(), torch.device("cpu")) == torch.device("cuda", torch.cuda.current_device())
