@@ -31,6 +31,7 @@ class LoadOptions:
     gpu_fmt: str = "auto"
     plan_cache: bool = True
     predictors: str | None = None        # trained predictors (default: what train-predictors wrote, if any)
+    predictor_threshold: float | None = None  # None: predictor_config.json beside the predictors, else 0.0
     cuda_graphs: bool = True             # batch-1 decode through CUDA graphs (on a GPU)
 
 
@@ -69,18 +70,39 @@ def _budget_bytes(spec, device: torch.device) -> int:
     return parse_budget(str(spec), free, total)
 
 
-def overlay_predictors(cfg: ModelConfig, ckpt: Checkpoint, explicit: str | None) -> str | None:
-    """Trained predictors over the checkpoint's: an explicit file/folder, or what
-    `hybridinfer train-predictors` wrote for this model. Returns where they came from."""
-    from .predictor import PREDICTOR_FILE, default_predictor_dir, load_predictors
+def predictor_source(cfg: ModelConfig, explicit: str | None) -> str | None:
+    """Trained predictors to use instead of the checkpoint's: an explicit file/folder, or what
+    `hybridinfer train-predictors` wrote for this model; None: the checkpoint's own."""
+    from .predictor import PREDICTOR_FILE, default_predictor_dir
 
-    src = explicit
-    if src is None and (default_predictor_dir(cfg) / PREDICTOR_FILE).is_file():
-        src = str(default_predictor_dir(cfg) / PREDICTOR_FILE)
-    if src is None:
-        return None
-    ckpt.overlay(load_predictors(src, cfg))
+    if explicit is None and (default_predictor_dir(cfg) / PREDICTOR_FILE).is_file():
+        return str(default_predictor_dir(cfg) / PREDICTOR_FILE)
+    return explicit
+
+
+def overlay_predictors(cfg: ModelConfig, ckpt: Checkpoint, explicit: str | None) -> str | None:
+    """Trained predictors over the checkpoint's (predictor_source). Returns where they came from."""
+    from .predictor import load_predictors
+
+    src = predictor_source(cfg, explicit)
+    if src is not None:
+        ckpt.overlay(load_predictors(src, cfg))
     return src
+
+
+def resolve_predictor_threshold(folder: Path, pred_src: str | None, explicit: float | None) -> tuple[float, str]:
+    """The predictors' score threshold and where it came from: the explicit option, else the
+    predictor_config.json beside the predictors in use (the model folder for the checkpoint's own,
+    the trained predictors' folder for overlaid ones; `hybridinfer calibrate-predictors` writes
+    it), else 0.0 (TurboSparse's rule)."""
+    from .predictor import config_path, read_predictor_config
+
+    if explicit is not None:
+        return float(explicit), "option"
+    path = config_path(folder, pred_src)
+    if path.is_file():
+        return float(read_predictor_config(path)["threshold"]), str(path)
+    return 0.0, "default (0.0)"
 
 
 def get_placement(cfg, ckpt, folder: Path, opts: LoadOptions, gpu_fmt: str):
@@ -121,10 +143,24 @@ def build(folder: Path, opts: LoadOptions):
         return cfg, build_model(cfg, ckpt, opts.device, opts.dtype)
     sparsity = opts.sparsity or default_sparsity(cfg, ckpt)
     opts = replace(opts, sparsity=sparsity, predictors=pred_src)
-    ro = RuntimeOptions(sparsity=sparsity, cpu_fmt=opts.cpu_fmt, gpu_fmt=opts.gpu_fmt).validate()
+    threshold, threshold_src = 0.0, "unused"
+    if sparsity == "predictor":
+        threshold, threshold_src = resolve_predictor_threshold(folder, pred_src, opts.predictor_threshold)
+    ro = RuntimeOptions(sparsity=sparsity, cpu_fmt=opts.cpu_fmt, gpu_fmt=opts.gpu_fmt,
+                        predictor_threshold=threshold).validate()
     gpu_fmt = ro.resolved_gpu_fmt(opts.dtype)
     placement = get_placement(cfg, ckpt, folder, opts, gpu_fmt)
+    if opts.device.type == "cuda" and not placement.attention_on_gpu:
+        # The budget does not hold attention + the KV cache for the context: then nothing goes on
+        # the GPU, and the KV cache, like everything else, lives in RAM (the CPU runs it all).
+        import warnings
+        warnings.warn(f"a VRAM budget of {placement.budget_bytes:,} B does not hold attention and the KV "
+                      f"cache for {placement.context} positions: running on the CPU (give a larger "
+                      "--vram-budget or a smaller --context to use the GPU)", stacklevel=2)
+        cpu = torch.device("cpu")
+        return build(folder, replace(opts, device=cpu, vram_budget=0))
     model = build_from_placement(cfg, ckpt, opts.device, opts.dtype, placement, ro)
+    model.predictor_threshold = (threshold, threshold_src)
     if opts.device.type == "cuda" and opts.cuda_graphs:
         from .graphs import GraphDecoder
         model.graph_decoder = GraphDecoder(model, placement.context)
