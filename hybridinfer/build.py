@@ -2,6 +2,7 @@
 (hot rows on the GPU side, cold rows packed for the CPU kernels), built once at load."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -25,7 +26,7 @@ class RuntimeOptions:
     sparsity: str = "exact"        # dense | exact | predictor
     cpu_fmt: str = "auto"          # cold rows: auto (the checkpoint's float format) | f32 | f16 | bf16 | q8_0 | q4_0
     gpu_fmt: str = "auto"          # hot rows: auto (the compute dtype) | the same formats
-    predictor_threshold: float = 0.0
+    predictor_threshold: float = 0.0   # a neuron is predicted active when its score > this (loader: predictor_config.json)
     dense_above: int = 16          # batches of more tokens (prefill chunks) compute densely
 
     def resolved_gpu_fmt(self, dtype: torch.dtype) -> str:
@@ -34,6 +35,8 @@ class RuntimeOptions:
     def validate(self) -> "RuntimeOptions":
         if self.sparsity not in SPARSITY_MODES:
             raise HybridInferError(f"bad sparsity {self.sparsity!r}: use {', '.join(SPARSITY_MODES)}")
+        if not math.isfinite(self.predictor_threshold):
+            raise HybridInferError(f"the predictor threshold must be a finite number, got {self.predictor_threshold}")
         for name in ("cpu_fmt", "gpu_fmt"):
             v = getattr(self, name)
             if v != "auto" and v not in FORMATS:

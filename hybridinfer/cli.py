@@ -56,6 +56,10 @@ def _add_hybrid_args(p: argparse.ArgumentParser) -> None:
                    help="neuron profile file (default: next to the model or from `hybridinfer profile`)")
     p.add_argument("--predictors", default=None,
                    help="trained predictors (file or folder; default: what train-predictors wrote, if any)")
+    p.add_argument("--predictor-threshold", type=float, default=None,
+                   help="predictor score above which a neuron counts as active (lower: higher recall, more "
+                        "neurons computed; default: predictor_config.json beside the predictors, written by "
+                        "`hybridinfer calibrate-predictors`, else 0 = TurboSparse's rule)")
     p.add_argument("--weights", default="auto",
                    help="format of the FFN rows in RAM (CPU kernels): auto (the checkpoint's), f32, f16, bf16, q8_0, q4_0")
     p.add_argument("--gpu-weights", default="auto",
@@ -67,7 +71,8 @@ def _load(args, **over):
 
     opts = dict(device=args.device, dtype=args.dtype, threads=args.threads, sparsity=args.sparsity,
                 vram_budget=args.vram_budget, context=args.context, profile=args.profile,
-                weights=args.weights, gpu_weights=args.gpu_weights, predictors=args.predictors)
+                weights=args.weights, gpu_weights=args.gpu_weights, predictors=args.predictors,
+                predictor_threshold=args.predictor_threshold)
     opts.update(over)
     return load(args.model, **opts)
 
@@ -207,6 +212,27 @@ def cmd_train_predictors(args) -> int:
     return 0
 
 
+def cmd_calibrate_predictors(args) -> int:
+    from .llm import load
+    from .loader import predictor_source
+    from .predictor import calibrate_threshold, config_path, report_table, write_predictor_config
+    from .profile import read_corpus
+
+    name, texts = read_corpus(args.corpus)
+    llm = load(args.model, device=args.device, dtype=args.dtype, threads=args.threads, sparsity="dense",
+               predictors=args.predictors)
+    t, rep = calibrate_threshold(llm, texts, args.target_recall, args.max_ratio, max_tokens=args.tokens,
+                                 skip_tokens=args.skip_tokens, corpus=name)
+    print(report_table(rep["per_ffn"]))
+    z = rep["threshold_0"]
+    print(f"threshold {t:g}: recall {rep['recall']:.3f}, precision {rep['precision']:.3f}, predicted/true "
+          f"{rep['ratio']:.2f} (pooled over {rep['tokens']} tokens); at 0: recall {z['recall']:.3f}, "
+          f"precision {z['precision']:.3f}, predicted/true {z['ratio']:.2f}")
+    out = args.out or config_path(llm.folder, predictor_source(llm.config, args.predictors))
+    print(f"wrote {write_predictor_config(out, rep)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hybridinfer",
                                 description="Hybrid CPU-GPU inference for activation-sparse LLMs.")
@@ -279,6 +305,29 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_runtime_args(tp)
     tp.set_defaults(func=cmd_train_predictors)
+
+    cp = sub.add_parser("calibrate-predictors", help="pick the predictor score threshold for a recall target",
+                        description="Run the model densely over held-out text and write predictor_config.json: "
+                                    "the largest score threshold whose recall (pooled over every FFN) meets "
+                                    "--target-recall with predicted <= --max-ratio x true active. The loader "
+                                    "uses it by default (--predictor-threshold overrides).")
+    _add_model_args(cp)
+    cp.add_argument("--predictors", default=None,
+                    help="trained predictors to calibrate (default: the ones the runtime would use)")
+    cp.add_argument("--corpus", default=None,
+                    help="held-out UTF-8 file or folder of .txt/.md, ideally not the predictors' training text "
+                         "(default: the shipped corpus)")
+    cp.add_argument("--tokens", type=_pos_int, default=16384, help="tokens to run at most (default 16384)")
+    cp.add_argument("--skip-tokens", type=_nonneg_int, default=0,
+                    help="skip the corpus' first N tokens, e.g. those an evaluation scores (default 0)")
+    cp.add_argument("--target-recall", type=float, default=0.95, help="recall to reach (default 0.95)")
+    cp.add_argument("--max-ratio", type=float, default=2.0,
+                    help="most predicted-active per truly active neuron allowed (default 2.0)")
+    cp.add_argument("--out", default=None,
+                    help="file to write (default: predictor_config.json beside the predictors: the model "
+                         "folder for the checkpoint's own, else the trained predictors' folder)")
+    _add_runtime_args(cp)
+    cp.set_defaults(func=cmd_calibrate_predictors)
 
     b = sub.add_parser("bench", help="benchmarks (see shared BENCHMARKS.md)",
                        description="Benchmarks; each prints a table and can write JSON.")

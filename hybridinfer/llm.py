@@ -124,8 +124,8 @@ def load(model: str | os.PathLike | None = None, *, device: str | None = None,
          dtype: str | torch.dtype | None = "auto", threads: int | None = None,
          sparsity: str | None = None, vram_budget: str | int | None = None,
          context: int | None = None, profile: str | None = None, weights: str = "auto",
-         gpu_weights: str = "auto", predictors: str | None = None, cuda_graphs: bool = True,
-         **defaults) -> LLM:
+         gpu_weights: str = "auto", predictors: str | None = None,
+         predictor_threshold: float | None = None, cuda_graphs: bool = True, **defaults) -> LLM:
     """Load a model folder or known name (None: the bundled default) -> LLM.
 
     device: where the GPU part lives ("cuda", "cuda:1", or "cpu"; None: cuda when present).
@@ -135,6 +135,8 @@ def load(model: str | os.PathLike | None = None, *, device: str | None = None,
       0 on the CPU); the plan is cached on disk. context: KV positions to budget.
     profile: a neuron profile file (default: found next to the model, or uniform).
     predictors: trained predictors (file or folder; default: what train-predictors wrote, if any).
+    predictor_threshold: score above which a neuron is predicted active (None: the
+      predictor_config.json beside the predictors in use, written by `calibrate-predictors`, else 0.0).
     cuda_graphs: one-token decode replays CUDA graphs of each layer's GPU work (on a GPU).
     weights / gpu_weights: format of the cold (CPU) / hot (GPU) FFN rows: auto, f32, f16, bf16,
       q8_0, q4_0. threads: CPU threads (torch and the sparse kernels).
@@ -157,6 +159,7 @@ def load(model: str | os.PathLike | None = None, *, device: str | None = None,
     tok = Tokenizer(folder)
     opts = LoadOptions(dev, resolve_dtype(dtype, cfg, dev), sparsity=sparsity, vram_budget=vram_budget,
                        context=context, profile=profile, cpu_fmt=weights, gpu_fmt=gpu_weights,
-                       predictors=predictors, cuda_graphs=cuda_graphs)
+                       predictors=predictors, predictor_threshold=predictor_threshold,
+                       cuda_graphs=cuda_graphs)
     _, net = build(folder, opts)
     return LLM(net, tok, folder, GenerationConfig().with_options(**defaults))

@@ -455,6 +455,6 @@ def calibrate_threshold(llm, texts: list[str], target_recall: float = 0.95, max_
         per.append(PredictorScore(layer, e, s.shape[0], r, pr, q))
     report = {"threshold": t, "target_recall": target_recall, "max_ratio": max_ratio, "recall": recall,
               "precision": precision, "ratio": ratio, "tokens": n_tok,
-              "corpus": corpus + (f" (tokens {skip_tokens}..{skip_tokens + n_tok})" if skip_tokens else ""),
+              "corpus": (corpus + (f" (tokens {skip_tokens}..{skip_tokens + n_tok})" if skip_tokens else "")).strip(),
               "threshold_0": {"recall": r0, "precision": p0, "ratio": q0}, "per_ffn": per}
     return t, report

@@ -3,9 +3,13 @@
     python scripts/default_model_report.py --heldout .corpus/heldout.txt --train-summary .train_out/summary.json
 
 Figures (CPU, this machine): activation sparsity per layer/expert and its skew (from the shipped
-profile), held-out perplexity in four runtimes on the same tokens (dense; exact, predictor and
-q4_0 through the hybrid build with every neuron on the CPU kernels), exact-vs-dense logit
-difference, predictor recall/precision, and sample generations.
+profile), held-out perplexity in five runtimes on the same tokens (dense; exact, predictor at the
+calibrated threshold of predictor_config.json, predictor at threshold 0, and q4_0 through the
+hybrid build with every neuron on the CPU kernels), exact-vs-dense logit difference, predictor
+recall/precision, and sample generations.
+
+    python scripts/default_model_report.py --update --runtimes dense,predictor,predictor_t0
+re-measures only those runtimes' perplexity (and the calibration summary) into the existing JSON.
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ from hybridinfer.checkpoint import Checkpoint                # noqa: E402
 from hybridinfer.config import ModelConfig                   # noqa: E402
 from hybridinfer.llm import LLM                              # noqa: E402
 from hybridinfer.model import build_model                    # noqa: E402
+from hybridinfer.predictor import CONFIG_FILE, read_predictor_config  # noqa: E402
 from hybridinfer.profile import NeuronProfile, model_identity  # noqa: E402
 from hybridinfer.tokenizer import Tokenizer                  # noqa: E402
 
@@ -86,6 +91,12 @@ def nll(llm: LLM, ids: list[int], window: int) -> tuple[float, int]:
     return total, n
 
 
+def calibrated_threshold(folder: Path) -> float:
+    """What the loader uses: predictor_config.json in the model folder, else 0."""
+    path = folder / CONFIG_FILE
+    return float(read_predictor_config(path)["threshold"]) if path.is_file() else 0.0
+
+
 def runtimes(folder: Path) -> dict:
     cfg = ModelConfig.from_dir(folder)
     tok = Tokenizer(folder)
@@ -98,7 +109,8 @@ def runtimes(folder: Path) -> dict:
         return LLM(build_hybrid(cfg, Checkpoint(folder), dev, torch.float32, {}, RuntimeOptions(**opts)), tok, folder)
 
     return {"dense": dense, "exact": lambda: hybrid(sparsity="exact"),
-            "predictor": lambda: hybrid(sparsity="predictor"),
+            "predictor": lambda: hybrid(sparsity="predictor", predictor_threshold=calibrated_threshold(folder)),
+            "predictor_t0": lambda: hybrid(sparsity="predictor", predictor_threshold=0.0),
             "q4_0": lambda: hybrid(sparsity="exact", cpu_fmt="q4_0")}
 
 
@@ -138,41 +150,62 @@ def main(argv=None) -> None:
     ap.add_argument("--train-summary", type=Path, default=ROOT / ".train_out/summary.json")
     ap.add_argument("--predictor-report", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/default_model.json")
+    ap.add_argument("--runtimes", default=None,
+                    help="comma-separated subset of dense,exact,predictor,predictor_t0,q4_0 (default: all)")
+    ap.add_argument("--update", action="store_true",
+                    help="keep the existing --out JSON; re-measure only the perplexity of --runtimes "
+                         "and the predictor calibration summary")
     args = ap.parse_args(argv)
     folder = args.model
     cfg = ModelConfig.from_dir(folder)
-    res = {"model": str(folder.relative_to(ROOT)) if folder.is_relative_to(ROOT) else str(folder),
-           "model_id": model_identity(cfg), "machine": machine()}
-    prof = NeuronProfile.load(folder / "profile.safetensors", expect_model_id=model_identity(cfg))
-    res["sparsity"] = sparsity_table(prof)
+    makers = runtimes(folder)
+    wanted = list(makers) if args.runtimes is None else args.runtimes.split(",")
+    if not set(wanted) <= set(makers):
+        ap.error(f"--runtimes: choose from {','.join(makers)}")
+    if args.update:
+        res = json.loads(args.out.read_text())
+        res["machine"] = machine()
+    else:
+        res = {"model": str(folder.relative_to(ROOT)) if folder.is_relative_to(ROOT) else str(folder),
+               "model_id": model_identity(cfg), "machine": machine()}
+        prof = NeuronProfile.load(folder / "profile.safetensors", expect_model_id=model_identity(cfg))
+        res["sparsity"] = sparsity_table(prof)
     text = args.heldout.read_text(encoding="utf-8").replace("\n\f\n", "\n\n")
     tok = Tokenizer(folder)
     ids = tok.encode(text)[:args.tokens]
-    res["perplexity"] = {"heldout": str(args.heldout.name), "tokens": len(ids), "window": args.window,
-                         "how": "token-by-token decode (batch 1), every neuron on the CPU kernels (hot = none)"}
+    res.setdefault("perplexity", {}).update(
+        {"heldout": str(args.heldout.name), "tokens": len(ids), "window": args.window,
+         "how": "token-by-token decode (batch 1), every neuron on the CPU kernels (hot = none)",
+         "predictor_threshold": calibrated_threshold(folder), "predictor_t0_threshold": 0.0})
+    if (folder / CONFIG_FILE).is_file():
+        res["predictor_calibration"] = read_predictor_config(folder / CONFIG_FILE)
     ref = None
-    for name, make in runtimes(folder).items():
-        llm = make()
+    need_ref = [n for n in wanted if n not in ("dense", "predictor", "predictor_t0")]
+    if need_ref and "dense" not in wanted:
+        wanted.insert(0, "dense")
+    for name in sorted(wanted, key=list(makers).index):
+        llm = makers[name]()
         t0 = time.time()
         total, n = nll(llm, ids, args.window)
         res["perplexity"][name] = math.exp(total / n)
         res["perplexity"][name + "_seconds"] = round(time.time() - t0, 1)
-        if name != "predictor":   # batched logits: a predictor's mask would be the union over tokens
+        if not name.startswith("predictor"):   # batched logits: a predictor's mask would be the union over tokens
             lg = llm.logits(ids[:256])
             if name == "dense":
                 ref = lg
             else:
                 res["perplexity"][name + "_max_abs_logit_diff_vs_dense"] = float((lg - ref).abs().max())
         print(name, res["perplexity"][name], flush=True)
-        if name == "dense":
+        if name == "dense" and not args.update:
             res["samples"] = [{"prompt": p, "greedy": llm.generate(p, max_new_tokens=48, temperature=0)}
                               for p in PROMPTS]
     d = res["perplexity"]["dense"]
-    res["perplexity"].update({k + "_vs_dense": res["perplexity"][k] / d - 1 for k in ("exact", "predictor", "q4_0")})
+    res["perplexity"].update({k + "_vs_dense": res["perplexity"][k] / d - 1
+                              for k in ("exact", "predictor", "predictor_t0", "q4_0") if k in res["perplexity"]})
     if args.predictor_report and args.predictor_report.is_file():
         sc = json.loads(args.predictor_report.read_text())
         res["predictors"] = sc
-    if args.train_summary.is_file():
+    if args.train_summary.is_file() and not args.update:
         s = json.loads(args.train_summary.read_text())
         pick = next(r for r in s["runs"] if r["variant"] == s["picked"])
         res["training"] = {"picked": s["picked"], "variants": s["variants"], "hparams": pick["hparams"],
@@ -184,8 +217,8 @@ def main(argv=None) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=1) + "\n")
     p = res["perplexity"]
-    print(f"zeros {res['sparsity']['zeros']:.3f}  skew80 {res['sparsity']['skew80_mean']:.3f}  "
-          f"ppl dense {p['dense']:.3f} exact {p['exact']:.3f} predictor {p['predictor']:.3f} q4_0 {p['q4_0']:.3f}")
+    print(f"zeros {res['sparsity']['zeros']:.3f}  skew80 {res['sparsity']['skew80_mean']:.3f}  ppl "
+          + " ".join(f"{k} {p[k]:.3f}" for k in makers if k in p))
 
 
 if __name__ == "__main__":
