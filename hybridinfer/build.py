@@ -28,6 +28,8 @@ class RuntimeOptions:
     gpu_fmt: str = "auto"          # hot rows: auto (the compute dtype) | the same formats
     predictor_threshold: float = 0.0   # a neuron is predicted active when its score > this (loader: predictor_config.json)
     dense_above: int = 16          # batches of more tokens (prefill chunks) compute densely
+    stream_above: int | None = -1  # batches of more tokens compute the cold rows on the device,
+                                   # streamed there (-1: 64 on a GPU, never on the cpu device)
 
     def resolved_gpu_fmt(self, dtype: torch.dtype) -> str:
         return _FMT_OF[dtype] if self.gpu_fmt == "auto" else self.gpu_fmt
@@ -54,6 +56,9 @@ def build_hybrid(cfg: ModelConfig, ckpt: Checkpoint, device: torch.device, dtype
     """hot[(layer, expert or -1)] = sorted neuron ids kept on the GPU side (missing: none)."""
     options = options.validate()
     gpu_fmt = options.resolved_gpu_fmt(dtype)
+    stream_above = options.stream_above
+    if stream_above == -1:
+        stream_above = 64 if device.type == "cuda" else None
 
     def factory(layer, expert, fetch, predictor):
         w1, w3, w2 = fetch("gate"), fetch("up"), fetch("down")
@@ -77,7 +82,7 @@ def build_hybrid(cfg: ModelConfig, ckpt: Checkpoint, device: torch.device, dtype
                 f"no predictor for layer {layer}{'' if expert is None else f' expert {expert}'}: use "
                 "--sparsity exact, or train predictors with `hybridinfer train-predictors`")
         return HybridFFN(n_ff, hot_ffn, cold, cold_ids, cfg.activation, cfg.act_threshold,
-                         options.sparsity, predictor, device, options.dense_above)
+                         options.sparsity, predictor, device, options.dense_above, stream_above)
 
     return build_model(cfg, ckpt, device, dtype, with_predictors=options.sparsity == "predictor",
                        ffn_factory=factory, moe_class=HybridMoE, places=places)

@@ -85,7 +85,7 @@ class HybridFFN(nn.Module):
 
     def __init__(self, n_ff: int, hot, cold, cold_ids: torch.Tensor, activation: str,
                  threshold: float, sparsity: str, predictor: Predictor | None, device,
-                 dense_above: int = 16):
+                 dense_above: int = 16, stream_above: int | None = None):
         super().__init__()
         if sparsity not in SPARSITY_MODES:
             raise ValueError(f"unknown sparsity {sparsity!r}")
@@ -98,6 +98,7 @@ class HybridFFN(nn.Module):
         self.predictor = predictor
         self.device = device
         self.dense_above = dense_above      # batches larger than this (prefill) compute densely
+        self.stream_above = stream_above    # batches larger than this stream the cold rows to the device
         self.device_bytes = hot.nbytes if hot is not None else 0   # what this FFN holds on the device
         self._all_cold = (torch.arange(cold.n_ff, dtype=torch.int32) if cold is not None else None)
         self._cold_np = cold_ids.numpy()
@@ -139,6 +140,10 @@ class HybridFFN(nn.Module):
         mask = self.predict(x)
         if self.cold is None:
             return self.gpu_half(x, mask)
+        if self.stream_above is not None and x.shape[0] > self.stream_above:
+            y = self.gpu_half(x, mask)                    # prefill: the cold rows travel instead
+            y_cold = self.streamed_cold(x)
+            return y_cold if y is None else y + y_cold
         host = gpu.to_host(x, *(() if mask is None else (mask,)))
         y = self.gpu_half(x, mask)
         ids = self.cold_rows(host[1] if mask is not None else None)
@@ -146,6 +151,19 @@ class HybridFFN(nn.Module):
                                self.threshold, exact=self.mode(x.shape[0]) == "exact")
         y_cpu = gpu.to_device(y_cpu, x.device, x.dtype)
         return y_cpu if y is None else y + y_cpu
+
+
+    def streamed_cold(self, x: torch.Tensor, rows_per_copy: int = 1024) -> torch.Tensor:
+        """A large batch (prefill) on the device over the cold rows, copied over in slices of
+        rows_per_copy (dequantised there): for many tokens the copy is cheaper than the CPU
+        compute. Densely: x [n, d] -> [n, d]."""
+        from .quant import unpack
+        c, y = self.cold, torch.zeros_like(x)
+        for r in range(0, c.n_ff, rows_per_copy):
+            w1, w3, w2t = (unpack(t[r:r + rows_per_copy].to(x.device), c.fmt, c.d_model).to(x.dtype)
+                           for t in (c.gate, c.up, c.down_t))
+            y += activate(F.linear(x, w1), F.linear(x, w3), self.activation, self.threshold) @ w2t
+        return y
 
 
 class HybridMoE(nn.Module):

@@ -76,6 +76,8 @@ def test_exact_mode_equals_dense_for_every_placement(tmp_path, arch, extra, devi
         assert float((d.logits(ids) - ref).abs().max() / ref.abs().max()) <= 1e-4, name
         b = hybrid(folder, hot, device, sparsity="exact", dense_above=4)   # 9-token batch: dense
         assert float((b.logits(ids) - ref).abs().max() / ref.abs().max()) <= 1e-4, name
+        st = hybrid(folder, hot, device, sparsity="exact", stream_above=4)  # cold rows streamed
+        assert float((st.logits(ids) - ref).abs().max() / ref.abs().max()) <= 1e-4, name
 
 
 class Oracle(torch.nn.Module):
