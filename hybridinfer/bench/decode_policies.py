@@ -110,7 +110,9 @@ def _hybrid_ffn(wl, key, hot_ids: np.ndarray, device, sparsity: str, pred_device
     pred = None
     if sparsity == "predictor":
         pred = SynthPredictor(f, d, wl.rank, pred_device, seed=wl.seed * 7919 + key[0] * 64 + key[1])
-    return HybridFFN(n, hot, cold, cold_ids, cfg.activation, cfg.act_threshold, sparsity, pred, device)
+    stream = 64 if torch.device(device).type == "cuda" else None     # the runtime's default
+    return HybridFFN(n, hot, cold, cold_ids, cfg.activation, cfg.act_threshold, sparsity, pred, device,
+                     stream_above=stream)
 
 
 def build_hybrid(wl: Workload, hot: dict, device, dtype, predictors_on_gpu: bool) -> Transformer:
