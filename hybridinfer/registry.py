@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from .errors import HybridInferError
@@ -33,7 +34,8 @@ def resolve(model: str | os.PathLike) -> Path:
         return p
     looked.append(str(p))
     name = next((k for k in KNOWN if k.lower() == model.lower()), model)
-    repo = KNOWN.get(name, model if "/" in model else None)
+    # ORG/NAME is a hub id; anything else with a slash (/abs, ./rel, a/b/c) is a path that is not there
+    repo = KNOWN.get(name) or (model if re.fullmatch(r"[\w.-]+/[\w.-]+", model) else None)
     root = os.environ.get("HYBRIDINFER_MODELS")
     if root:
         for cand in (Path(root) / name, Path(root) / (repo or name).split("/")[-1]):

@@ -153,6 +153,11 @@ def test_registry_lookup(tmp_path, monkeypatch):
     assert resolve("TurboSparse-Mixtral") == local   # $HYBRIDINFER_MODELS comes first
     with pytest.raises(HybridInferError, match="known names"):
         resolve("no-such-model")
+    with pytest.raises(HybridInferError, match=r"not found \(looked in: /no/such/dir\); known names"):
+        resolve("/no/such/dir")                          # a path, not a hub id
+    snap = tmp_path / "hf/hub/models--org--tiny/snapshots/1"
+    write_model(snap, "LlamaForCausalLM", tokenizer=False)
+    assert resolve("org/tiny") == snap                   # any ORG/NAME in the HF cache
 
 
 @pytest.mark.parametrize("sparsity,ffn_factor", [("dense", 2), ("exact", 1)])
