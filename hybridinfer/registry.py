@@ -37,8 +37,8 @@ def resolve(model: str | os.PathLike) -> Path:
     # ORG/NAME is a hub id; anything else with a slash (/abs, ./rel, a/b/c) is a path that is not there
     repo = KNOWN.get(name) or (model if re.fullmatch(r"[\w.-]+/[\w.-]+", model) else None)
     root = os.environ.get("HYBRIDINFER_MODELS")
-    if root:
-        for cand in (Path(root) / name, Path(root) / (repo or name).split("/")[-1]):
+    if root and (repo or "/" not in model):           # names, not paths, live under the root
+        for cand in dict.fromkeys((Path(root) / name, Path(root) / (repo or name).split("/")[-1])):
             if (cand / "config.json").is_file():
                 return cand
             looked.append(str(cand))
