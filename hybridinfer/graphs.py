@@ -70,6 +70,14 @@ class GraphDecoder:
                 if isinstance(f, HybridFFN) and f.sparsity == "predictor":
                     self.mask[(l, e)] = torch.zeros(f.n_ff, dtype=torch.bool, device=dev)
                     self.mask_host[(l, e)] = host(f.n_ff, dtype=torch.bool)
+        # per-layer tables, so that a step does lookups, not isinstance/device checks
+        self._fm = [dict(self._ffns(l)) for l in range(L)]
+        self._gpu_pred = {k for k in self.mask if self._pred_on_gpu(self._fm[k[0]][k[1]])}
+        self._cpu_pred = set(self.mask) - self._gpu_pred
+        self._cold = {(l, e) for l in range(L) for e, f in self._fm[l].items()
+                      if isinstance(f, HybridFFN) and f.cold is not None}
+        cuda = self.dev.type == "cuda"
+        self._ev = [(torch.cuda.Event(), torch.cuda.Event()) if cuda else (None, None) for _ in range(L)]
         self._graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
         if self.graphs:
             self._capture()
@@ -162,12 +170,12 @@ class GraphDecoder:
         else:
             fn(*args)
 
-    def _mark(self):
-        """An event after the work enqueued so far (None on the cpu device)."""
+    def _mark(self, ev=None):
+        """Record `ev` (or a new event) after the work enqueued so far; None on the cpu device."""
         if self.dev.type != "cuda":
             return None
-        ev = torch.cuda.Event()
-        ev.record(torch.cuda.current_stream(self.dev))
+        ev = ev or torch.cuda.Event()
+        ev.record()
         return ev
 
     @staticmethod
@@ -181,8 +189,8 @@ class GraphDecoder:
     def _cpu_half(self, l: int, sel: list[tuple[int, float]]) -> None:
         """The cold rows of the selected FFNs (expert, weight) in one CPU kernel call."""
         from .kernels import cpu
-        ffns = dict(self._ffns(l))
-        cold = [(e, w, ffns[e]) for e, w in sel if isinstance(ffns[e], HybridFFN) and ffns[e].cold is not None]
+        ffns = self._fm[l]
+        cold = [(e, w, ffns[e]) for e, w in sel if (l, e) in self._cold]
         if not cold:
             self.ycpu_host[l].zero_()
             return
@@ -208,21 +216,22 @@ class GraphDecoder:
             self.x0_host.copy_(m.embed[token])
             self.x0.copy_(self.x0_host, non_blocking=True)
         for l in range(m.cfg.num_layers):
-            ffns = dict(self._ffns(l))
+            ffns = self._fm[l]
+            ev_ids, ev_ready = self._ev[l]
             self._run(("A", l), self.seg_attn, l)
             synced = False
             if self.moe[l]:
-                self._wait(self._mark())                            # the expert ids (and u)
+                self._wait(self._mark(ev_ids))                      # the expert ids (and u)
                 synced = True
                 sel = list(zip(self.ids_host[l].tolist(), self.w_host[l].tolist()))
                 for e, _ in sel:
-                    if (l, e) in self.mask and self._pred_on_gpu(ffns[e]):
+                    if (l, e) in self._gpu_pred:
                         self._run(("P", l, e), self.seg_predict, l, e)
                         synced = False
             else:
                 sel = [(-1, 1.0)]
-            ready = self._mark()                                    # u and the GPU-made masks
-            cpu_pred = [e for e, _ in sel if (l, e) in self.mask and not self._pred_on_gpu(ffns[e])]
+            ready = self._mark(ev_ready)                            # u and the GPU-made masks
+            cpu_pred = [e for e, _ in sel if (l, e) in self._cpu_pred]
             if cpu_pred:                                            # predictors kept on the CPU
                 if not synced:
                     self._wait(ready)
@@ -231,7 +240,7 @@ class GraphDecoder:
                     self.mask_host[(l, e)].copy_(host_active(ffns[e].predictor, self.u_host[l])[0])
             for e, _ in sel:
                 self._run(("H", l, e), self.seg_hot, l, e)          # async on the GPU
-            if any(isinstance(ffns[e], HybridFFN) and ffns[e].cold is not None for e, _ in sel):
+            if any((l, e) in self._cold for e, _ in sel):
                 if not synced:
                     self._wait(ready)                               # not the hot halves: overlap
                 self._cpu_half(l, sel)
