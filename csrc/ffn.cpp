@@ -199,7 +199,10 @@ void ffn_sparse_multi(const FFNDesc* ffns, int E, const float* x, int b,
       const size_t off = size_t(ids[c.e][j]) * rb;
       if (j + 1 < c.j1) {
         const size_t nx = size_t(ids[c.e][j + 1]) * rb;
-        prefetch_head(f.gate + nx, rb); prefetch_head(f.up + nx, rb); prefetch_head(f.down + nx, rb);
+        // Not the down row: it is read up to kRows ids later (axpy batches), by which time an
+        // early prefetch has been pushed out of L1 by the gate/up streams; leaving it to the
+        // axpy's own prefetch measured +13 % at 10 % density (q4_0), +2.5 % dense, f16 level.
+        prefetch_head(f.gate + nx, rb); prefetch_head(f.up + nx, rb);
       }
       dot(f.gate + off, xp, s.g.data());
       if (exact) {
