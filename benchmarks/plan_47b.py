@@ -13,24 +13,15 @@ from pathlib import Path
 
 import torch
 
-from hybridinfer.config import ModelConfig
+from hybridinfer.bench.workload import random_profile, shape_config
 from hybridinfer.placement import plan
-from hybridinfer.profile import SCHEMA_VERSION, NeuronProfile, ffn_keys, model_identity
-from hybridinfer.synth import config_dict
 
 GiB = 2**30
 
 
 def main() -> None:
-    cfg = ModelConfig.from_dict(config_dict(
-        "TurboSparseMixtralForCausalLM", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-        num_attention_heads=32, num_key_value_heads=8, vocab_size=57024, num_local_experts=8,
-        max_position_embeddings=32768))
-    g = torch.Generator().manual_seed(0)
-    tokens = 10000
-    reached = torch.randint(1000, 4000, (32, 8), generator=g)
-    counts = {k: (torch.rand(14336, generator=g) ** 4 * reached[k[0], k[1]]).long() for k in ffn_keys(cfg)}
-    prof = NeuronProfile(SCHEMA_VERSION, model_identity(cfg), "synthetic", tokens, counts, reached)
+    cfg = shape_config("M47")[0]
+    prof = random_profile(cfg, seed=0)
     rows = []
     for solver in ("milp", "greedy"):
         for budget in (8, 16, 24):

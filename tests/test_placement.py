@@ -194,15 +194,9 @@ def test_plan_cli(tmp_path, capsys):
 
 def test_47b_scale_solves_fast():
     """32 layers x 8 experts x 14336 neurons (TurboSparse-Mixtral), q4_0 rows, 16 GiB."""
-    cfg = ModelConfig.from_dict(config_dict(
-        "TurboSparseMixtralForCausalLM", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-        num_attention_heads=32, num_key_value_heads=8, vocab_size=57024, num_local_experts=8,
-        max_position_embeddings=32768))
-    g = torch.Generator().manual_seed(0)
-    tokens = 10000
-    reached = torch.randint(1000, 4000, (32, 8), generator=g)
-    counts = {k: (torch.rand(14336, generator=g) ** 4 * reached[k[0], k[1]]).long() for k in ffn_keys(cfg)}
-    prof = NeuronProfile(SCHEMA_VERSION, model_identity(cfg), "synthetic", tokens, counts, reached)
+    from hybridinfer.bench.workload import random_profile, shape_config
+    cfg = shape_config("M47")[0]
+    prof = random_profile(cfg, seed=0)
     t = time.perf_counter()
     p = plan(cfg, prof, 16 * GiB, context=4096, fmt="q4_0", predictor_numel=4_900_000_000 // 8)
     assert time.perf_counter() - t <= 10.0

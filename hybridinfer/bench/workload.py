@@ -64,6 +64,18 @@ def shape_config(shape: str, layers: int | None = None) -> tuple[ModelConfig, Mo
     return run, full
 
 
+def random_profile(cfg: ModelConfig, seed: int = 0, tokens: int = 10000) -> NeuronProfile:
+    """A seeded profile with skewed counts at cfg's shapes, for timing the planner at scale
+    (benchmarks/plan_47b.py, tests/test_placement.py): each FFN reached by 1000-4000 tokens,
+    neuron i firing on rand^4 of them."""
+    g = torch.Generator().manual_seed(seed)
+    experts = max(cfg.num_experts, 1)
+    reached = torch.randint(1000, 4000, (cfg.num_layers, experts), generator=g)
+    counts = {k: (torch.rand(cfg.intermediate_size, generator=g) ** 4 * reached[k[0], max(k[1], 0)]).long()
+              for k in ffn_keys(cfg)}
+    return NeuronProfile(SCHEMA_VERSION, model_identity(cfg), "synthetic", tokens, counts, reached)
+
+
 def rank_for(cfg: ModelConfig) -> int:
     return RANK if cfg.hidden_size >= 4096 else max(32, cfg.hidden_size // 4)
 
