@@ -127,21 +127,21 @@ class GraphDecoder:
             self.w_full[l].zero_().scatter_(0, ids[0], w[0].float())
             self.ids_host[l].copy_(ids[0], non_blocking=True)
             self.w_host[l].copy_(w[0].float(), non_blocking=True)
-        elif (l, -1) in self.mask and self._pred_on_gpu(f):
+        elif (l, -1) in self._gpu_pred:
             self.seg_predict(l, -1)
 
     def seg_predict(self, l: int, e: int) -> None:
-        f = dict(self._ffns(l))[e]
+        f = self._fm[l][e]
         mask = f.predictor.active(self.u[l])[0]
         self.mask[(l, e)].copy_(mask)
         self.mask_host[(l, e)].copy_(mask, non_blocking=True)                          # D2H
 
     def seg_hot(self, l: int, e: int) -> None:
-        f = dict(self._ffns(l))[e]
+        f = self._fm[l][e]
         if isinstance(f, HybridFFN):
             mask = None
             if (l, e) in self.mask:
-                if not self._pred_on_gpu(f):                       # mask made on the host
+                if (l, e) in self._cpu_pred:                       # mask made on the host
                     self.mask[(l, e)].copy_(self.mask_host[(l, e)], non_blocking=True)
                 mask = self.mask[(l, e)]
             part = f.gpu_half(self.u[l], mask)
@@ -258,7 +258,7 @@ class GraphDecoder:
         for l in range(self.m.cfg.num_layers):
             yield ("A", l), self.seg_attn, (l,)
             for e, f in self._ffns(l):
-                if e >= 0 and (l, e) in self.mask and self._pred_on_gpu(f):
+                if e >= 0 and (l, e) in self._gpu_pred:
                     yield ("P", l, e), self.seg_predict, (l, e)
                 if not (isinstance(f, HybridFFN) and f.hot is None):    # no hot rows: nothing to replay
                     yield ("H", l, e), self.seg_hot, (l, e)

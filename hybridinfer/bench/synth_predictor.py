@@ -7,8 +7,9 @@ The score is still computed, and the mask is made to depend on it (`score == sco
 but is a real data dependency), so no work can be skipped.
 
 Where it runs:
-- cuda: both GEMVs through kernels/triton_ffn's transposed-axpy kernel (the hot "down" kernel:
-  y = sum_j a_j * W^T[j], rows with a_j = 0 never read, so relu's zeros skip fc2 rows);
+- cuda: both GEMVs through kernels/triton_ffn.down, the hot half's transposed axpy over rows in
+  the GPU q4_0 layout (y = sum_j a_j * W^T[j], rows with a_j = 0 never read, so relu's zeros
+  skip fc2 rows);
 - cpu: both GEMVs through kernels.cpu.down_sparse (the same axpy on the CPU pool);
 - a model on cuda whose predictor the planner left on the CPU: x is copied to the host (a sync,
   counted in SYNCS), the mask goes back to the device.
@@ -23,6 +24,7 @@ from torch import nn
 
 from .. import quant
 from ..kernels import cpu as cpu_kernels
+from ..kernels.gpu import q4_rows_from_gpu, q4_rows_to_gpu
 from .workload import FMT, SynthFFN
 
 
@@ -38,15 +40,10 @@ def _packed_view(w: torch.Tensor, cols: int) -> cpu_kernels.PackedFFN:
 
 
 def _gemv_t_cuda(wt: torch.Tensor, cols: int, a: torch.Tensor) -> torch.Tensor:
-    """y [cols] f32 = sum_j a[j] * W^T[j]; wt uint8 [rows, rb(cols)] on cuda, a f32 [rows]."""
-    import triton
-
-    from ..kernels import triton_ffn as tk
-    n = wt.shape[0]
-    y = torch.zeros(cols, dtype=torch.float32, device=a.device)
-    tk._down_kernel[(triton.cdiv(cols, 128), triton.cdiv(n, 256))](
-        a, wt, y, n, cols, wt.shape[1], ROWS_PER=256, IS_Q4=True, BLOCK_R=16, BLOCK_D=128)
-    return y
+    """y [cols] f32 = sum_j a[j] * W^T[j]: the hot half's axpy kernel; wt uint8 [rows, rb(cols)]
+    in the GPU q4_0 row layout (kernels.gpu.q4_rows_to_gpu), a f32 [rows]."""
+    from ..kernels import triton_ffn
+    return triton_ffn.down(FMT, cols, wt, a)
 
 
 class SynthPredictor(nn.Module):
@@ -58,6 +55,8 @@ class SynthPredictor(nn.Module):
         self.d, self.rank, self.n_ff = d, rank, ffn.p.numel()
         self.fc1t = ffn.fc1t.to(self.device)      # uint8 [d, rb(rank)]
         self.fc2t = ffn.fc2t.to(self.device)      # uint8 [rank, rb(n_ff)]
+        if self.device.type == "cuda":            # the GPU row layout the Triton kernels read
+            self.fc1t, self.fc2t = q4_rows_to_gpu(self.fc1t), q4_rows_to_gpu(self.fc2t)
         self.p = ffn.p.to(self.device)            # float32 [n_ff]
         self.gen = torch.Generator(device=self.device).manual_seed(seed)
         self.threshold = 0.0
@@ -80,8 +79,9 @@ class SynthPredictor(nn.Module):
         if x.shape[0] == 1:
             h = torch.relu(cpu_kernels.down_sparse(self._fc1, x[0].contiguous(), self._all1))
             return cpu_kernels.down_sparse(self._fc2, h, self._all2, skip_zero=True)[None]
-        fc1t = quant.unpack(self.fc1t, FMT, self.rank)            # [d, rank]
-        fc2t = quant.unpack(self.fc2t, FMT, self.n_ff)            # [rank, n_ff]
+        gguf = q4_rows_from_gpu if self.device.type == "cuda" else (lambda t: t)
+        fc1t = quant.unpack(gguf(self.fc1t), FMT, self.rank)      # [d, rank]
+        fc2t = quant.unpack(gguf(self.fc2t), FMT, self.n_ff)      # [rank, n_ff]
         return torch.relu(x @ fc1t) @ fc2t
 
     def active(self, x: torch.Tensor) -> torch.Tensor:

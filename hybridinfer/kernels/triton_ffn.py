@@ -299,29 +299,3 @@ def hot_ffn_one_token(fmt: str, d: int, gate: torch.Tensor, up: torch.Tensor, do
         return y
     a = gate_up(fmt, d, gate, up, x.contiguous(), act, threshold, mask)
     return down(fmt, d, down_t, a, y)
-
-
-# ---- legacy: GGUF-layout q4_0 axpy, kept only for bench/synth_predictor (its predictor rows are
-# GGUF q4_0); it should move to down() over rows repacked by kernels.gpu.q4_rows_to_gpu. --------
-
-@triton.jit
-def _down_kernel(a_ptr, w_ptr, y_ptr, N, D, RB, ROWS_PER: tl.constexpr, IS_Q4: tl.constexpr,
-                      BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
-    cm = cols < D
-    r0 = tl.program_id(1) * ROWS_PER
-    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for rr in range(0, ROWS_PER, BLOCK_R):
-        rows = r0 + rr + tl.arange(0, BLOCK_R)
-        a = tl.load(a_ptr + rows, mask=rows < N, other=0.0)
-        m2 = (a != 0.0)[:, None] & cm[None, :]
-        blk = cols // 32
-        within = cols % 32
-        base = rows[:, None].to(tl.int64) * RB + blk[None, :] * 18
-        b = tl.load(w_ptr + base + 2 + (within % 16)[None, :], mask=m2, other=0).to(tl.int32)
-        nib = tl.where((within < 16)[None, :], b & 15, b >> 4)
-        s_lo = tl.load(w_ptr + base, mask=m2, other=0).to(tl.uint16)
-        s_hi = tl.load(w_ptr + base + 1, mask=m2, other=0).to(tl.uint16)
-        scale = (s_lo | (s_hi << 8)).to(tl.float16, bitcast=True).to(tl.float32)
-        acc += tl.sum((nib - 8).to(tl.float32) * scale * a[:, None], axis=0)
-    tl.atomic_add(y_ptr + cols, acc, mask=cm)
