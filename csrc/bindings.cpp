@@ -61,6 +61,11 @@ void down_sparse(int fmt, int d, int n_ff, uintptr_t down, uintptr_t a, int b, u
   hi::down_sparse(f, ptr<const float>(a), b, ptr<const int32_t>(ids), k, skip_zero, ptr<float>(y));
 }
 
+void linear(int fmt, int d, int n, uintptr_t w, uintptr_t x, int b, uintptr_t y) {
+  py::gil_scoped_release nogil;
+  hi::linear(hi::Fmt(fmt), d, n, ptr<const uint8_t>(w), ptr<const float>(x), b, ptr<float>(y));
+}
+
 double read_sum(uintptr_t p, size_t n) {
   py::gil_scoped_release nogil;
   return hi::read_sum(ptr<const float>(p), n);
@@ -89,6 +94,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("down_sparse", &down_sparse, py::arg("fmt"), py::arg("d"), py::arg("n_ff"),
         py::arg("down"), py::arg("a"), py::arg("b"), py::arg("ids"), py::arg("k"),
         py::arg("skip_zero"), py::arg("y"));
+  m.def("linear", &linear, py::arg("fmt"), py::arg("d"), py::arg("n"), py::arg("w"), py::arg("x"),
+        py::arg("b"), py::arg("y"), "y [b, n] = x [b, d] W^T over n packed rows (a dense linear).");
   m.def("read_sum", &read_sum, py::arg("ptr"), py::arg("n"),
         "Sum of n float32 at ptr on the pool (the read-bandwidth probe).");
 }

@@ -288,6 +288,31 @@ void down_sparse(const FFNDesc& f, const float* a, int b, const int32_t* ids, in
   reduce_into(P, y, size_t(b) * d);
 }
 
+void linear(Fmt fmt, int d, int n, const uint8_t* w, const float* x, int b, float* y) {
+  if (b < 1) throw std::invalid_argument("need at least one token");
+  if (n < 0) throw std::invalid_argument("negative row count");
+  check_ffn(FFNDesc{fmt, d, n, w, w, w}, d);
+  if (n == 0) return;
+  std::lock_guard<std::mutex> lk(pool_lock());
+  ThreadPool& P = pool();
+  const Kernels& K = active_kernels();
+  const XPrep xp = prepare_x(K, x, b, d, is_quant(fmt));
+  prepare_scratch(P.size(), b, d, false);
+  const size_t rb = row_bytes(fmt, d);
+  const DotFn dot = K.dot[int(fmt)];
+  const int64_t rows = n;
+  // chunks of contiguous rows (4..64): the next row's head is prefetched, the rest of a row by
+  // the kernel itself
+  parallel_chunks(P, make_chunks(&rows, 1, P.size()), [&](int tid, const Chunk& c) {
+    float* out = g_scr[size_t(tid)].g.data();   // [b]
+    for (int64_t r = c.j0; r < c.j1; ++r) {
+      if (r + 1 < c.j1) prefetch_head(w + size_t(r + 1) * rb, rb);
+      dot(w + size_t(r) * rb, xp, out);
+      for (int t = 0; t < b; ++t) y[size_t(t) * n + size_t(r)] = out[t];
+    }
+  });
+}
+
 double read_sum(const float* p, size_t n) {
   std::lock_guard<std::mutex> lk(pool_lock());
   ThreadPool& P = pool();

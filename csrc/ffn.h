@@ -37,6 +37,12 @@ void gate_up_sparse(const FFNDesc& f, const float* x, int b, const int32_t* ids,
 void down_sparse(const FFNDesc& f, const float* a, int b, const int32_t* ids, int64_t k,
                  bool skip_zero, float* y);
 
+// y [b, n] = x W^T: y[t, r] = W[r, :] . x_t for every row r < n (a dense linear layer, e.g.
+// attention projections and lm_head on the CPU). W: [n, row_bytes(fmt, d)] packed rows; x [b, d]
+// f32 (quantised once to q8 for Q8_0 / Q4_0); y [b, n] f32 (overwritten). Rows are cut into
+// chunks claimed by the pool's threads; each row is read once for all b tokens.
+void linear(Fmt fmt, int d, int n, const uint8_t* w, const float* x, int b, float* y);
+
 // Parallel sum of n floats on the pool (read-bandwidth probe).
 double read_sum(const float* p, size_t n);
 

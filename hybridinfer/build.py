@@ -84,8 +84,12 @@ def build_hybrid(cfg: ModelConfig, ckpt: Checkpoint, device: torch.device, dtype
         return HybridFFN(n_ff, hot_ffn, cold, cold_ids, cfg.activation, cfg.act_threshold,
                          options.sparsity, predictor, device, options.dense_above, stream_above)
 
+    # a quantised CPU format: the attention projections and lm_head the CPU holds are packed in
+    # it too (the C++ kernels read them, as llama.cpp does), not left to torch's float matmul
+    linear_fmt = options.cpu_fmt if options.cpu_fmt in ("q8_0", "q4_0") else None
     return build_model(cfg, ckpt, device, dtype, with_predictors=options.sparsity == "predictor",
-                       ffn_factory=factory, moe_class=HybridMoE, places=places)
+                       ffn_factory=factory, moe_class=HybridMoE, places=places,
+                       cpu_linear_fmt=linear_fmt)
 
 
 def build_from_placement(cfg: ModelConfig, ckpt: Checkpoint, device: torch.device, dtype: torch.dtype,

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from .ffn import HybridFFN, HybridMoE, MoE
-from .model import KVCache, Transformer, apply_rope
+from .model import KVCache, Transformer, apply_rope, linear
 from .predictor import host_active, predictor_device
 
 
@@ -100,9 +100,9 @@ class GraphDecoder:
             x = self.h[l - 1] + self.yacc[l - 1] + self.ycpu_dev[l - 1].to(self.dt)
         a, H, KV, hd = blk.attn, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         xn = blk.attn_norm(x)
-        q = F.linear(xn, a.q, a.qb).view(1, H, 1, hd)
-        kk = F.linear(xn, a.k, a.kb).view(1, KV, 1, hd)
-        v = F.linear(xn, a.v, a.vb).view(1, KV, 1, hd)
+        q = linear(xn, a.q, a.qb).view(1, H, 1, hd)
+        kk = linear(xn, a.k, a.kb).view(1, KV, 1, hd)
+        v = linear(xn, a.v, a.vb).view(1, KV, 1, hd)
         cos, sin = m.cos.index_select(0, self.pos), m.sin.index_select(0, self.pos)     # [1, hd]
         q, kk = apply_rope(q, cos, sin), apply_rope(kk, cos, sin)
         K, V = self.cache.k[l], self.cache.v[l]                                        # [1, KV, C, hd]
@@ -115,7 +115,7 @@ class GraphDecoder:
         s = torch.matmul(qg, K[0].transpose(1, 2)).float() / math.sqrt(hd)            # [KV, rep, C]
         s = s.masked_fill(~ok, float("-inf"))
         y = torch.matmul(torch.softmax(s, dim=-1).to(self.dt), V[0])                  # [KV, rep, hd]
-        hl = x + F.linear(y.reshape(1, H * hd), a.o, a.ob)
+        hl = x + linear(y.reshape(1, H * hd), a.o, a.ob)
         self.h[l].copy_(hl)
         u = blk.ffn_norm(hl)
         self.u[l].copy_(u)
@@ -158,7 +158,7 @@ class GraphDecoder:
         x = self.h[L - 1] + self.yacc[L - 1] + self.ycpu_dev[L - 1].to(self.dt)
         xf = self.m.norm(x)
         if self.m.lm_head.device == self.dev:
-            self.logits.copy_(F.linear(xf, self.m.lm_head)[0].float())
+            self.logits.copy_(linear(xf, self.m.lm_head)[0].float())
         else:
             self.xf_host.copy_(xf, non_blocking=True)
 
@@ -250,7 +250,7 @@ class GraphDecoder:
         cache.length = p + 1
         if m.lm_head.device != self.dev:
             self._wait(self._mark())
-            return F.linear(self.xf_host, m.lm_head)[0].float()
+            return linear(self.xf_host, m.lm_head)[0].float()
         return self.logits
 
     # ---- capture ------------------------------------------------------------------------------

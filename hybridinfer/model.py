@@ -17,6 +17,21 @@ from .ffn import DenseFFN, MoE
 from .predictor import Predictor
 
 
+def linear(x: torch.Tensor, w, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., in] -> [..., out] = x W^T (+ bias): the one dispatch point for a linear layer.
+    w is a torch tensor [out, in] (F.linear, on any device) or a kernels.cpu.PackedLinear (the
+    C++ kernels over packed rows, e.g. q4_0 on the CPU: x must be on the CPU; computed in
+    float32, returned in x's dtype)."""
+    if isinstance(w, torch.Tensor):
+        return F.linear(x, w, bias)
+    from .kernels.cpu import linear as packed_linear
+    y = packed_linear(x.reshape(-1, x.shape[-1]).float().contiguous(), w)
+    y = y.view(*x.shape[:-1], w.out_features)
+    if bias is not None:
+        y = y + bias
+    return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, weight: torch.Tensor, eps: float):
         super().__init__()
@@ -60,15 +75,16 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, w: dict[str, torch.Tensor]):
         super().__init__()
         self.cfg = cfg
-        self.q, self.k, self.v, self.o = w["q"], w["k"], w["v"], w["o"]   # [h*hd, d] ... [d, h*hd]
+        # [h*hd, d] ... [d, h*hd]: torch tensors or PackedLinear (see `linear`)
+        self.q, self.k, self.v, self.o = w["q"], w["k"], w["v"], w["o"]
         self.qb, self.kb, self.vb, self.ob = w.get("qb"), w.get("kb"), w.get("vb"), w.get("ob")
 
     def forward(self, x, layer, cache: KVCache, cos, sin, mask) -> torch.Tensor:
         """x [b, t, d] -> [b, t, d]; writes K/V at positions cache.length .. +t."""
         c, (b, t, _) = self.cfg, x.shape
-        q = F.linear(x, self.q, self.qb).view(b, t, c.num_heads, c.head_dim).transpose(1, 2)
-        k = F.linear(x, self.k, self.kb).view(b, t, c.num_kv_heads, c.head_dim).transpose(1, 2)
-        v = F.linear(x, self.v, self.vb).view(b, t, c.num_kv_heads, c.head_dim).transpose(1, 2)
+        q = linear(x, self.q, self.qb).view(b, t, c.num_heads, c.head_dim).transpose(1, 2)
+        k = linear(x, self.k, self.kb).view(b, t, c.num_kv_heads, c.head_dim).transpose(1, 2)
+        v = linear(x, self.v, self.vb).view(b, t, c.num_kv_heads, c.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         start = cache.length
         cache.k[layer][:, :, start:start + t] = k
@@ -80,7 +96,7 @@ class Attention(nn.Module):
             ks = ks.repeat_interleave(rep, dim=1)
             vs = vs.repeat_interleave(rep, dim=1)
         y = F.scaled_dot_product_attention(q, ks, vs, attn_mask=mask)   # [b, h, t, hd]
-        return F.linear(y.transpose(1, 2).reshape(b, t, c.num_heads * c.head_dim), self.o, self.ob)
+        return linear(y.transpose(1, 2).reshape(b, t, c.num_heads * c.head_dim), self.o, self.ob)
 
 
 class Block(nn.Module):
@@ -101,7 +117,7 @@ class Transformer(nn.Module):
         self.embed = embed           # [V, d]
         self.blocks = nn.ModuleList(blocks)
         self.norm = norm
-        self.lm_head = lm_head       # [V, d] (the embedding when tied)
+        self.lm_head = lm_head       # [V, d] (the embedding when tied), or a PackedLinear
         self._rope_len = 0
 
     def new_cache(self, capacity: int, batch: int = 1) -> KVCache:
@@ -138,12 +154,12 @@ class Transformer(nn.Module):
         if last_only:
             x = x[:, -1:]
         h = self.norm(x)
-        return F.linear(h.to(self.lm_head.device), self.lm_head).float()
+        return linear(h.to(self.lm_head.device), self.lm_head).float()
 
 
 def build_model(cfg: ModelConfig, ckpt: Checkpoint, device: torch.device, dtype: torch.dtype,
                 with_predictors: bool = True, ffn_factory=None, moe_class=MoE,
-                places: dict[str, bool] | None = None) -> Transformer:
+                places: dict[str, bool] | None = None, cpu_linear_fmt: str | None = None) -> Transformer:
     """Fetch every tensor by its architecture's name, check its shape, and place it.
 
     ffn_factory(layer, expert, fetch, predictor) -> module builds each FFN instead of a DenseFFN
@@ -152,7 +168,10 @@ def build_model(cfg: ModelConfig, ckpt: Checkpoint, device: torch.device, dtype:
     places: component ("embeddings", "lm_head", "predictors") -> False where a placement keeps
     it off the GPU side (then it lives on the CPU); default True. The model's `device_bytes`
     counts, per component, the bytes this build put on the GPU side (what the planner budgeted:
-    tests hold the two together)."""
+    tests hold the two together).
+    cpu_linear_fmt (e.g. "q4_0"): the attention projections and lm_head that end up on the CPU
+    are packed in this format (kernels.cpu.PackedLinear) and read by the C++ kernels, as
+    llama.cpp reads them, instead of torch's float matmul."""
     d, ff, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
     places = places or {}
     placed: dict[str, int] = {}
@@ -166,6 +185,19 @@ def build_model(cfg: ModelConfig, ckpt: Checkpoint, device: torch.device, dtype:
         if on_gpu_side:
             placed[component] = placed.get(component, 0) + out.numel() * out.element_size()
         return out
+
+    def lin(name, shape, component="attention"):
+        """A linear layer's weight: packed for the CPU kernels when it lives on the CPU and
+        cpu_linear_fmt is set, else the tensor of get()."""
+        on_gpu_side = places.get(component, True)
+        if cpu_linear_fmt is None or torch.device(device if on_gpu_side else "cpu").type != "cpu":
+            return get(name, shape, component)
+        from .kernels.cpu import PackedLinear
+        w = PackedLinear.from_weight(ckpt.get(name, shape), cpu_linear_fmt)
+        ckpt.release(name)
+        if on_gpu_side:
+            placed[component] = placed.get(component, 0) + w.nbytes
+        return w
 
     def ffn(layer, expert=None):
         n = ffn_names(cfg.family, layer, expert)
@@ -188,10 +220,10 @@ def build_model(cfg: ModelConfig, ckpt: Checkpoint, device: torch.device, dtype:
     for i in range(cfg.num_layers):
         p = layer_prefix(i)
         a = p + "self_attn."
-        w = {"q": get(a + "q_proj.weight", (cfg.num_heads * hd, d)),
-             "k": get(a + "k_proj.weight", (cfg.num_kv_heads * hd, d)),
-             "v": get(a + "v_proj.weight", (cfg.num_kv_heads * hd, d)),
-             "o": get(a + "o_proj.weight", (d, cfg.num_heads * hd))}
+        w = {"q": lin(a + "q_proj.weight", (cfg.num_heads * hd, d)),
+             "k": lin(a + "k_proj.weight", (cfg.num_kv_heads * hd, d)),
+             "v": lin(a + "v_proj.weight", (cfg.num_kv_heads * hd, d)),
+             "o": lin(a + "o_proj.weight", (d, cfg.num_heads * hd))}
         if cfg.attention_bias:
             w.update(qb=get(a + "q_proj.bias", (cfg.num_heads * hd,)),
                      kb=get(a + "k_proj.bias", (cfg.num_kv_heads * hd,)),
@@ -209,9 +241,12 @@ def build_model(cfg: ModelConfig, ckpt: Checkpoint, device: torch.device, dtype:
                             f))
     embed = get("model.embed_tokens.weight", (cfg.vocab_size, d), "embeddings")
     if "lm_head.weight" in ckpt:
-        lm_head = get("lm_head.weight", (cfg.vocab_size, d), "lm_head")
+        lm_head = lin("lm_head.weight", (cfg.vocab_size, d), "lm_head")
     elif cfg.tie_word_embeddings:
         lm_head = embed
+        if cpu_linear_fmt is not None and embed.device.type == "cpu":   # a packed copy to read
+            from .kernels.cpu import PackedLinear
+            lm_head = PackedLinear.from_weight(embed, cpu_linear_fmt)
     else:
         raise HybridInferError(f"{ckpt.folder}: missing tensor 'lm_head.weight'")
     norm = RMSNorm(get("model.norm.weight", (d,), "norms"), cfg.rms_norm_eps)

@@ -147,6 +147,10 @@ def test_quantised_rows_match_dense_on_the_same_rounded_weights(tmp_path, fmt, d
     for k, v in tensors.items():  # w2 is packed transposed (neuron-major)
         if k.endswith("w2.weight"):
             rounded[k] = quant.unpack(quant.pack(v.t(), fmt), fmt, v.shape[0]).t().contiguous()
+        # with a block format the CPU's attention projections and lm_head are packed in it too
+        if device.type == "cpu" and fmt in ("q8_0", "q4_0") and (
+                "_proj.weight" in k and ".self_attn." in k or k == "lm_head.weight"):
+            rounded[k] = quant.unpack(quant.pack(v, fmt), fmt, v.shape[1])
     ref_dir = save_checkpoint(tmp_path / "r", cfg_d, rounded, extra_files={
         n: (folder / n).read_text() for n in ("tokenizer.json", "tokenizer_config.json")})
     ref = hybridinfer.load(ref_dir, device="cpu", sparsity="dense")

@@ -235,6 +235,61 @@ def down_sparse(ffn: PackedFFN, a, ids, skip_zero: bool = False):
     return _out(y, one, was_np)
 
 
+@dataclass(frozen=True, eq=False)
+class PackedLinear:
+    """A dense linear layer's weight packed for the CPU kernels: weight uint8 [out_features,
+    row_bytes(in_features, fmt)], row r = W[r, :] of nn.Linear's W [out, in]. Built once; calls
+    never copy it. `device` / `shape` mirror a torch weight's, so code that only asks where a
+    weight lives or what shape it has need not care which kind it holds."""
+    fmt: str
+    in_features: int
+    out_features: int
+    weight: torch.Tensor
+
+    def __post_init__(self):
+        if self.fmt not in quant.FORMATS:
+            raise ValueError(f"unknown weight format {self.fmt!r}; expected one of {quant.FORMATS}")
+        rb = quant.row_bytes(self.in_features, self.fmt)
+        t = _tensor(self.weight, "PackedLinear.weight")
+        object.__setattr__(self, "weight", t)
+        if t.dtype != torch.uint8 or tuple(t.shape) != (self.out_features, rb) or not t.is_contiguous():
+            raise ValueError(f"PackedLinear.weight: expected contiguous uint8 [{self.out_features}, {rb}] "
+                             f"({self.fmt}, in_features={self.in_features}), got {t.dtype} "
+                             f"{tuple(t.shape)}{'' if t.is_contiguous() else ' non-contiguous'}")
+
+    @classmethod
+    def from_weight(cls, w, fmt: str) -> "PackedLinear":
+        """w: [out_features, in_features] float (nn.Linear's layout), packed in `fmt`."""
+        w = _tensor(w, "w")
+        if w.dim() != 2:
+            raise ValueError(f"from_weight: expected w [out, in], got {tuple(w.shape)}")
+        return cls(fmt, w.shape[1], w.shape[0], to_weights(quant.pack(w, fmt)))
+
+    @property
+    def device(self) -> torch.device:
+        return self.weight.device
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.out_features, self.in_features)
+
+    @property
+    def nbytes(self) -> int:
+        return self.weight.numel()
+
+
+def linear(x, m: PackedLinear):
+    """y = x W^T over every row: x [in] or [b, in] float32 -> y [out] or [b, out] float32.
+    Block formats quantise x to q8 blocks once per call (as ffn_sparse does)."""
+    if not isinstance(m, PackedLinear):
+        raise ValueError(f"expected PackedLinear, got {type(m).__name__}")
+    xt, one, was_np = _x2d(x, m.in_features)
+    y = torch.empty(xt.shape[0], m.out_features, dtype=torch.float32)
+    _call(_native().linear, _FMT_CODE[m.fmt], m.in_features, m.out_features, m.weight.data_ptr(),
+          xt.data_ptr(), xt.shape[0], y.data_ptr())
+    return _out(y, one, was_np)
+
+
 def read_sum(buf) -> float:
     """Sum of a contiguous float32 buffer on the pool: the read-bandwidth probe."""
     t = _tensor(buf, "buf")
