@@ -1,7 +1,10 @@
 """Where the host time of one hybrid decode step goes (GPU machine): M47 scaled to a few layers,
 the hybrid policy at a budget, the CUDA-graph decoder, cProfile over N steps.
 
-    python3 benchmarks/profile_step.py --layers 8 --budget 24GiB --steps 30
+    python3 benchmarks/profile_step.py --layers 8 --budget 24GiB --steps 30 [--kernels]
+
+--kernels adds the device side: torch.profiler over the same steps, CUDA kernel time per token by
+kernel name (graph replays included), and the GPU's busy share of the token time.
 """
 import argparse
 import cProfile
@@ -24,6 +27,7 @@ def main():
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--threads", type=int, default=8)
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--kernels", action="store_true", help="also the CUDA kernel time per token")
     a = ap.parse_args()
     cpu.set_num_threads(a.threads)
     torch.set_num_threads(a.threads)
@@ -49,6 +53,34 @@ def main():
         tok = int(gd.step(tok).argmax())
     pr.disable()
     pstats.Stats(pr).sort_stats("tottime").print_stats(22)
+    if a.kernels:
+        kernel_table(gd, tok, a.steps, a.layers)
+
+
+def kernel_table(gd, tok, steps, layers):
+    """CUDA kernel time per token by kernel name; busy = sum of kernel times / wall time."""
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
+        t = time.perf_counter()
+        for _ in range(steps):
+            tok = int(gd.step(tok).argmax())
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - t) / steps
+    rows, total, n = {}, 0.0, 0
+    for e in p.events():
+        if e.device_type.name == "CUDA":
+            us = e.device_time if hasattr(e, "device_time") else e.cuda_time
+            k = e.name[:60]
+            c, s = rows.get(k, (0, 0.0))
+            rows[k] = (c + 1, s + us)
+            total += us
+            n += 1
+    print(f"GPU kernels: {n / steps:.0f} per token, {total / steps / 1e3:.2f} ms busy per token of "
+          f"{wall * 1e3:.2f} ms wall ({total / steps / 1e3 / (wall * 1e3):.0%}), {layers} layers")
+    print(f"{'kernel':60s} {'calls/tok':>9s} {'us/tok':>9s} {'us/call':>8s}")
+    for k, (c, s) in sorted(rows.items(), key=lambda kv: -kv[1][1])[:30]:
+        print(f"{k:60s} {c / steps:9.1f} {s / steps:9.1f} {s / c:8.2f}")
 
 
 if __name__ == "__main__":

@@ -6,9 +6,11 @@
 #include <pybind11/stl.h>
 
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
+#include "cold_step.h"
 #include "ffn.h"
 #include "kernels.h"
 #include "threadpool.h"
@@ -66,6 +68,31 @@ void linear(int fmt, int d, int n, uintptr_t w, uintptr_t x, int b, uintptr_t y)
   hi::linear(hi::Fmt(fmt), d, n, ptr<const uint8_t>(w), ptr<const float>(x), b, ptr<float>(y));
 }
 
+// A ColdStep bound to the caller's buffers (pointers stay valid while the Python owner lives):
+// per expert e, fmts[e] < 0 marks an expert without cold rows.
+std::unique_ptr<hi::ColdStep> cold_step(
+    const std::vector<int>& fmts, int d, const std::vector<int>& n_colds,
+    const std::vector<uintptr_t>& gates, const std::vector<uintptr_t>& ups,
+    const std::vector<uintptr_t>& downs, const std::vector<uintptr_t>& neurons,
+    const std::vector<uintptr_t>& masks, uintptr_t sel, uintptr_t w, int k, uintptr_t x,
+    uintptr_t y, int act, float threshold, bool exact) {
+  const size_t E = fmts.size();
+  if (n_colds.size() != E || gates.size() != E || ups.size() != E || downs.size() != E ||
+      neurons.size() != E || masks.size() != E)
+    throw py::value_error("cold_step: per-expert lists differ in length");
+  std::vector<hi::ColdExpert> ex(E);
+  for (size_t e = 0; e < E; ++e) {
+    if (fmts[e] < 0) { ex[e].f = FFNDesc{hi::Fmt::F32, d, 0, nullptr, nullptr, nullptr}; continue; }
+    ex[e].f = desc(fmts[e], d, n_colds[e], gates[e], ups[e], downs[e]);
+    const int32_t* nr = ptr<const int32_t>(neurons[e]);
+    ex[e].neuron.assign(nr, nr + n_colds[e]);
+    ex[e].mask = ptr<const uint8_t>(masks[e]);
+  }
+  return std::make_unique<hi::ColdStep>(std::move(ex), d, ptr<const int64_t>(sel),
+                                        ptr<const float>(w), k, ptr<const float>(x),
+                                        ptr<float>(y), hi::Act(act), threshold, exact);
+}
+
 double read_sum(uintptr_t p, size_t n) {
   py::gil_scoped_release nogil;
   return hi::read_sum(ptr<const float>(p), n);
@@ -96,6 +123,15 @@ PYBIND11_MODULE(_C, m) {
         py::arg("skip_zero"), py::arg("y"));
   m.def("linear", &linear, py::arg("fmt"), py::arg("d"), py::arg("n"), py::arg("w"), py::arg("x"),
         py::arg("b"), py::arg("y"), "y [b, n] = x [b, d] W^T over n packed rows (a dense linear).");
+  py::class_<hi::ColdStep>(m, "ColdStep",
+                           "One layer's cold half per decode step, bound to static buffers.")
+      .def("run", [](hi::ColdStep& c) { py::gil_scoped_release nogil; c.run(); },
+           "Read the bound router/mask buffers, compute the chosen experts' cold rows into y.")
+      .def("last_rows", &hi::ColdStep::last_rows);
+  m.def("cold_step", &cold_step, py::arg("fmts"), py::arg("d"), py::arg("n_colds"),
+        py::arg("gates"), py::arg("ups"), py::arg("downs"), py::arg("neurons"), py::arg("masks"),
+        py::arg("sel"), py::arg("w"), py::arg("k"), py::arg("x"), py::arg("y"), py::arg("act"),
+        py::arg("threshold"), py::arg("exact"));
   m.def("read_sum", &read_sum, py::arg("ptr"), py::arg("n"),
         "Sum of n float32 at ptr on the pool (the read-bandwidth probe).");
 }

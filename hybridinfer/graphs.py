@@ -6,14 +6,18 @@ are captured once and replayed:
 
   A[l]      (prev layer's merge) + attention + ffn norm + router / predictor; D2H of what the host
             needs (the FFN input u, the expert ids and weights, the predicted masks)
-  P[l, e]   MoE, predictor on the GPU: expert e's predictor; D2H of its mask
-  H[l, e]   expert e's hot half (Triton), accumulated into y_acc[l] with the router weight
+  P[l, g]   MoE, predictors on the GPU: the predictors of the chosen experts g (one graph per
+            possible choice, e.g. the 28 pairs of top-2 of 8); D2H of their masks
+  H[l, g]   the chosen experts' hot halves (Triton), accumulated into y_acc[l] with the router
+            weights
   F         the last merge, final norm, lm_head
 
-Host, per layer: replay A; (MoE) one sync for the expert ids; replay P of the two experts; replay
-their H (async); one sync for the masks; the CPU kernel over the cold rows (GIL released) into a
-pinned buffer that A[l+1] copies to the device (H2D inside the graph). Buffers are static; the
-KV cache is a static [capacity] cache and attention reads all of it under a position mask.
+Host, per layer: replay A; (MoE) one sync for the expert ids; replay P[g]; replay H[g] (async);
+one sync for the masks; one native call (kernels.cpu.ColdStep, bound to the pinned buffers) turns
+the masks into cold-row ids and runs the CPU kernel over them (GIL released) into a pinned buffer
+that A[l+1] copies to the device (H2D inside the graph). When the choices are too many to capture
+(C(E, k) > MAX_GROUPS), P and H are captured per expert instead. Buffers are static; the KV cache
+is a static [capacity] cache and attention reads all of it under a position mask.
 
 The same code runs without capture (graphs=False): on the cpu device that is how CI tests the
 logic against the plain decode path.
@@ -23,6 +27,7 @@ Shapes: d hidden, E experts, k top-k, C cache capacity, H/KV heads, hd head dim,
 from __future__ import annotations
 
 import math
+from itertools import combinations
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +35,8 @@ import torch.nn.functional as F
 from .ffn import HybridFFN, HybridMoE, MoE
 from .model import KVCache, Transformer, apply_rope, linear
 from .predictor import host_active, predictor_device
+
+MAX_GROUPS = 64        # expert choices per layer captured as one graph each (else per expert)
 
 
 class GraphDecoder:
@@ -76,6 +83,8 @@ class GraphDecoder:
         self._cpu_pred = set(self.mask) - self._gpu_pred
         self._cold = {(l, e) for l in range(L) for e, f in self._fm[l].items()
                       if isinstance(f, HybridFFN) and f.cold is not None}
+        self._grouped = [self.moe[l] and math.comb(len(self._fm[l]), k) <= MAX_GROUPS for l in range(L)]
+        self._coldstep = [self._cold_step(l) for l in range(L)]
         cuda = self.dev.type == "cuda"
         self._ev = [(torch.cuda.Event(), torch.cuda.Event()) if cuda else (None, None) for _ in range(L)]
         self._graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
@@ -89,6 +98,36 @@ class GraphDecoder:
 
     def _pred_on_gpu(self, f) -> bool:
         return predictor_device(f.predictor, self.dev) == self.dev
+
+    def _groups(self, l: int, sel: list[int]) -> list[tuple[int, ...]]:
+        """The P/H segments that serve the chosen experts `sel` of layer l."""
+        if self._grouped[l]:
+            return [tuple(sorted(sel))]
+        return [(e,) for e in sel]
+
+    def _all_groups(self, l: int):
+        if not self.moe[l]:
+            return [(-1,)]
+        es = sorted(self._fm[l])
+        if self._grouped[l]:
+            return list(combinations(es, self.m.cfg.experts_per_token))
+        return [(e,) for e in es]
+
+    def _cold_step(self, l: int):
+        """The native per-step cold half of layer l, bound to its pinned buffers (None: no cold rows)."""
+        from .kernels import cpu
+        ffns = self._fm[l]
+        cold = {e: f for e, f in ffns.items() if (l, e) in self._cold}
+        if not cold:
+            return None
+        f0 = next(iter(cold.values()))
+        keys = range(len(ffns)) if self.moe[l] else [-1]
+        items = [(cold[e].cold, cold[e].cold_ids, self.mask_host.get((l, e))) if e in cold
+                 else (None, None, None) for e in keys]
+        ffn, neurons, masks = zip(*items)
+        sel, w = (self.ids_host[l], self.w_host[l]) if self.moe[l] else (None, None)
+        return cpu.ColdStep(ffn, neurons, masks, self.u_host[l][0], self.ycpu_host[l][0], sel, w,
+                            f0.activation, f0.threshold, exact=f0.sparsity == "exact")
 
     # ---- the segments (plain functions of the static buffers) ---------------------------------
     def seg_attn(self, l: int) -> None:
@@ -128,29 +167,34 @@ class GraphDecoder:
             self.ids_host[l].copy_(ids[0], non_blocking=True)
             self.w_host[l].copy_(w[0].float(), non_blocking=True)
         elif (l, -1) in self._gpu_pred:
-            self.seg_predict(l, -1)
+            self.seg_predict(l, (-1,))
 
-    def seg_predict(self, l: int, e: int) -> None:
-        f = self._fm[l][e]
-        mask = f.predictor.active(self.u[l])[0]
-        self.mask[(l, e)].copy_(mask)
-        self.mask_host[(l, e)].copy_(mask, non_blocking=True)                          # D2H
+    def seg_predict(self, l: int, g: tuple[int, ...]) -> None:
+        """The masks of the experts in g whose predictor is on the GPU."""
+        for e in g:
+            if (l, e) not in self._gpu_pred:
+                continue
+            mask = self._fm[l][e].predictor.active(self.u[l])[0]
+            self.mask[(l, e)].copy_(mask)
+            self.mask_host[(l, e)].copy_(mask, non_blocking=True)                      # D2H
 
-    def seg_hot(self, l: int, e: int) -> None:
-        f = self._fm[l][e]
-        if isinstance(f, HybridFFN):
-            mask = None
-            if (l, e) in self.mask:
-                if (l, e) in self._cpu_pred:                       # mask made on the host
-                    self.mask[(l, e)].copy_(self.mask_host[(l, e)], non_blocking=True)
-                mask = self.mask[(l, e)]
-            part = f.gpu_half(self.u[l], mask)
-        else:                                                      # a dense FFN on the device
-            part = f(self.u[l])
-        if part is None:
-            return
-        scale = self.w_full[l][e] if e >= 0 else 1.0
-        self.yacc[l].add_((part.float() * scale).to(self.dt))
+    def seg_hot(self, l: int, g: tuple[int, ...]) -> None:
+        """The hot halves of the experts in g (or the dense FFN, g = (-1,)) into yacc[l]."""
+        for e in g:
+            f = self._fm[l][e]
+            if isinstance(f, HybridFFN):
+                mask = None
+                if (l, e) in self.mask:
+                    if (l, e) in self._cpu_pred:                   # mask made on the host
+                        self.mask[(l, e)].copy_(self.mask_host[(l, e)], non_blocking=True)
+                    mask = self.mask[(l, e)]
+                part = f.gpu_half(self.u[l], mask)
+            else:                                                  # a dense FFN on the device
+                part = f(self.u[l])
+            if part is None:
+                continue
+            scale = self.w_full[l][e] if e >= 0 else 1.0
+            self.yacc[l].add_((part.float() * scale).to(self.dt))
 
     def seg_final(self) -> None:
         L = self.m.cfg.num_layers
@@ -186,21 +230,6 @@ class GraphDecoder:
             from .kernels.gpu import SyncCounter
             SyncCounter.syncs += 1
 
-    def _cpu_half(self, l: int, sel: list[tuple[int, float]]) -> None:
-        """The cold rows of the selected FFNs (expert, weight) in one CPU kernel call."""
-        from .kernels import cpu
-        ffns = self._fm[l]
-        cold = [(e, w, ffns[e]) for e, w in sel if (l, e) in self._cold]
-        if not cold:
-            self.ycpu_host[l].zero_()
-            return
-        rows = [f.cold_rows(self.mask_host.get((l, e))) for e, _, f in cold]
-        f0 = cold[0][2]
-        y = cpu.ffn_sparse_multi([f.cold for _, _, f in cold], self.u_host[l], rows,
-                                 torch.tensor([w for _, w, _ in cold], dtype=torch.float32),
-                                 f0.activation, f0.threshold, exact=f0.sparsity == "exact")
-        self.ycpu_host[l].copy_(y)
-
     @torch.inference_mode()
     def step(self, token: int) -> torch.Tensor:
         """Logits [V] (float32) for `token` at position cache.length; advances the cache.
@@ -216,36 +245,35 @@ class GraphDecoder:
             self.x0_host.copy_(m.embed[token])
             self.x0.copy_(self.x0_host, non_blocking=True)
         for l in range(m.cfg.num_layers):
-            ffns = self._fm[l]
             ev_ids, ev_ready = self._ev[l]
             self._run(("A", l), self.seg_attn, l)
             synced = False
             if self.moe[l]:
                 self._wait(self._mark(ev_ids))                      # the expert ids (and u)
                 synced = True
-                sel = list(zip(self.ids_host[l].tolist(), self.w_host[l].tolist()))
-                for e, _ in sel:
-                    if (l, e) in self._gpu_pred:
-                        self._run(("P", l, e), self.seg_predict, l, e)
-                        synced = False
+                sel = self.ids_host[l].tolist()
             else:
-                sel = [(-1, 1.0)]
+                sel = [-1]
+            groups = self._groups(l, sel)
+            for g in groups:
+                if self.moe[l] and any((l, e) in self._gpu_pred for e in g):
+                    self._run(("P", l, g), self.seg_predict, l, g)
+                    synced = False
             ready = self._mark(ev_ready)                            # u and the GPU-made masks
-            cpu_pred = [e for e, _ in sel if (l, e) in self._cpu_pred]
+            cpu_pred = [e for e in sel if (l, e) in self._cpu_pred]
             if cpu_pred:                                            # predictors kept on the CPU
                 if not synced:
                     self._wait(ready)
                     synced = True
                 for e in cpu_pred:
-                    self.mask_host[(l, e)].copy_(host_active(ffns[e].predictor, self.u_host[l])[0])
-            for e, _ in sel:
-                self._run(("H", l, e), self.seg_hot, l, e)          # async on the GPU
-            if any((l, e) in self._cold for e, _ in sel):
+                    self.mask_host[(l, e)].copy_(host_active(self._fm[l][e].predictor, self.u_host[l])[0])
+            for g in groups:
+                self._run(("H", l, g), self.seg_hot, l, g)          # async on the GPU
+            cs = self._coldstep[l]
+            if cs is not None:                                      # else ycpu_host[l] stays 0
                 if not synced:
                     self._wait(ready)                               # not the hot halves: overlap
-                self._cpu_half(l, sel)
-            else:
-                self.ycpu_host[l].zero_()
+                cs.run()
         self._run(("F",), self.seg_final)
         cache.length = p + 1
         if m.lm_head.device != self.dev:
@@ -257,11 +285,12 @@ class GraphDecoder:
     def _segments(self):
         for l in range(self.m.cfg.num_layers):
             yield ("A", l), self.seg_attn, (l,)
-            for e, f in self._ffns(l):
-                if e >= 0 and (l, e) in self._gpu_pred:
-                    yield ("P", l, e), self.seg_predict, (l, e)
-                if not (isinstance(f, HybridFFN) and f.hot is None):    # no hot rows: nothing to replay
-                    yield ("H", l, e), self.seg_hot, (l, e)
+            fm = self._fm[l]
+            for g in self._all_groups(l):
+                if self.moe[l] and any((l, e) in self._gpu_pred for e in g):
+                    yield ("P", l, g), self.seg_predict, (l, g)
+                if any(not (isinstance(fm[e], HybridFFN) and fm[e].hot is None) for e in g):
+                    yield ("H", l, g), self.seg_hot, (l, g)    # no hot rows: nothing to replay
         yield ("F",), self.seg_final, ()
 
     def _capture(self) -> None:

@@ -21,6 +21,19 @@ CASES = [("TurboSparseMixtralForCausalLM", "predictor", "mixed"),
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("arch,sparsity,placement", CASES)
 def test_graph_decoder_equals_plain_decode(tmp_path, arch, sparsity, placement, device):
+    _check_against_plain(tmp_path, arch, sparsity, placement, device)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_graph_decoder_per_expert_segments(tmp_path, monkeypatch, device):
+    """Too many expert choices to capture one graph each: P and H per expert instead."""
+    from hybridinfer import graphs
+    monkeypatch.setattr(graphs, "MAX_GROUPS", 1)
+    gd = _check_against_plain(tmp_path, "TurboSparseMixtralForCausalLM", "predictor", "mixed", device)
+    assert not any(gd._grouped)
+
+
+def _check_against_plain(tmp_path, arch, sparsity, placement, device) -> GraphDecoder:
     folder, _, _ = write_model(tmp_path / "m", arch, seed=51, sliding_window=5)
     from hybridinfer.config import ModelConfig
     hot = placements(ModelConfig.from_dir(folder), seed=52)[placement]
@@ -36,6 +49,7 @@ def test_graph_decoder_equals_plain_decode(tmp_path, arch, sparsity, placement, 
         out += [gd.step(t).clone() for t in ids[3:]]
     ref, out = torch.stack(ref).cpu(), torch.stack(out).cpu()
     assert float((out - ref).abs().max() / ref.abs().max()) <= 1e-4
+    return gd
 
 
 def test_generate_uses_the_graph_decoder(tmp_path):

@@ -290,6 +290,76 @@ def linear(x, m: PackedLinear):
     return _out(y, one, was_np)
 
 
+class ColdStep:
+    """One layer's cold half per decode step, bound once to static host buffers (the CUDA-graph
+    decoder's pinned copies): run() reads the router's choice and each chosen expert's mask and
+    writes y = sum over the chosen experts of weight * (their cold rows' FFN of x), all natively.
+
+    ffns[e]: PackedFFN of expert e's compact cold rows, or None (no cold rows);
+    neurons[e]: int [n_cold] neuron id of each cold row; masks[e]: bool [n_ff] or None (every
+    cold row); sel int64 [k] / w float32 [k]: the router's buffers, or None for a dense layer
+    (one FFN, weight 1); x float32 [d], y float32 [d]. The buffers must outlive this object
+    (it keeps references to them)."""
+
+    def __init__(self, ffns, neurons, masks, x, y, sel=None, w=None, act: str = "drelu",
+                 threshold: float = 0.0, exact: bool = False):
+        ffns, neurons, masks = list(ffns), list(neurons), list(masks)
+        if not ffns or not len(ffns) == len(neurons) == len(masks):
+            raise ValueError("ColdStep: need one (ffn, neurons, mask) per expert")
+        if sel is None and len(ffns) != 1:
+            raise ValueError("ColdStep: a layer without a router has exactly one FFN")
+        d = next((f.d_model for f in ffns if f is not None), None)
+        x, y = _tensor(x, "x"), _tensor(y, "y")
+        for name, t in (("x", x), ("y", y)):
+            if t.dtype != torch.float32 or not t.is_contiguous() or d is not None and t.numel() != d:
+                raise ValueError(f"ColdStep: {name} must be contiguous float32 [{d}]")
+        d = x.numel()
+        k = 1
+        if sel is not None:
+            sel, w = _tensor(sel, "sel"), _tensor(w, "w")
+            if sel.dtype != torch.int64 or w.dtype != torch.float32 or sel.numel() != w.numel() \
+                    or not (sel.is_contiguous() and w.is_contiguous()):
+                raise ValueError("ColdStep: sel must be int64 [k] and w float32 [k], contiguous")
+            k = sel.numel()
+        keep = [x, y, sel, w]
+        fmts, n_colds, gates, ups, downs, nptr, mptr = [], [], [], [], [], [], []
+        for e, (f, nr, m) in enumerate(zip(ffns, neurons, masks)):
+            if f is None:
+                for lst in (n_colds, gates, ups, downs, nptr, mptr):
+                    lst.append(0)
+                fmts.append(-1)
+                continue
+            if not isinstance(f, PackedFFN) or f.d_model != d:
+                raise ValueError(f"ColdStep: expert {e}: expected a PackedFFN with d_model {d}")
+            nr = _tensor(nr, f"neurons[{e}]").to(torch.int32).contiguous()
+            if nr.numel() != f.n_ff:
+                raise ValueError(f"ColdStep: expert {e}: {nr.numel()} neuron ids for {f.n_ff} cold rows")
+            if m is not None:
+                m = _tensor(m, f"masks[{e}]")
+                if m.dtype != torch.bool or not m.is_contiguous():
+                    raise ValueError(f"ColdStep: masks[{e}] must be a contiguous bool tensor")
+                if nr.numel() and (int(nr.min()) < 0 or int(nr.max()) >= m.numel()):
+                    raise ValueError(f"ColdStep: expert {e}: neuron ids outside the mask's {m.numel()}")
+            keep += [f, nr, m]
+            fmts.append(_FMT_CODE[f.fmt])
+            n_colds.append(f.n_ff)
+            gates.append(f.gate.data_ptr())
+            ups.append(f.up.data_ptr())
+            downs.append(f.down_t.data_ptr())
+            nptr.append(nr.data_ptr())
+            mptr.append(0 if m is None else m.data_ptr())
+        self._keep = keep
+        self._c = _call(_native().cold_step, fmts, d, n_colds, gates, ups, downs, nptr, mptr,
+                        0 if sel is None else sel.data_ptr(), 0 if w is None else w.data_ptr(),
+                        k, x.data_ptr(), y.data_ptr(), _act(act), float(threshold), bool(exact))
+        self.run = self._c.run          # the per-step call: one native call, GIL released
+
+    @property
+    def last_rows(self) -> int:
+        """Cold rows the last run() computed (all chosen experts)."""
+        return self._c.last_rows()
+
+
 def read_sum(buf) -> float:
     """Sum of a contiguous float32 buffer on the pool: the read-bandwidth probe."""
     t = _tensor(buf, "buf")

@@ -1,0 +1,80 @@
+"""kernels.cpu.ColdStep: the decode step's native cold half (router choice + masks -> cold-row ids
+-> fused CPU FFNs), against the float64 reference of test_kernels_cpu on fresh random inputs."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hybridinfer.kernels import cpu
+from test_kernels_cpu import assert_within, make_ffn, reference
+
+
+def _setup(seed, E=4, n_ff=96, d=64, k=2):
+    g = torch.Generator().manual_seed(seed)
+    ffns, neurons, masks = [], [], []
+    for e in range(E):
+        if e == 1:                                          # an expert with no cold rows
+            ffns.append(None), neurons.append(None), masks.append(None)
+            continue
+        n_cold = int(torch.randint(1, n_ff, (1,), generator=g))
+        ffns.append(make_ffn("q4_0" if e % 2 == 0 else "f16", d, n_cold, seed=seed * 10 + e))
+        neurons.append(torch.randperm(n_ff, generator=g)[:n_cold])          # int64 like cold_ids
+        masks.append(torch.zeros(n_ff, dtype=torch.bool))
+    x = torch.zeros(d)
+    y = torch.full((d,), float("nan"))
+    sel = torch.zeros(k, dtype=torch.int64)
+    w = torch.zeros(k)
+    return ffns, neurons, masks, x, y, sel, w, g
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_cold_step_matches_reference(seed):
+    ffns, neurons, masks, x, y, sel, w, g = _setup(seed)
+    cs = cpu.ColdStep(ffns, neurons, masks, x, y, sel, w, "drelu")
+    for step in range(4):                                   # buffers refilled in place per step
+        x.copy_(torch.randn(x.shape, generator=g))
+        sel.copy_(torch.randperm(len(ffns), generator=g)[:2])
+        w.copy_(torch.rand(2, generator=g))
+        for m in masks:
+            if m is not None:
+                m.copy_(torch.rand(m.shape, generator=g) < 0.4)
+        cs.run()
+        ref, bound, rows = torch.zeros(x.numel(), dtype=torch.float64), 0, 0
+        chosen = []
+        for s, e in enumerate(sel.tolist()):
+            if ffns[e] is None:
+                continue
+            ids = torch.nonzero(masks[e][neurons[e]]).flatten()     # cold rows predicted active
+            rows += ids.numel()
+            chosen.append((ffns[e], ids.int(), float(w[s])))
+            r, b = reference(ffns[e], x[None], ids, "drelu", scale=w[s:s + 1].double())
+            ref, bound = ref + r[0], bound + b[0]
+        assert cs.last_rows == rows
+        assert_within(y, ref, bound if rows else 1e-30, f"step {step}")
+        if chosen:                      # the same call the Python path made: identical bits
+            f, i, sc = zip(*chosen)
+            assert torch.equal(y, cpu.ffn_sparse_multi(f, x, i, list(sc), "drelu"))
+
+
+def test_cold_step_dense_layer_without_masks():
+    ffns, neurons, _, x, y, _, _, g = _setup(4)
+    x.copy_(torch.randn(x.shape, generator=g))
+    cs = cpu.ColdStep(ffns[:1], neurons[:1], [None], x, y)    # no router, every cold row
+    cs.run()
+    ref, bound = reference(ffns[0], x[None], torch.arange(ffns[0].n_ff), "drelu")
+    assert cs.last_rows == ffns[0].n_ff
+    assert_within(y, ref[0], bound[0])
+
+
+def test_cold_step_errors_are_one_line():
+    ffns, neurons, masks, x, y, sel, w, _ = _setup(5)
+    with pytest.raises(ValueError, match="exactly one FFN"):
+        cpu.ColdStep(ffns, neurons, masks, x, y)
+    with pytest.raises(ValueError, match="outside the mask"):
+        cpu.ColdStep(ffns, neurons, [m[:3] if m is not None else None for m in masks], x, y, sel, w)
+    with pytest.raises(ValueError, match="float32"):
+        cpu.ColdStep(ffns, neurons, masks, x.double(), y, sel, w)
+    cs = cpu.ColdStep(ffns, neurons, masks, x, y, sel, w)
+    sel.fill_(len(ffns))                                         # a corrupt router buffer
+    with pytest.raises(ValueError, match="out of range"):
+        cs.run()
