@@ -45,6 +45,15 @@ class DenseFFN(nn.Module):
         return F.linear(self.activations(x), self.down)
 
 
+def route(x: torch.Tensor, router: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixtral's router: x [n, d], router [E, d] -> (weights [n, k] in x's dtype, summing to 1,
+    expert ids [n, k]): softmax over all experts in float32, top k, renormalised."""
+    probs = torch.softmax(F.linear(x, router).float(), dim=-1)
+    w, ids = torch.topk(probs, top_k, dim=-1)
+    w = w / w.sum(dim=-1, keepdim=True)
+    return w.to(x.dtype), ids
+
+
 class MoE(nn.Module):
     def __init__(self, router: torch.Tensor, experts: list[DenseFFN], top_k: int):
         super().__init__()
@@ -54,10 +63,7 @@ class MoE(nn.Module):
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [n, d] -> (weights [n, k] in x's dtype, expert ids [n, k])."""
-        probs = torch.softmax(F.linear(x, self.router).float(), dim=-1)
-        w, ids = torch.topk(probs, self.top_k, dim=-1)
-        w = w / w.sum(dim=-1, keepdim=True)
-        return w.to(x.dtype), ids
+        return route(x, self.router, self.top_k)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w, ids = self.route(x)

@@ -27,20 +27,64 @@ Shapes: d hidden, E experts, k top-k, C cache capacity, H/KV heads, hd head dim,
 from __future__ import annotations
 
 import math
+import os
+import warnings
 from itertools import combinations
 
 import torch
 import torch.nn.functional as F
 
-from .ffn import HybridFFN, HybridMoE, MoE
-from .model import KVCache, Transformer, apply_rope, linear
+from .ffn import HybridFFN, HybridMoE, MoE, route
+from .model import KVCache, Transformer, apply_rope, linear, rms_norm
 from .predictor import host_active, predictor_device
 
 MAX_GROUPS = 64        # expert choices per layer captured as one graph each (else per expert)
 
 
+def attn_step(hp, ya, yc, an_w, fn_w, eps: float, q, k, v, o, qb, kb, vb, ob, cos_t, sin_t,
+              pos, kpos, K, V, router, top_k: int, H: int, KV: int, hd: int, window: int,
+              h_out, u_out, yacc_out, wfull_out):
+    """Segment A's arithmetic for one token, a pure function of tensors (so torch.compile fuses
+    its ~60 small kernels into a few, and one compilation serves every layer):
+    x = hp + ya + yc (the previous layer's residual, GPU half, CPU half; [1, d]), attention over
+    the static cache K/V [1, KV, C, hd] (position pos [1], kpos = arange(C)), the FFN norm and,
+    with a router [E, d], the expert choice. Writes h_out, u_out [1, d], zeroes yacc_out and
+    (router) sets wfull_out [E] (f32: the weight of each chosen expert, 0 elsewhere).
+    Returns u as float32 [1, d] and (router) ids [k], weights f32 [k] for the host copies."""
+    x = hp + ya + yc.to(hp.dtype)
+    xn = rms_norm(x, an_w, eps)
+    qq = linear(xn, q, qb).view(1, H, 1, hd)
+    kk = linear(xn, k, kb).view(1, KV, 1, hd)
+    vv = linear(xn, v, vb).view(1, KV, 1, hd)
+    cos, sin = cos_t.index_select(0, pos), sin_t.index_select(0, pos)                  # [1, hd]
+    qq, kk = apply_rope(qq, cos, sin), apply_rope(kk, cos, sin)
+    K.index_copy_(2, pos, kk)
+    V.index_copy_(2, pos, vv)
+    ok = kpos <= pos                                                                   # [C]
+    if window:
+        ok = ok & (kpos > pos - window)
+    qg = qq.view(KV, H // KV, hd)
+    sc = torch.matmul(qg, K[0].transpose(1, 2)).float() / math.sqrt(hd)               # [KV, rep, C]
+    sc = sc.masked_fill(~ok, float("-inf"))
+    y = torch.matmul(torch.softmax(sc, dim=-1).to(x.dtype), V[0])                     # [KV, rep, hd]
+    h = x + linear(y.reshape(1, H * hd), o, ob)
+    u = rms_norm(h, fn_w, eps)
+    h_out.copy_(h)
+    u_out.copy_(u)
+    yacc_out.zero_()
+    if router is None:
+        return u.float(), None, None
+    w, ids = route(u, router, top_k)                                                   # [1, k]
+    wfull_out.zero_().scatter_(0, ids[0], w[0].float())
+    return u.float(), ids[0], w[0].float()
+
+
 class GraphDecoder:
-    def __init__(self, model: Transformer, capacity: int, graphs: bool | None = None):
+    def __init__(self, model: Transformer, capacity: int, graphs: bool | None = None,
+                 fuse: bool | None = None):
+        """graphs: capture CUDA graphs (default: on cuda). fuse: torch.compile segment A's
+        arithmetic (attn_step; default: with graphs, unless HYBRIDINFER_NO_COMPILE=1); a failed
+        compilation falls back to the plain function with a warning."""
         self.m, cfg = model, model.cfg
         # the device as tensors report it (cuda:0, not cuda): compared with weights' devices
         self.dev, self.dt = model.blocks[0].attn.q.device, model.embed.dtype
@@ -87,6 +131,22 @@ class GraphDecoder:
         self._coldstep = [self._cold_step(l) for l in range(L)]
         cuda = self.dev.type == "cuda"
         self._ev = [(torch.cuda.Event(), torch.cuda.Event()) if cuda else (None, None) for _ in range(L)]
+        # layer 0's "previous GPU/CPU halves": two distinct zero buffers (aliased arguments would
+        # make torch.compile specialise layer 0 apart from the others)
+        self._zeros = (torch.zeros(1, d, dtype=dt, device=dev), torch.zeros(1, d, device=dev))
+        self._attn = attn_step
+        if fuse is None:
+            fuse = self.graphs and os.environ.get("HYBRIDINFER_NO_COMPILE", "") in ("", "0")
+        if fuse and all(isinstance(b.attn.q, torch.Tensor) for b in model.blocks):
+            self._attn = torch.compile(attn_step, dynamic=False)
+            try:                                         # compile now; fall back if it cannot
+                with torch.inference_mode():
+                    self.seg_attn(0)
+            except Exception as e:                       # noqa: BLE001 - any compiler failure
+                warnings.warn(f"graph decoder: torch.compile of the attention step failed "
+                              f"({type(e).__name__}: {e}); running it uncompiled")
+                self._attn = attn_step
+            self._clear()
         self._graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
         if self.graphs:
             self._capture()
@@ -132,40 +192,25 @@ class GraphDecoder:
     # ---- the segments (plain functions of the static buffers) ---------------------------------
     def seg_attn(self, l: int) -> None:
         m, cfg, blk = self.m, self.m.cfg, self.m.blocks[l]
-        if l == 0:
-            x = (F.embedding(self.tok, m.embed) if m.embed.device == self.dev else self.x0)   # [1, d]
+        if l == 0:                  # x0: a static buffer (not an inference tensor: one compilation)
+            if m.embed.device == self.dev:
+                self.x0.copy_(F.embedding(self.tok, m.embed))                          # [1, d]
+            parts = (self.x0, *self._zeros)
         else:
             self.ycpu_dev[l - 1].copy_(self.ycpu_host[l - 1], non_blocking=True)         # H2D
-            x = self.h[l - 1] + self.yacc[l - 1] + self.ycpu_dev[l - 1].to(self.dt)
-        a, H, KV, hd = blk.attn, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        xn = blk.attn_norm(x)
-        q = linear(xn, a.q, a.qb).view(1, H, 1, hd)
-        kk = linear(xn, a.k, a.kb).view(1, KV, 1, hd)
-        v = linear(xn, a.v, a.vb).view(1, KV, 1, hd)
-        cos, sin = m.cos.index_select(0, self.pos), m.sin.index_select(0, self.pos)     # [1, hd]
-        q, kk = apply_rope(q, cos, sin), apply_rope(kk, cos, sin)
-        K, V = self.cache.k[l], self.cache.v[l]                                        # [1, KV, C, hd]
-        K.index_copy_(2, self.pos, kk)
-        V.index_copy_(2, self.pos, v)
-        ok = self.kpos <= self.pos                                                     # [C]
-        if cfg.sliding_window:
-            ok = ok & (self.kpos > self.pos - cfg.sliding_window)
-        qg = q.view(KV, H // KV, hd)
-        s = torch.matmul(qg, K[0].transpose(1, 2)).float() / math.sqrt(hd)            # [KV, rep, C]
-        s = s.masked_fill(~ok, float("-inf"))
-        y = torch.matmul(torch.softmax(s, dim=-1).to(self.dt), V[0])                  # [KV, rep, hd]
-        hl = x + linear(y.reshape(1, H * hd), a.o, a.ob)
-        self.h[l].copy_(hl)
-        u = blk.ffn_norm(hl)
-        self.u[l].copy_(u)
-        self.u_host[l].copy_(u.float(), non_blocking=True)                             # D2H
-        self.yacc[l].zero_()
-        f = blk.ffn
+            parts = (self.h[l - 1], self.yacc[l - 1], self.ycpu_dev[l - 1])
+        a, f = blk.attn, blk.ffn
+        router = f.router if self.moe[l] else None
+        uf, ids, w = self._attn(
+            *parts, blk.attn_norm.weight, blk.ffn_norm.weight, blk.attn_norm.eps, a.q, a.k, a.v,
+            a.o, a.qb, a.kb, a.vb, a.ob, m.cos, m.sin, self.pos, self.kpos, self.cache.k[l],
+            self.cache.v[l], router, cfg.experts_per_token, cfg.num_heads, cfg.num_kv_heads,
+            cfg.head_dim, cfg.sliding_window or 0, self.h[l], self.u[l], self.yacc[l],
+            self.w_full[l])
+        self.u_host[l].copy_(uf, non_blocking=True)                                    # D2H
         if self.moe[l]:
-            w, ids = f.route(u)                                                        # [1, k]
-            self.w_full[l].zero_().scatter_(0, ids[0], w[0].float())
-            self.ids_host[l].copy_(ids[0], non_blocking=True)
-            self.w_host[l].copy_(w[0].float(), non_blocking=True)
+            self.ids_host[l].copy_(ids, non_blocking=True)
+            self.w_host[l].copy_(w, non_blocking=True)
         elif (l, -1) in self._gpu_pred:
             self.seg_predict(l, (-1,))
 
@@ -313,6 +358,10 @@ class GraphDecoder:
                     fn(*args)
                 pool = g.pool() if pool is None else pool
                 self._graphs[key] = g
-        for t in self.cache.k + self.cache.v:       # the warm-up wrote position 0: start clean
+        self._clear()
+
+    def _clear(self) -> None:
+        """The warm-ups wrote position 0: start clean."""
+        for t in self.cache.k + self.cache.v:
             t.zero_()
         self.cache.length = 0

@@ -33,14 +33,27 @@ def test_graph_decoder_per_expert_segments(tmp_path, monkeypatch, device):
     assert not any(gd._grouped)
 
 
-def _check_against_plain(tmp_path, arch, sparsity, placement, device) -> GraphDecoder:
+def test_graph_decoder_compiled_attention_step(tmp_path):
+    """torch.compile of segment A's arithmetic (attn_step) gives the plain decode's logits; one
+    compilation serves every layer (the cpu backend here, inductor's Triton code on cuda)."""
+    import torch._dynamo
+    torch._dynamo.reset()
+    gd = _check_against_plain(tmp_path, "TurboSparseMixtralForCausalLM", "predictor", "mixed",
+                              "cpu", fuse=True)
+    from torch._dynamo.utils import counters
+    from hybridinfer.graphs import attn_step
+    assert gd._attn is not attn_step                       # compiled, not fallen back
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+
+
+def _check_against_plain(tmp_path, arch, sparsity, placement, device, fuse=None) -> GraphDecoder:
     folder, _, _ = write_model(tmp_path / "m", arch, seed=51, sliding_window=5)
     from hybridinfer.config import ModelConfig
     hot = placements(ModelConfig.from_dir(folder), seed=52)[placement]
     llm = hybrid(folder, hot, torch.device(device), sparsity=sparsity)
     ids = random_ids(12, seed=53)
     ref_cache = llm.model.new_cache(16)
-    gd = GraphDecoder(llm.model, 16)
+    gd = GraphDecoder(llm.model, 16, fuse=fuse)
     with torch.inference_mode():
         ref = [prefill(llm.model, ids[:3], ref_cache)]
         ref += [decode_one_token(llm.model, t, ref_cache) for t in ids[3:]]
