@@ -14,6 +14,7 @@ from .checkpoint import Checkpoint, ffn_names, layer_prefix, router_name, trim_h
 from .config import ModelConfig
 from .errors import HybridInferError
 from .ffn import DenseFFN, MoE
+from .kernels import cpu as cpu_kernels
 from .predictor import Predictor
 
 
@@ -24,8 +25,7 @@ def linear(x: torch.Tensor, w, bias: torch.Tensor | None = None) -> torch.Tensor
     float32, returned in x's dtype)."""
     if isinstance(w, torch.Tensor):
         return F.linear(x, w, bias)
-    from .kernels.cpu import linear as packed_linear
-    y = packed_linear(x.reshape(-1, x.shape[-1]).float().contiguous(), w)
+    y = cpu_kernels.linear(x.reshape(-1, x.shape[-1]).float().contiguous(), w)
     y = y.view(*x.shape[:-1], w.out_features)
     if bias is not None:
         y = y + bias
@@ -197,8 +197,7 @@ def build_model(cfg: ModelConfig, ckpt: Checkpoint, device: torch.device, dtype:
         on_gpu_side = places.get(component, True)
         if cpu_linear_fmt is None or torch.device(device if on_gpu_side else "cpu").type != "cpu":
             return get(name, shape, component)
-        from .kernels.cpu import PackedLinear
-        w = PackedLinear.from_weight(ckpt.get(name, shape), cpu_linear_fmt)
+        w = cpu_kernels.PackedLinear.from_weight(ckpt.get(name, shape), cpu_linear_fmt)
         ckpt.release(name)
         if on_gpu_side:
             placed[component] = placed.get(component, 0) + w.nbytes
@@ -250,8 +249,7 @@ def build_model(cfg: ModelConfig, ckpt: Checkpoint, device: torch.device, dtype:
     elif cfg.tie_word_embeddings:
         lm_head = embed
         if cpu_linear_fmt is not None and embed.device.type == "cpu":   # a packed copy to read
-            from .kernels.cpu import PackedLinear
-            lm_head = PackedLinear.from_weight(embed, cpu_linear_fmt)
+            lm_head = cpu_kernels.PackedLinear.from_weight(embed, cpu_linear_fmt)
     else:
         raise HybridInferError(f"{ckpt.folder}: missing tensor 'lm_head.weight'")
     norm = RMSNorm(get("model.norm.weight", (d,), "norms"), cfg.rms_norm_eps)

@@ -40,6 +40,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--policies", nargs="+", default=None, choices=POLICIES,
                         help="default: all that apply (on a CPU-only machine: cpu-dense, cpu-sparse)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default min(8, CPUs))")
+    parser.add_argument("--torch-threads", type=int, default=1,
+                        help="torch's own CPU threads (default 1: every large CPU matrix goes through "
+                             "the kernels' pool; torch's OpenMP workers spinning after small ops take "
+                             "its cores)")
     parser.add_argument("--tokens", type=int, default=32, help="timed decode tokens per policy")
     parser.add_argument("--warmup", type=int, default=4)
     parser.add_argument("--prefill", type=int, default=512, help="prompt length for prefill (0: skip)")
@@ -48,7 +52,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--context", type=int, default=4096, help="KV positions budgeted and allocated")
     parser.add_argument("--device", default=None, help="GPU side (default cuda when present, else cpu)")
     parser.add_argument("--dtype", default="bfloat16", help="attention/embeddings dtype on the device")
-    parser.add_argument("--cpu-dtype", default="bfloat16", help="dtype of a model wholly on the CPU")
+    parser.add_argument("--cpu-dtype", default="float32",
+                        help="float dtype of a model wholly on the CPU (norms, embeddings, KV cache, "
+                             "attention maths); its attention projections and lm_head are q4_0")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-cuda-graphs", action="store_true",
                         help="decode eagerly on the GPU (default: the runtime's CUDA-graph decoder)")
@@ -204,6 +210,7 @@ def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(threads)
     torch.manual_seed(args.seed)              # the synthetic predictors' masks on cuda
     rf = roofline_inputs(threads, dev)
+    torch.set_num_threads(args.torch_threads)      # after the probe, which sets both pools
     print(f"roofline inputs: CPU read {rf['cpu_read_gbs']:.1f} GB/s ({threads} threads), GPU copy "
           f"{_fmt(rf['gpu_copy_gbs'], '.0f')} GB/s, sync {_fmt((rf['sync_s'] or 0) * 1e6, '.1f')} us",
           flush=True)
@@ -220,7 +227,9 @@ def run(args: argparse.Namespace) -> int:
     for name, budget, label in runs:
         r = _one(name, budget, label, wl, prof, args, dev, dtype, cpu_dtype, rf)
         rows.append(r)
-        print(f"{name} {label or ''}: " + (r.get("error") or f"{r['tok_s']:.2f} tok/s"), flush=True)
+        parts = " ".join(f"{k} {v:.1f}" for k, v in r.get("parts_ms", {}).items())
+        print(f"{name} {label or ''}: " + (r.get("error") or f"{r['tok_s']:.2f} tok/s (ms/token: {parts})"),
+              flush=True)
         if args.json:     # partial results survive a run cut short
             _write_json(args.json + ".partial", {"policies": rows, "roofline_inputs": rf})
     by = {(r["policy"], r["budget"]): r for r in rows if "error" not in r}
@@ -245,7 +254,8 @@ def run(args: argparse.Namespace) -> int:
                "machine": machine.machine_info(threads), "shape": args.shape,
                "layers": wl.cfg.num_layers, "full_layers": wl.full_cfg.num_layers,
                "budget_scale": scale, "device": str(dev), "dtype": args.dtype,
-               "cpu_dtype": args.cpu_dtype, "threads": threads, "tokens": args.tokens,
+               "cpu_dtype": args.cpu_dtype, "threads": threads, "torch_threads": args.torch_threads,
+               "tokens": args.tokens,
                "context": args.context, "expert_bytes": wl.expert_bytes,
                "predictor_bytes": wl.predictor_bytes, "profile_sparsity": prof.sparsity(),
                "roofline_inputs": rf, "policies": rows, "peer": peer,

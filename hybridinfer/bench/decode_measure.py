@@ -24,7 +24,7 @@ from ..generate import decode_one_token
 from ..kernels import cpu as cpu_k
 from ..kernels import gpu as gpu_k
 from . import machine
-from .synth_predictor import Counters
+from .synth_predictor import Counters, SynthPredictor
 
 
 def rss_bytes() -> int:
@@ -106,14 +106,19 @@ def stepper(model, capacity: int, graphs: bool):
 
 class _Timers:
     """Wraps the runtime's CPU kernel entry points and host<->device copies with timers; each
-    HybridMoE's router gets an explicit synchronize (the ids' .tolist() syncs there anyway)."""
+    HybridMoE's router gets an explicit synchronize (the ids' .tolist() syncs there anyway).
+    `parts` splits the time further: "ffn" (FFN kernels), "linear" (dense linears: attention
+    projections, lm_head), "predictor" (the benchmark predictor's whole call, its own kernels
+    included and not counted under linear/fc2)."""
 
     def __init__(self, model, device):
         self.model, self.device = model, device
         self.cpu = self.sync = 0.0
         self.syncs = 0
+        self.parts = {"ffn": 0.0, "linear": 0.0, "predictor": 0.0}
+        self._in_pred = 0
 
-    def _wrap(self, mod, name, field):
+    def _wrap(self, mod, name, field, part=None):
         orig = getattr(mod, name)
 
         def timed(*a, **k):
@@ -121,14 +126,33 @@ class _Timers:
             try:
                 return orig(*a, **k)
             finally:
-                setattr(self, field, getattr(self, field) + time.perf_counter() - t)
+                dt = time.perf_counter() - t
+                setattr(self, field, getattr(self, field) + dt)
+                if part is not None and not self._in_pred:
+                    self.parts[part] += dt
         setattr(mod, name, timed)
         self._undo.append((mod, name, orig))
 
+    def _wrap_predictor(self):
+        orig = SynthPredictor.active
+
+        def timed(pred, *a, **k):
+            t = time.perf_counter()
+            self._in_pred += 1
+            try:
+                return orig(pred, *a, **k)
+            finally:
+                self._in_pred -= 1
+                self.parts["predictor"] += time.perf_counter() - t
+        SynthPredictor.active = timed
+        self._undo.append((SynthPredictor, "active", orig))
+
     def __enter__(self):
         self._undo = []
-        self._wrap(cpu_k, "ffn_sparse_multi", "cpu")
+        self._wrap(cpu_k, "ffn_sparse_multi", "cpu", "ffn")
         self._wrap(cpu_k, "down_sparse", "cpu")
+        self._wrap(cpu_k, "linear", "cpu", "linear")
+        self._wrap_predictor()
         self._wrap(gpu_k, "to_host", "sync")
         self._wrap(gpu_k, "to_device", "sync")
         from ..graphs import GraphDecoder
@@ -219,6 +243,11 @@ def measure(built, warmup: int, tokens: int, prefill: int, context: int, profile
            "split_ms": {"gpu": prof["gpu_s"] * 1e3, "cpu": cpu_s * 1e3, "sync": sync_s * 1e3,
                         "python": max(0.0, wall - cpu_s - sync_s) * 1e3},
            "syncs_per_token": (tm.syncs + (tokens if dev.type == "cuda" else 0)) / tokens,
+           # instrumented pass, ms/token: kernels by role; "rest" = its wall - those (torch ops
+           # such as the attention maths and norms, interpreter, copies)
+           "parts_ms": dict({k: v / tokens * 1e3 for k, v in tm.parts.items()},
+                            rest=(sum(inst) - sum(tm.parts.values())) / tokens * 1e3,
+                            aten=prof["aten_s"] * 1e3),
            "context_mean": warmup + tokens * 1.5}
     del cache, step
     if prefill:

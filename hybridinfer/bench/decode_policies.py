@@ -20,7 +20,7 @@ import torch
 
 from ..ffn import HybridFFN, HybridMoE
 from ..footprint import attention_numel, ffn_rows_bytes
-from ..kernels.cpu import PackedFFN
+from ..kernels.cpu import PackedFFN, PackedLinear
 from ..kernels.gpu import HotFFN
 from ..model import Transformer, build_model
 from ..placement import Placement, plan
@@ -84,8 +84,10 @@ def _keys(layer, expert):
 def _model(wl: Workload, device, dtype, factory) -> Transformer:
     moe = HybridMoE if wl.cfg.is_moe else None
     kw = {"moe_class": moe} if moe else {}
+    # attention projections and lm_head that land on the CPU: q4_0 for the C++ kernels, as
+    # llama.cpp reads them (not torch's float matmul)
     return build_model(wl.cfg, SynthCheckpoint(wl.cfg, wl.seed, device, dtype), device, dtype,
-                       with_predictors=False, ffn_factory=factory, **kw)
+                       with_predictors=False, ffn_factory=factory, cpu_linear_fmt=FMT, **kw)
 
 
 def _hybrid_ffn(wl, key, hot_ids: np.ndarray, device, sparsity: str, pred_device):
@@ -184,6 +186,10 @@ def wl_is_moe(blk) -> bool:
     return hasattr(blk.ffn, "experts")
 
 
+def _weight_bytes(w, elt: int) -> int:
+    return w.nbytes if isinstance(w, PackedLinear) else w.numel() * elt
+
+
 def bytes_per_token(b: Built, wl: Workload, ctx: float) -> dict:
     """Expected weight bytes read per token on each side, from the firing probabilities
     (an active neuron reads its 3 rows), the routing share and where each tensor lives."""
@@ -193,8 +199,10 @@ def bytes_per_token(b: Built, wl: Workload, ctx: float) -> dict:
     side = "cpu" if b.name.startswith("cpu") else "gpu"       # "gpu": the GPU side (cpu in CI)
     pside = "gpu" if b.predictors_on_gpu and side == "gpu" else "cpu"
     out = {"gpu": 0.0, "cpu": 0.0}
-    core = (L * attention_numel(cfg) + (2 * L + 1) * d + L * cfg.num_experts * d
-            + cfg.vocab_size * d + d) * e
+    m = b.model
+    lin = (sum(_weight_bytes(getattr(blk.attn, n), e) for blk in m.blocks for n in "qkvo")
+           + _weight_bytes(m.lm_head, e))               # q4_0 where packed for the CPU kernels
+    core = lin + ((2 * L + 1) * d + L * cfg.num_experts * d + d) * e
     kv = 2 * L * cfg.num_kv_heads * ctx * cfg.head_dim * e
     out[side] += core + kv
     share = wl.route_share

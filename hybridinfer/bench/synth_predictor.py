@@ -10,7 +10,10 @@ Where it runs:
 - cuda: both GEMVs through kernels/triton_ffn.down, the hot half's transposed axpy over rows in
   the GPU q4_0 layout (y = sum_j a_j * W^T[j], rows with a_j = 0 never read, so relu's zeros
   skip fc2 rows);
-- cpu: both GEMVs through kernels.cpu.down_sparse (the same axpy on the CPU pool);
+- cpu: fc1 through kernels.cpu.linear (dot products over rows: faster than an axpy over all
+  of fc1^T, which has no zeros to skip) over fc1t's bytes read as fc1 rows [rank, rb(d)] (the
+  same 18-byte q4_0 blocks, rank*d values either way; random weights, so only the byte count
+  matters); fc2 through kernels.cpu.down_sparse (the axpy, relu's zeros skip fc2 rows);
 - a model on cuda whose predictor the planner left on the CPU: x is copied to the host (a sync,
   counted in SYNCS), the mask goes back to the device.
 Batches (prefill) dequantise the q4_0 rows (quant.unpack) and use a matmul.
@@ -61,9 +64,9 @@ class SynthPredictor(nn.Module):
         self.gen = torch.Generator(device=self.device).manual_seed(seed)
         self.threshold = 0.0
         if self.device.type == "cpu":
-            self._fc1 = _packed_view(self.fc1t, rank)
+            # fc1t's bytes as fc1 rows: uint8 [rank, rb(d)] (same q4_0 blocks, same byte count)
+            self._fc1 = cpu_kernels.PackedLinear(FMT, d, rank, self.fc1t.view(rank, -1))
             self._fc2 = _packed_view(self.fc2t, self.n_ff)
-            self._all1 = torch.arange(d, dtype=torch.int32)
             self._all2 = torch.arange(rank, dtype=torch.int32)
 
     @property
@@ -77,7 +80,7 @@ class SynthPredictor(nn.Module):
             h = torch.relu(_gemv_t_cuda(self.fc1t, self.rank, x[0].contiguous()))
             return _gemv_t_cuda(self.fc2t, self.n_ff, h)[None]
         if x.shape[0] == 1:
-            h = torch.relu(cpu_kernels.down_sparse(self._fc1, x[0].contiguous(), self._all1))
+            h = torch.relu(cpu_kernels.linear(x[0].contiguous(), self._fc1))
             return cpu_kernels.down_sparse(self._fc2, h, self._all2, skip_zero=True)[None]
         gguf = q4_rows_from_gpu if self.device.type == "cuda" else (lambda t: t)
         fc1t = quant.unpack(gguf(self.fc1t), FMT, self.rank)      # [d, rank]
