@@ -163,10 +163,10 @@ class HybridFFN(nn.Module):
         """A large batch (prefill) on the device over the cold rows, copied over in slices of
         rows_per_copy (dequantised there): for many tokens the copy is cheaper than the CPU
         compute. Densely: x [n, d] -> [n, d]."""
-        from .quant import unpack
+        from .kernels.gpu import dequant
         c, y = self.cold, torch.zeros_like(x)
         for r in range(0, c.n_ff, rows_per_copy):
-            w1, w3, w2t = (unpack(t[r:r + rows_per_copy].to(x.device), c.fmt, c.d_model).to(x.dtype)
+            w1, w3, w2t = (dequant(t[r:r + rows_per_copy].to(x.device), c.fmt, c.d_model, x.dtype)
                            for t in (c.gate, c.up, c.down_t))
             y += activate(F.linear(x, w1), F.linear(x, w3), self.activation, self.threshold) @ w2t
         return y

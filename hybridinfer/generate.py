@@ -60,9 +60,10 @@ def sample(logits: torch.Tensor, g: GenerationConfig, gen: torch.Generator | Non
     return int(torch.multinomial(probs.cpu(), 1, generator=gen))
 
 
-def prefill(model: Transformer, ids: list[int], cache: KVCache, chunk: int = 256) -> torch.Tensor:
+def prefill(model: Transformer, ids: list[int], cache: KVCache, chunk: int = 512) -> torch.Tensor:
     """Run the prompt through the model in chunks of `chunk` tokens (bounded activation and
-    attention memory); logits of its last position [V]."""
+    attention memory; each chunk dequantises the block-format weights it multiplies, so chunks
+    are large); logits of its last position [V]."""
     tokens = torch.tensor([ids], dtype=torch.long, device=model.device)
     for s in range(0, len(ids), chunk):
         logits = model(tokens[:, s:s + chunk], cache, last_only=True)

@@ -1,10 +1,11 @@
 """The GPU half of a hybrid FFN: the hot rows of one FFN (or expert), compact, on the GPU side.
 
 "GPU side" is a torch.device: cuda on a GPU machine, cpu in CI, so the same code is tested
-everywhere. Float formats (f32/f16/bf16) are plain matmuls over the compact rows; block formats
-are dequantised by torch ops (any device): q8_0 rows in GGUF layout (quant.unpack), q4_0 rows in
-the GPU row layout of kernels/triton_ffn (the same bytes permuted: all nibble bytes, then all
-scales; q4_rows_to_gpu / q4_rows_from_gpu), which HotFFN.build repacks them into.
+everywhere. One token on CUDA runs the Triton kernels of kernels/triton_ffn over the packed rows;
+batches (prefill) dequantise (`dequant`: q4_0 on CUDA in one Triton pass, else quant.unpack) and
+use matmuls. q8_0 rows are in GGUF layout; q4_0 rows in the GPU row layout of kernels/triton_ffn
+(the same bytes permuted: all nibble bytes, then all scales; q4_rows_to_gpu / q4_rows_from_gpu),
+which HotFFN.build repacks them into.
 """
 from __future__ import annotations
 
@@ -22,8 +23,9 @@ _FLOAT = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 def q4_rows_to_gpu(p: torch.Tensor) -> torch.Tensor:
     """GGUF q4_0 rows uint8 [n, nb*18] -> the GPU row layout [n, nb*16 nibble bytes | nb*2 scale
     bytes] (same bytes, same size; any device)."""
-    blk = p.reshape(p.shape[0], -1, 18)                                  # [n, nb, 18]
-    return torch.cat([blk[..., 2:].reshape(p.shape[0], -1), blk[..., :2].reshape(p.shape[0], -1)],
+    blk = p.reshape(p.shape[0], p.shape[1] // 18, 18)                    # [n, nb, 18]
+    n, nb = blk.shape[:2]
+    return torch.cat([blk[..., 2:].reshape(n, nb * 16), blk[..., :2].reshape(n, nb * 2)],
                      dim=1).contiguous()
 
 
@@ -80,11 +82,24 @@ class HotFFN:
         return h
 
     def _weights(self, dtype):
+        """gate, up, down_t as float [n_hot, d] in dtype (batches: prefill's matmuls)."""
         if self.fmt in _FLOAT:
             return self.gate.to(dtype), self.up.to(dtype), self.down_t.to(dtype)
-        gguf = q4_rows_from_gpu if self.fmt == "q4_0" else (lambda t: t)
-        return tuple(quant.unpack(gguf(t), self.fmt, self.d_model).to(dtype)
+        return tuple(dequant(t, self.fmt, self.d_model, dtype, gpu_layout=True)
                      for t in (self.gate, self.up, self.down_t))
+
+
+def dequant(rows: torch.Tensor, fmt: str, d: int, dtype: torch.dtype,
+            gpu_layout: bool = False) -> torch.Tensor:
+    """Packed rows uint8 [n, row_bytes] -> [n, d] in dtype, on rows' device. q4_0 on CUDA: one
+    Triton pass (kernels.triton_dequant); otherwise quant.unpack. gpu_layout: q4_0 rows in the
+    GPU row layout (HotFFN), else GGUF's (PackedFFN)."""
+    if fmt == "q4_0" and rows.is_cuda and _triton() is not None:
+        from .triton_dequant import dequant_q4_0
+        return dequant_q4_0(rows, d, "gpu" if gpu_layout else "gguf", dtype)
+    if fmt == "q4_0" and gpu_layout:
+        rows = q4_rows_from_gpu(rows)
+    return quant.unpack(rows, fmt, d).to(dtype)
 
 
 def _triton():

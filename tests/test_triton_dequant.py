@@ -1,0 +1,40 @@
+"""kernels.triton_dequant: q4_0 rows (GGUF and GPU layouts) -> float, by Triton's interpreter on the
+CPU (a subprocess: TRITON_INTERPRET=1 before triton is imported), against quant.unpack."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+SCRIPT = textwrap.dedent("""
+    import torch
+    from hybridinfer import quant
+    from hybridinfer.kernels.gpu import q4_rows_to_gpu
+    from hybridinfer.kernels.triton_dequant import dequant_q4_0
+    g = torch.Generator().manual_seed(3)
+    for n, d in [(5, 64), (3, 32 * 37), (1, 4096), (0, 64)]:
+        w = torch.randn(n, d, generator=g) * 3
+        p = quant.pack(w, "q4_0")
+        ref = quant.unpack(p, "q4_0", d)                      # float32, exact values
+        for layout, rows in (("gguf", p), ("gpu", q4_rows_to_gpu(p))):
+            y = dequant_q4_0(rows, d, layout, torch.float32)
+            assert y.shape == (n, d) and torch.equal(y, ref), (n, d, layout)
+            yb = dequant_q4_0(rows, d, layout, torch.bfloat16).float()
+            # one bf16 rounding of the exact value (the interpreter truncates, CUDA rounds to even)
+            assert torch.all((yb - ref).abs() <= ref.abs() * 2.0 ** -7), (n, d, layout)
+    try:
+        dequant_q4_0(torch.zeros(2, 17, dtype=torch.uint8), 64, "gguf", torch.float32)
+    except ValueError as e:
+        assert "expected uint8 [n, 36]" in str(e)
+    else:
+        raise AssertionError("bad shape accepted")
+    print("OK")
+""")
+
+
+def test_dequant_q4_0_matches_unpack():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    r = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env,
+                       timeout=300)
+    assert r.returncode == 0 and "OK" in r.stdout, r.stdout + r.stderr
