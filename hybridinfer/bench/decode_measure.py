@@ -150,6 +150,7 @@ class _Timers:
     def __enter__(self):
         self._undo = []
         self._wrap(cpu_k, "ffn_sparse_multi", "cpu", "ffn")
+        self._wrap(cpu_k.ColdStep, "run", "cpu", "ffn")        # the graph decoder's cold halves
         self._wrap(cpu_k, "down_sparse", "cpu")
         self._wrap(cpu_k, "linear", "cpu", "linear")
         self._wrap_predictor()

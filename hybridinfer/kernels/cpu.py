@@ -352,7 +352,10 @@ class ColdStep:
         self._c = _call(_native().cold_step, fmts, d, n_colds, gates, ups, downs, nptr, mptr,
                         0 if sel is None else sel.data_ptr(), 0 if w is None else w.data_ptr(),
                         k, x.data_ptr(), y.data_ptr(), _act(act), float(threshold), bool(exact))
-        self.run = self._c.run          # the per-step call: one native call, GIL released
+
+    def run(self) -> None:
+        """One step: one native call (GIL released) over the bound buffers."""
+        self._c.run()
 
     @property
     def last_rows(self) -> int:
