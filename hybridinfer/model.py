@@ -96,11 +96,15 @@ class Attention(nn.Module):
         cache.v[layer][:, :, start:start + t] = v
         ks = cache.k[layer][:, :, :start + t]           # [b, kv, s, hd]
         vs = cache.v[layer][:, :, :start + t]
+        # GQA without copying K/V per head: the rep query heads of each KV head as one group of
+        # rep*t rows (head j*rep + r, token i -> row r*t + i of group j), the mask repeated to match
         rep = c.num_heads // c.num_kv_heads
-        if rep > 1:
-            ks = ks.repeat_interleave(rep, dim=1)
-            vs = vs.repeat_interleave(rep, dim=1)
-        y = F.scaled_dot_product_attention(q, ks, vs, attn_mask=mask)   # [b, h, t, hd]
+        qg = q.reshape(b, c.num_kv_heads, rep * t, c.head_dim)
+        if t == 1 and not c.sliding_window:
+            mask = None                                  # one new token sees every cached position
+        elif rep > 1:
+            mask = mask.repeat(rep, 1)                   # [rep*t, s]
+        y = F.scaled_dot_product_attention(qg, ks, vs, attn_mask=mask).view(b, c.num_heads, t, c.head_dim)
         return linear(y.transpose(1, 2).reshape(b, t, c.num_heads * c.head_dim), self.o, self.ob)
 
 
