@@ -46,12 +46,12 @@ def attn_step(hp, ya, yc, an_w, fn_w, eps: float, q, k, v, o, qb, kb, vb, ob, co
               h_out, u_out, yacc_out, wfull_out):
     """Segment A's arithmetic for one token, a pure function of tensors (so torch.compile fuses
     its ~60 small kernels into a few, and one compilation serves every layer):
-    x = hp + ya + yc (the previous layer's residual, GPU half, CPU half; [1, d]), attention over
+    x = hp + ya + yc (the previous layer's residual, GPU half, CPU half; [1, d], the halves in f32), attention over
     the static cache K/V [1, KV, C, hd] (position pos [1], kpos = arange(C)), the FFN norm and,
     with a router [E, d], the expert choice. Writes h_out, u_out [1, d], zeroes yacc_out and
     (router) sets wfull_out [E] (f32: the weight of each chosen expert, 0 elsewhere).
     Returns u as float32 [1, d] and (router) ids [k], weights f32 [k] for the host copies."""
-    x = hp + ya + yc.to(hp.dtype)
+    x = (hp.float() + ya + yc).to(hp.dtype)
     xn = rms_norm(x, an_w, eps)
     qq = linear(xn, q, qb).view(1, H, 1, hd)
     kk = linear(xn, k, kb).view(1, KV, 1, hd)
@@ -104,7 +104,7 @@ class GraphDecoder:
         self.x0_host = host(1, d, dtype=dt)
         self.h = [torch.zeros(1, d, dtype=dt, device=dev) for _ in range(L)]     # after attention
         self.u = [torch.zeros(1, d, dtype=dt, device=dev) for _ in range(L)]     # FFN input
-        self.yacc = [torch.zeros(1, d, dtype=dt, device=dev) for _ in range(L)]  # GPU halves, summed
+        self.yacc = [torch.zeros(1, d, device=dev) for _ in range(L)]            # GPU halves, summed, f32
         self.u_host = [host(1, d) for _ in range(L)]                             # FFN input, f32
         self.ycpu_host = [host(1, d) for _ in range(L)]                          # CPU halves, summed
         self.ycpu_dev = [torch.zeros(1, d, device=dev) for _ in range(L)]
@@ -133,7 +133,7 @@ class GraphDecoder:
         self._ev = [(torch.cuda.Event(), torch.cuda.Event()) if cuda else (None, None) for _ in range(L)]
         # layer 0's "previous GPU/CPU halves": two distinct zero buffers (aliased arguments would
         # make torch.compile specialise layer 0 apart from the others)
-        self._zeros = (torch.zeros(1, d, dtype=dt, device=dev), torch.zeros(1, d, device=dev))
+        self._zeros = (torch.zeros(1, d, device=dev), torch.zeros(1, d, device=dev))
         self._attn = attn_step
         if fuse is None:
             fuse = self.graphs and os.environ.get("HYBRIDINFER_NO_COMPILE", "") in ("", "0")
@@ -238,13 +238,15 @@ class GraphDecoder:
                 part = f(self.u[l])
             if part is None:
                 continue
-            scale = self.w_full[l][e] if e >= 0 else 1.0
-            self.yacc[l].add_((part.float() * scale).to(self.dt))
+            if e >= 0:                                             # one kernel: yacc += w_e * part
+                self.yacc[l].addcmul_(part, self.w_full[l][e])
+            else:
+                self.yacc[l].add_(part)
 
     def seg_final(self) -> None:
         L = self.m.cfg.num_layers
         self.ycpu_dev[L - 1].copy_(self.ycpu_host[L - 1], non_blocking=True)
-        x = self.h[L - 1] + self.yacc[L - 1] + self.ycpu_dev[L - 1].to(self.dt)
+        x = (self.h[L - 1].float() + self.yacc[L - 1] + self.ycpu_dev[L - 1]).to(self.dt)
         xf = self.m.norm(x)
         if self.m.lm_head.device == self.dev:
             self.logits.copy_(linear(xf, self.m.lm_head)[0].float())
