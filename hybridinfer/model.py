@@ -100,11 +100,15 @@ class Attention(nn.Module):
         # rep*t rows (head j*rep + r, token i -> row r*t + i of group j), the mask repeated to match
         rep = c.num_heads // c.num_kv_heads
         qg = q.reshape(b, c.num_kv_heads, rep * t, c.head_dim)
-        if t == 1 and not c.sliding_window:
-            mask = None                                  # one new token sees every cached position
-        elif rep > 1:
-            mask = mask.repeat(rep, 1)                   # [rep*t, s]
-        y = F.scaled_dot_product_attention(qg, ks, vs, attn_mask=mask).view(b, c.num_heads, t, c.head_dim)
+        if t == 1:   # decode: three small ops (SDPA's CPU kernel costs ~85 us a call at this size)
+            sc = torch.matmul(qg, ks.transpose(-1, -2)).float() * c.head_dim ** -0.5   # [b, kv, rep, s]
+            if c.sliding_window:
+                sc = sc.masked_fill(~mask, float("-inf"))                           # mask [1, s]
+            y = torch.matmul(torch.softmax(sc, dim=-1).to(vs.dtype), vs)
+        else:
+            mask = mask.repeat(rep, 1) if rep > 1 else mask                           # [rep*t, s]
+            y = F.scaled_dot_product_attention(qg, ks, vs, attn_mask=mask)
+        y = y.view(b, c.num_heads, t, c.head_dim)
         return linear(y.transpose(1, 2).reshape(b, t, c.num_heads * c.head_dim), self.o, self.ob)
 
 
