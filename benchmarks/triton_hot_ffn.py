@@ -1,6 +1,8 @@
 """Device microbenchmark of the hot-half Triton kernels (one token): before (benchmarks/
-_triton_ffn_before.py, GGUF-layout q4_0) vs now (hybridinfer/kernels/triton_ffn.py, GPU row
-layout), q4_0 and f16 rows, d = 4096, n_hot x mask density, M47 sizes.
+_triton_ffn_before.py, the kernels of commit e84314a at their shipped configs) vs now
+(hybridinfer/kernels/triton_ffn.py), both on the GPU q4_0 row layout, q4_0 and f16 rows,
+d = 4096, n_hot x mask density, M47 sizes; then a sweep of each kernel's configs (q4_0), with the
+registers and spills of each compiled variant.
 
     cd <repo> && PYTHONPATH=. python3 benchmarks/triton_hot_ffn.py --out benchmarks/results
 
@@ -33,6 +35,7 @@ from hybridinfer.kernels.gpu import q4_rows_from_gpu, q4_rows_to_gpu
 
 D = 4096
 T0 = time.time()
+SMOKE = "--smoke" in sys.argv   # TRITON_INTERPRET=1 on the CPU: checks the script, times nothing
 
 
 def _old():
@@ -47,6 +50,8 @@ old = _old()
 
 
 def copy_gbps(dev) -> float:
+    if SMOKE:
+        return 1.0
     src = torch.empty(1 << 30, dtype=torch.uint8, device=dev).random_()
     dst = torch.empty_like(src)
     ts = []
@@ -94,8 +99,7 @@ def make_set(fmt, n, density, dev, gen, fire_all=True):
     if fire_all:   # every active row fires and has a != 0: all 3 rows of it must be read
         for w in (g, u):
             negate_rows(fmt, w, (rows_f64(fmt, w) @ x.double()) <= 0)
-    return dict(g=g, u=u, d=w2, x=x, mask=mask,
-                gguf=[q4_rows_from_gpu(t) for t in (g, u, w2)] if fmt == "q4_0" else [g, u, w2])
+    return dict(g=g, u=u, d=w2, x=x, mask=mask)
 
 
 def reference(fmt, s, act, thr=0.05):
@@ -118,12 +122,15 @@ def call_new(fmt, s, act="drelu", cg=None, cd=None):
 
 
 def call_old(fmt, s, act="drelu"):
-    g, u, w2 = s["gguf"]
-    return old.hot_ffn_one_token(fmt, D, g, u, w2, s["x"], act, 0.05, s["mask"])
+    return old.hot_ffn_one_token(fmt, D, s["g"], s["u"], s["d"], s["x"], act, 0.05, s["mask"])
 
 
 def graph_time(fn, sets, calls=16, reps=15):
     """Median seconds per call of fn(set) over a CUDA graph of `calls` calls rotating over sets."""
+    if SMOKE:                                          # --smoke: CPU interpreter, logic only
+        t0 = time.time()
+        y0 = fn(sets[0])
+        return time.time() - t0, y0
     k = max(calls, len(sets))
     for s in sets[:2]:
         fn(s)                                          # compile / warm up outside the capture
@@ -152,23 +159,32 @@ def graph_time(fn, sets, calls=16, reps=15):
 
 
 def cfg_variants(fmt):
-    """(gate_up cfg, down cfg) candidates swept per case (config() ships the best of these)."""
+    """(gate_up cfg, down cfg) candidates swept per case (config() ships the best of these).
+    q4_0 down: BK blocks of 32 columns per program (a column tile), R rows per tile."""
     if fmt == "q4_0":
         gu = [dict(CHUNK=c, R=r, BK=128, num_warps=w)
-              for c, r, w in [(8, 4, 4), (16, 4, 4), (32, 4, 4), (64, 4, 4), (16, 2, 4), (32, 8, 4),
-                              (16, 4, 8)]]
+              for c, r, w in [(16, 2, 4), (8, 2, 4), (32, 2, 4), (16, 1, 4), (16, 4, 4), (32, 4, 8)]]
+        gu.insert(1, dict(gu[0], WORDS=False))             # int16 halfwords (the odd-block path)
         dn = [dict(CHUNK=c, R=r, BK=bk, num_warps=w)
-              for c, r, bk, w in [(64, 8, 128, 4), (128, 8, 128, 4), (32, 8, 128, 4), (64, 4, 128, 4),
-                                  (64, 16, 128, 4), (64, 8, 64, 2), (128, 8, 64, 2), (64, 8, 128, 8),
-                                  (128, 16, 128, 8)]]
+              for c, r, bk, w in [(256, 16, 8, 4), (128, 16, 8, 4), (64, 16, 8, 4), (512, 16, 8, 4),
+                                  (512, 32, 4, 4), (256, 32, 8, 4), (256, 8, 16, 4), (512, 32, 8, 8)]]
+        dn.insert(1, dict(dn[0], WORDS=False))
     else:
         gu = [dict(CHUNK=c, R=r, BK=bk, num_warps=w)
-              for c, r, bk, w in [(32, 4, 4096, 4), (16, 4, 4096, 8), (32, 2, 4096, 4),
-                                  (64, 4, 4096, 8), (32, 4, 2048, 4), (32, 8, 4096, 8)]]
+              for c, r, bk, w in [(16, 4, 4096, 8), (32, 4, 2048, 4)]]
         dn = [dict(CHUNK=c, R=r, BK=bk, num_warps=w)
-              for c, r, bk, w in [(64, 8, 1024, 4), (128, 8, 1024, 4), (64, 8, 2048, 4),
-                                  (64, 16, 1024, 4), (64, 8, 2048, 8), (128, 4, 512, 2)]]
+              for c, r, bk, w in [(64, 8, 1024, 4), (64, 16, 1024, 4)]]
     return gu, dn
+
+
+def compiled_info(kernel):
+    """Registers / spills of the variant that ran last (triton_ffn.LAST holds the launch's
+    CompiledKernel)."""
+    k = new.LAST.get(kernel)
+    try:
+        return dict(n_regs=int(k.n_regs), n_spills=int(k.n_spills))
+    except Exception:  # noqa: BLE001 - attribute names differ between triton versions
+        return {}
 
 
 def main():
@@ -176,16 +192,21 @@ def main():
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--commit", default=os.environ.get("HI_COMMIT", "?"))
     ap.add_argument("--budget-s", type=float, default=200.0)
+    ap.add_argument("--sweep-budget-s", type=float, default=120.0,
+                    help="the sweep runs first, while within this many seconds")
+    ap.add_argument("--sweep-fmts", nargs="*", default=["q4_0", "f16"])
     ap.add_argument("--ns", type=int, nargs="+", default=[2048, 8192, 14336])
     ap.add_argument("--densities", type=float, nargs="+", default=[0.3, 0.6, 1.0])
+    ap.add_argument("--smoke", action="store_true")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    dev = torch.device("cuda")
+    dev = torch.device("cpu" if SMOKE else "cuda")
     gen = torch.Generator(device=dev).manual_seed(0)
-    res = dict(machine=dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__,
-                            triton=triton.__version__, commit=args.commit,
-                            sms=torch.cuda.get_device_properties(0).multi_processor_count),
+    res = dict(machine=dict(gpu="smoke" if SMOKE else torch.cuda.get_device_name(),
+                            torch=torch.__version__, triton=triton.__version__, commit=args.commit,
+                            sms=0 if SMOKE else
+                            torch.cuda.get_device_properties(0).multi_processor_count),
                d=D, act="drelu", cases=[], checks=[], sweeps=[], errors=[])
 
     def save():
@@ -198,7 +219,7 @@ def main():
 
     # ---- correctness: every activation, masks, both kernels, vs float64 ----
     for fmt in ["q4_0", "f16"]:
-        s = make_set(fmt, 1000, 0.5, dev, gen, fire_all=False)
+        s = make_set(fmt, 40 if SMOKE else 1000, 0.5, dev, gen, fire_all=False)
         for act in ["drelu", "relu", "fatrelu", "silu"]:
             for use_mask in (True, False):
                 t = dict(s, mask=s["mask"] if use_mask else None)
@@ -209,13 +230,69 @@ def main():
                 print(f"check {fmt} {act} mask={use_mask}: new {e_new:.2e} old {e_old:.2e}", flush=True)
     save()
 
+    # ---- config sweep (each kernel alone) on a few cases while its budget lasts ----
+    for fmt in args.sweep_fmts:
+        rb = quant.row_bytes(D, fmt)
+        cases = [(14336, 1.0), (14336, 0.3), (14336, 0.6), (8192, 0.6), (8192, 1.0), (2048, 0.3),
+                 (2048, 1.0)]
+        for n, dens in ([(args.ns[0], 0.5)] if SMOKE else cases):
+            if time.time() - T0 > args.sweep_budget_s or n not in args.ns:
+                continue
+            nsets = 2 if SMOKE else min(64, max(2, math.ceil(320e6 / (3 * n * rb))))
+            sets = [make_set(fmt, n, dens, dev, gen) for _ in range(nsets)]
+            active = statistics.mean(float(s["mask"].sum()) for s in sets)
+            for s in sets:
+                s["a"] = new.gate_up(fmt, D, s["g"], s["u"], s["x"], "drelu", 0.05, s["mask"])
+            gus, dns = cfg_variants(fmt)
+            for cg in gus:
+                if time.time() - T0 > args.sweep_budget_s:
+                    break
+                try:
+                    t, _ = graph_time(lambda s: new.gate_up(fmt, D, s["g"], s["u"], s["x"], "drelu",
+                                                             0.05, s["mask"], cfg=cg), sets)
+                    a = new.gate_up(fmt, D, sets[0]["g"], sets[0]["u"], sets[0]["x"], "drelu", 0.05,
+                                    sets[0]["mask"], cfg=cg)
+                    res["sweeps"].append(dict(kernel="gate_up", fmt=fmt, n_hot=n, density=dens,
+                                              cfg=cg, t=t, gbps=2 * active * rb / t / 1e9,
+                                              err=rel_err(a, sets[0]["a"].double()),
+                                              **compiled_info("gate_up")))
+                except Exception as e:  # noqa: BLE001
+                    res["errors"].append(f"sweep gate_up {fmt} {cg}: {e!r}"[:1000])
+            for cd in dns:
+                if time.time() - T0 > args.sweep_budget_s:
+                    break
+                try:
+                    t, y = graph_time(lambda s: new.down(fmt, D, s["d"], s["a"], cfg=cd), sets)
+                    yr = sets[0]["a"].double() @ rows_f64(fmt, sets[0]["d"])
+                    res["sweeps"].append(dict(kernel="down", fmt=fmt, n_hot=n, density=dens,
+                                              cfg=cd, t=t, gbps=active * rb / t / 1e9,
+                                              err=rel_err(y, yr), **compiled_info("down")))
+                except Exception as e:  # noqa: BLE001
+                    res["errors"].append(f"sweep down {fmt} {cd}: {e!r}"[:1000])
+            save()
+            best = {}
+            for w in res["sweeps"]:
+                if w["fmt"] == fmt and w["n_hot"] == n and w["density"] == dens:
+                    k = w["kernel"]
+                    if k not in best or w["gbps"] > best[k]["gbps"]:
+                        best[k] = w
+            for k, w in best.items():
+                print(f"sweep {fmt} n={n} dens={dens} best {k}: {w['gbps']:.0f} GB/s {w['cfg']}"
+                      f"  t={time.time() - T0:.0f}s", flush=True)
+            del sets
+            if not SMOKE:
+                torch.cuda.empty_cache()
+
     # ---- before / after at the shipped configs ----
     for fmt in ["q4_0", "f16"]:
         rb = quant.row_bytes(D, fmt)
         for n in args.ns:
             for dens in args.densities:
+                if time.time() - T0 > args.budget_s:
+                    res["errors"].append(f"budget: skipped {fmt} {n} {dens}")
+                    continue
                 set_bytes = 3 * n * rb
-                nsets = min(64, max(2, math.ceil(320e6 / set_bytes)))
+                nsets = 2 if SMOKE else min(64, max(2, math.ceil(320e6 / set_bytes)))
                 sets = [make_set(fmt, n, dens, dev, gen) for _ in range(nsets)]
                 active = statistics.mean(float(s["mask"].sum()) for s in sets)
                 need = 3 * active * rb
@@ -254,64 +331,9 @@ def main():
                       f"  t={time.time() - T0:.0f}s", flush=True)
 
                 del sets
-                torch.cuda.empty_cache()
+                if not SMOKE:
+                    torch.cuda.empty_cache()
 
-    # ---- config sweep (each kernel alone) on a few cases while the budget lasts ----
-    for fmt in ["q4_0", "f16"]:
-        rb = quant.row_bytes(D, fmt)
-        for n, dens in [(14336, 1.0), (8192, 0.6), (2048, 0.3), (14336, 0.3)]:
-            if time.time() - T0 > args.budget_s or n not in args.ns:
-                continue
-            nsets = min(64, max(2, math.ceil(320e6 / (3 * n * rb))))
-            sets = [make_set(fmt, n, dens, dev, gen) for _ in range(nsets)]
-            active = statistics.mean(float(s["mask"].sum()) for s in sets)
-            for s in sets:
-                s["a"] = new.gate_up(fmt, D, s["g"], s["u"], s["x"], "drelu", 0.05, s["mask"])
-            gus, dns = cfg_variants(fmt)
-            for cg in gus:
-                if time.time() - T0 > args.budget_s:
-                    break
-                try:
-                    t, _ = graph_time(lambda s: new.gate_up(fmt, D, s["g"], s["u"], s["x"], "drelu",
-                                                             0.05, s["mask"], cfg=cg), sets)
-                    res["sweeps"].append(dict(kernel="gate_up", fmt=fmt, n_hot=n, density=dens,
-                                              cfg=cg, t=t, gbps=2 * active * rb / t / 1e9))
-                except Exception as e:  # noqa: BLE001
-                    res["errors"].append(f"sweep gate_up {fmt} {cg}: {e!r}"[:1000])
-            for cd in dns:
-                if time.time() - T0 > args.budget_s:
-                    break
-                try:
-                    t, y = graph_time(lambda s: new.down(fmt, D, s["d"], s["a"], cfg=cd), sets)
-                    yr = sets[0]["a"].double() @ rows_f64(fmt, sets[0]["d"])
-                    res["sweeps"].append(dict(kernel="down", fmt=fmt, n_hot=n, density=dens,
-                                              cfg=cd, t=t, gbps=active * rb / t / 1e9,
-                                              err=rel_err(y, yr)))
-                except Exception as e:  # noqa: BLE001
-                    res["errors"].append(f"sweep down {fmt} {cd}: {e!r}"[:1000])
-            save()
-            best = {}
-            for w in res["sweeps"]:
-                if w["fmt"] == fmt and w["n_hot"] == n and w["density"] == dens:
-                    k = w["kernel"]
-                    if k not in best or w["gbps"] > best[k]["gbps"]:
-                        best[k] = w
-            for k, w in best.items():
-                print(f"sweep {fmt} n={n} dens={dens} best {k}: {w['gbps']:.0f} GB/s {w['cfg']}"
-                      f"  t={time.time() - T0:.0f}s", flush=True)
-            del sets
-            torch.cuda.empty_cache()
-
-    # ---- registers / spills of every compiled variant (q4_0 slowness was register-bound) ----
-    for kern in (new._gate_up_kernel, new._axpy_kernel):
-        for dev_cache in getattr(kern, "device_caches", {}).values():
-            for key, ck in dev_cache[0].items():
-                try:
-                    res.setdefault("compiled", []).append(dict(
-                        kernel=kern.fn.__name__, key=str(key)[:300], n_regs=ck.n_regs,
-                        n_spills=ck.n_spills, shared=ck.metadata.shared))
-                except Exception as e:  # noqa: BLE001 - the cache layout differs between versions
-                    res["errors"].append(f"compiled info: {e!r}"[:300])
     res["elapsed_s"] = time.time() - T0
     save()
     write_md(res, out / "triton_hot_ffn_h100.md")
@@ -343,13 +365,16 @@ def write_md(res, path):
     for c in res["checks"]:
         lines.append(f"| {c['fmt']} | {c['act']} | {c['mask']} | {c['err_new']:.1e} | {c['err_old']:.1e} |")
     if res["sweeps"]:
-        lines += ["", "Config sweep (each kernel alone; GB/s of its own rows):", "",
-                  "| kernel | fmt | n_hot | density | CHUNK | R | BK | warps | GB/s |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+        lines += ["", "Config sweep (each kernel alone; GB/s of its own rows; (int16): q4_0 rows read as int16 "
+                  "halfwords instead of int32 words; err: down vs float64, gate_up vs the shipped config):", "",
+                  "| kernel | fmt | n_hot | density | CHUNK | R | BK | warps | GB/s | / copy | regs | spills | err |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for w in res["sweeps"]:
             c = w["cfg"]
-            lines.append(f"| {w['kernel']} | {w['fmt']} | {w['n_hot']} | {w['density']} | {c['CHUNK']} | "
-                         f"{c['R']} | {c['BK']} | {c['num_warps']} | {w['gbps']:.0f} |")
+            lines.append(f"| {w['kernel']}{'' if c.get('WORDS', True) else ' (int16)'} | {w['fmt']} | "
+                         f"{w['n_hot']} | {w['density']} | {c['CHUNK']} | "
+                         f"{c['R']} | {c['BK']} | {c['num_warps']} | {w['gbps']:.0f} | {w['gbps'] / cp:.2f} | "
+                         f"{w.get('n_regs', '?')} | {w.get('n_spills', '?')} | {w.get('err', -1):.1e} |")
     path.write_text("\n".join(lines) + "\n")
 
 

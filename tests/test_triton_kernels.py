@@ -51,8 +51,9 @@ SCRIPT = textwrap.dedent("""
                     y = hot_ffn(h, x[None].to(dev), act, 0.05, md, use_triton=True)[0]
                     note(fmt, y, ref_ffn(h, x, act, mask))
 
-    # several K tiles per row (NK > 1) and several column tiles in down: tiny tiles forced
-    for fmt, bk in [("q4_0", 2), ("f16", 32)]:
+    # several K tiles per row (NK > 1) and several column tiles in down: tiny tiles forced;
+    # q4_0 rows read as int32 words and as int16 halfwords (WORDS)
+    for fmt, bk, words in [("q4_0", 2, True), ("q4_0", 2, False), ("f16", 32, True)]:
         n, d = 45, 192
         w1, w3 = torch.randn(n, d, generator=g), torch.randn(n, d, generator=g)
         w2 = torch.randn(d, n, generator=g)
@@ -61,9 +62,10 @@ SCRIPT = textwrap.dedent("""
         mask = torch.rand(n, generator=g) < 0.7
         for act in ["drelu", "silu"]:
             a = tk.gate_up(fmt, d, h.gate, h.up, x.to(dev), act, 0.05, mask.to(dev),
-                           cfg=dict(CHUNK=16, R=4, BK=bk, num_warps=4))
+                           cfg=dict(CHUNK=16, R=4, BK=bk, num_warps=4, WORDS=words))
             a[5] = 0.0                                      # a zero activation is skipped
-            y = tk.down(fmt, d, h.down_t, a, cfg=dict(CHUNK=8, R=2, BK=bk, num_warps=4))
+            y = tk.down(fmt, d, h.down_t, a,
+                        cfg=dict(CHUNK=8, R=2, BK=bk, num_warps=4, WORDS=words))
             W1, W3, W2T = (t.double().cpu() for t in h._weights(torch.float32))
             ra = activate(W1 @ x.double(), W3 @ x.double(), act, 0.05) * mask
             note(fmt + "-tiles-a", a, ra.masked_fill(torch.arange(n) == 5, 0.0))

@@ -8,8 +8,15 @@
 
 Each program owns a chunk of CHUNK rows. It first compacts the chunk's rows that need reading
 (mask set / gate fired / a != 0) into a list (cumsum, in a scratch buffer), then streams R of
-them at a time: every tile load is R full live rows, so sparse masks waste no lanes.
-
+them at a time: every tile load is R full live rows, so sparse masks waste no lanes. The loads
+of the next R rows are issued before the current tile is used (a register prefetch): the kernels
+are bound by loads in flight, not by arithmetic.
+  gate_up (q4_0): one K tile = the whole row (BK = 128 blocks for D = 4096, x's tile held in
+    registers for the program's life), one block (16 bytes) per thread per row, R = 2 rows.
+  down (q4_0): a program owns CHUNK rows x a column tile of BK blocks (BK = 8: 256 columns;
+    grid = column tiles x row chunks), one block per thread per row, R = 16 rows a tile with
+    4 warps; elementwise accumulators of the tile's shape (one FMA per weight), reduced over the
+    row axis once at the end, then one relaxed atomic add per column per program.
 Weights: float rows [n, D] (f32/f16/bf16), or q4_0 rows in the GPU row layout below
 (HotFFN.build repacks GGUF rows into it; kernels.gpu.q4_rows_to_gpu / q4_rows_from_gpu).
 
@@ -19,12 +26,14 @@ so footprint.ffn_rows_bytes is unchanged), permuted so that every field is conti
                           byte j of block b holds element 32b+j (low nibble) and 32b+16+j (high)
   bytes [16*nb, 18*nb)    the nb f16 scales d_b (little-endian)
   value(32b + i) = (nibble - 8) * d_b.
-The kernels read a row as int16 halfwords (16-byte loads of one whole block per thread when
-18*nb is a multiple of 16, i.e. D % 256 == 0): halfword m of block b holds, from bit 0,
-elements 32b+2m, 32b+16+2m, 32b+2m+1, 32b+16+2m+1. A nibble becomes a float without an int->float
-conversion (1/4 rate on Hopper): (h & (0xF << s)) | 0x4B000000 read as f32 is 2^23 + nib*2^s,
-and subtracting 2^23 + 8*2^s leaves (nib - 8) * 2^s exactly; x is pre-scaled by 2^-s (gate_up)
-or the sums by 2^-s at the end (down), powers of two, so no rounding is added.
+The kernels read a row as int32 words (rows with an even number of blocks: every row 4-byte
+aligned) or int16 halfwords, 16-byte loads (one whole block per thread) when 18*nb is a multiple
+of 16, i.e. D % 256 == 0. Halfword m of block b holds, from bit 0, elements 32b+2m, 32b+16+2m,
+32b+2m+1, 32b+16+2m+1; word w = halfwords 2w (low) and 2w+1 (high; one shift a word brings it
+down: int16 loads cost a byte permute per nibble instead). A nibble becomes a float without an
+int->float conversion (1/4 rate on Hopper): (h & (0xF << s)) | 0x4B000000 read as f32 is
+2^23 + nib*2^s, and subtracting 2^23 + 8*2^s leaves (nib - 8) * 2^s exactly; x is pre-scaled by
+2^-s (gate_up) or the sums by 2^-s at the end (down), powers of two, so no rounding is added.
 
 Runs on CUDA; with TRITON_INTERPRET=1 also on CPU tensors (how CI tests the logic).
 """
@@ -37,6 +46,7 @@ import triton.language as tl
 ACT = {"drelu": 0, "relu": 1, "fatrelu": 2, "silu": 3}
 Q4_BLOCK_BYTES = 18
 MAGIC = tl.constexpr(0x4B000000)        # f32 bits of 2^23
+LAST: dict = {}    # kernel name -> the last launch's CompiledKernel (benchmarks read registers)
 
 
 # ---- helpers (inlined into the kernels) ------------------------------------------------------
@@ -52,6 +62,14 @@ def _compact(flag, offs, lst):
 
 
 @triton.jit
+def _list_rows(lst, i, cnt, R: tl.constexpr):
+    """Entries [i, i+R) of a compacted row list: rows int64 [R] (0 past cnt), live bool [R]."""
+    ri = i + tl.arange(0, R)
+    lv = ri < cnt
+    return tl.load(lst + ri, mask=lv, other=0).to(tl.int64), lv
+
+
+@triton.jit
 def _nib(e, S: tl.constexpr):
     """e int32 [...] halfwords -> f32 (nibble at bits S..S+3 - 8) * 2^S, exactly."""
     f = ((e & (15 << S)) | MAGIC).to(tl.float32, bitcast=True)
@@ -59,37 +77,71 @@ def _nib(e, S: tl.constexpr):
 
 
 @triton.jit
-def _q4_tile(w_ptr, rows, live, b0, NB, RS, BK: tl.constexpr):
-    """R q4_0 rows (int64 [R], live: bool [R]) x blocks [b0, b0+BK), halfword m of block b ->
-    f32 [R, BK, 8] each: n0 = (q[32b+2m] - 8), n8 = (q[32b+2m+1] - 8) * 2^8,
-    n4 = (q[32b+16+2m] - 8) * 2^4, n12 = (q[32b+17+2m] - 8) * 2^12; sc f32 [R, BK]: the scales.
-    w_ptr: int16 view of the rows, RS halfwords per row."""
-    b = b0 + tl.arange(0, BK)
-    m = tl.arange(0, 8)
-    bm = b < NB
+def _load_rows(w_ptr, rows, live, k0, D, NB, RS, IS_Q4: tl.constexpr, BK: tl.constexpr,
+               WORDS: tl.constexpr):
+    """The raw K tile k0 of R rows (int64 [R], live bool [R]), loaded, not yet expanded, so the
+    loads of the next rows can be issued before this tile is used (a register prefetch):
+    q4_0 (k0, BK in blocks): e [R, BK, 8] int16 halfwords (halfword m of block b), or with WORDS
+    [R, BK, 4] int32 words (word w = halfwords 2w, 2w+1), sc f16 [R, BK] scales;
+    float rows (k0, BK in columns): e [R, BK] (sc: the same tensor, unused).
+    w_ptr: q4_0 rows as int16 (RS halfwords a row; int32 with WORDS: rows of an even number of
+    blocks), or the float rows (RS elements)."""
     base = rows * RS
-    e = tl.load(w_ptr + base[:, None, None] + (b * 8)[None, :, None] + m[None, None, :],
-                mask=live[:, None, None] & bm[None, :, None], other=0).to(tl.int32)  # [R, BK, 8]
-    sc = tl.load(w_ptr + base[:, None] + NB * 8 + b[None, :],
-                 mask=live[:, None] & bm[None, :], other=0)                         # [R, BK]
-    sc = sc.to(tl.float16, bitcast=True).to(tl.float32)
-    return _nib(e, 0), _nib(e, 8), _nib(e, 4), _nib(e, 12), sc
+    if IS_Q4:
+        b = k0 + tl.arange(0, BK)
+        bm = b < NB
+        if WORDS:
+            w = tl.arange(0, 4)
+            e = tl.load(w_ptr + (base // 2)[:, None, None] + (b * 4)[None, :, None]
+                        + w[None, None, :], mask=live[:, None, None] & bm[None, :, None])
+            # [R, BK, 4] words; no `other`: masked lanes decode to finite values whose
+            # coefficient (down) or scale (gate_up) is 0
+            h_ptr = w_ptr.to(tl.pointer_type(tl.int16), bitcast=True)
+        else:
+            m = tl.arange(0, 8)
+            e = tl.load(w_ptr + base[:, None, None] + (b * 8)[None, :, None] + m[None, None, :],
+                        mask=live[:, None, None] & bm[None, :, None])              # [R, BK, 8]
+            h_ptr = w_ptr
+        sc = tl.load(h_ptr + base[:, None] + NB * 8 + b[None, :],
+                     mask=live[:, None] & bm[None, :], other=0)                    # [R, BK]
+        sc = sc.to(tl.float16, bitcast=True)
+    else:
+        c = k0 + tl.arange(0, BK)
+        e = tl.load(w_ptr + base[:, None] + c[None, :], mask=live[:, None] & (c < D)[None, :],
+                    other=0.0)
+        sc = e
+    return e, sc
+
+
+@triton.jit
+def _expand(e, WORDS: tl.constexpr):
+    """A loaded q4_0 tile (_load_rows: int16 [R, BK, 8] or int32 words [R, BK, 4]) -> f32
+    [R, BK, 8] each, m the halfword: n0 = (q[32b+2m] - 8), n8 = (q[32b+2m+1] - 8) * 2^8,
+    n4 = (q[32b+16+2m] - 8) * 2^4, n12 = (q[32b+17+2m] - 8) * 2^12."""
+    if WORDS:   # halfword m in bits 0..15 (one shift a word, not a byte permute a nibble)
+        e = tl.join(e, e >> 16).reshape([e.shape[0], e.shape[1], 8])
+    else:
+        e = e.to(tl.int32)
+    return _nib(e, 0), _nib(e, 8), _nib(e, 4), _nib(e, 12)
 
 
 @triton.jit
 def _x_tile(x_ptr, k0, D, IS_Q4: tl.constexpr, BK: tl.constexpr):
     """x over the K tile starting at k0 (a block for q4_0, a column for float rows):
     q4_0: f32 [BK, 8] each, x[32b+2m], x[32b+2m+1] / 2^8, x[32b+16+2m] / 2^4, x[32b+17+2m] / 2^12
-    (the slots of _q4_tile); float rows: x0 = x[k0:k0+BK] (the others unused)."""
+    (the slots of _expand); float rows: x0 = x[k0:k0+BK] (the others unused)."""
     if IS_Q4:
         b = k0 + tl.arange(0, BK)
-        m = tl.arange(0, 8)
-        col = b[:, None] * 32 + 2 * m[None, :]                  # [BK, 8]
+        j = tl.arange(0, 16)
+        col = b[:, None] * 32 + j[None, :]                      # [BK, 16]: 16-byte loads
         cm = col < D
-        x0 = tl.load(x_ptr + col, mask=cm, other=0.0).to(tl.float32)
-        x8 = tl.load(x_ptr + col + 1, mask=cm, other=0.0).to(tl.float32) * 0.00390625
-        x4 = tl.load(x_ptr + col + 16, mask=cm, other=0.0).to(tl.float32) * 0.0625
-        x12 = tl.load(x_ptr + col + 17, mask=cm, other=0.0).to(tl.float32) * 0.000244140625
+        lo = tl.load(x_ptr + col, mask=cm, other=0.0).to(tl.float32).reshape([BK, 8, 2])
+        hi = tl.load(x_ptr + col + 16, mask=cm, other=0.0).to(tl.float32).reshape([BK, 8, 2])
+        x0, x8 = tl.split(lo)                                   # even / odd columns
+        x4, x12 = tl.split(hi)
+        x8 = x8 * 0.00390625
+        x4 = x4 * 0.0625
+        x12 = x12 * 0.000244140625
     else:
         c = k0 + tl.arange(0, BK)
         x0 = tl.load(x_ptr + c, mask=c < D, other=0.0).to(tl.float32)
@@ -100,25 +152,50 @@ def _x_tile(x_ptr, k0, D, IS_Q4: tl.constexpr, BK: tl.constexpr):
 
 
 @triton.jit
-def _rows_dot(w_ptr, rows, live, x_ptr, x0, x8, x4, x12, D, NB, RS, IS_Q4: tl.constexpr,
-              BK: tl.constexpr, NK: tl.constexpr):
-    """f32 [R]: the dot products of R rows with x. x0..x12: x's tile when the row is one K tile
-    (NK == 1, loaded once per program); else x is loaded per K tile."""
-    acc = tl.zeros([rows.shape[0]], dtype=tl.float32)
-    for kt in tl.static_range(NK):
-        if NK > 1:
-            x0, x8, x4, x12 = _x_tile(x_ptr, kt * BK, D, IS_Q4, BK)
-        if IS_Q4:
-            n0, n8, n4, n12, sc = _q4_tile(w_ptr, rows, live, kt * BK, NB, RS, BK)
-            part = tl.sum(n0 * x0[None] + n8 * x8[None] + n4 * x4[None] + n12 * x12[None],
-                          axis=2)                                # [R, BK]
-            acc += tl.sum(part * sc, axis=1)
+def _tile_dot(e, sc, x0, x8, x4, x12, IS_Q4: tl.constexpr, WORDS: tl.constexpr):
+    """f32 [R]: one loaded K tile of R rows (_load_rows) dotted with x's tile (_x_tile)."""
+    if IS_Q4:
+        n0, n8, n4, n12 = _expand(e, WORDS)
+        part = tl.sum(n0 * x0[None] + n8 * x8[None] + n4 * x4[None] + n12 * x12[None], axis=2,
+                      keep_dims=True)                           # [R, BK, 1]
+        # the scale multiplies in the 3-d layout (no layout conversion through shared memory)
+        return tl.sum(tl.sum(part * sc.to(tl.float32)[:, :, None], axis=2), axis=1)   # [R]
+    else:
+        return tl.sum(e.to(tl.float32) * x0[None, :], axis=1)
+
+
+@triton.jit
+def _dot_pass(w_ptr, lst, cnt, a_ptr, x_ptr, x0, x8, x4, x12, D, NB, RS, MODE: tl.constexpr,
+              IS_Q4: tl.constexpr, R: tl.constexpr, BK: tl.constexpr, NK: tl.constexpr,
+              WORDS: tl.constexpr):
+    """For the cnt rows listed at lst, R at a time: t = w[row]·x, then by MODE
+    0: a[row] = t; 1 (drelu up): a[row] *= max(t, 0); 2 (relu/fatrelu up): a[row] *= t;
+    3 (silu up): a[row] = silu(a[row]) * t.
+    x0..x12: x's tile when a row is one K tile (NK == 1, loaded once per program); else x is
+    loaded per K tile. Register prefetch: the next R rows' first K tile is loaded before this
+    one is used (a deeper prefetch measured slower: more registers, see KERNELS.md)."""
+    rows, lv = _list_rows(lst, 0, cnt, R)
+    e, sc = _load_rows(w_ptr, rows, lv, 0, D, NB, RS, IS_Q4, BK, WORDS)
+    for i in range(0, cnt, R):
+        rows_n, lv_n = _list_rows(lst, i + R, cnt, R)
+        e_n, sc_n = _load_rows(w_ptr, rows_n, lv_n, 0, D, NB, RS, IS_Q4, BK, WORDS)   # prefetch
+        t = _tile_dot(e, sc, x0, x8, x4, x12, IS_Q4, WORDS)
+        for kt in tl.static_range(1, NK):
+            xk0, xk8, xk4, xk12 = _x_tile(x_ptr, kt * BK, D, IS_Q4, BK)
+            ek, sck = _load_rows(w_ptr, rows, lv, kt * BK, D, NB, RS, IS_Q4, BK, WORDS)
+            t += _tile_dot(ek, sck, xk0, xk8, xk4, xk12, IS_Q4, WORDS)
+        if MODE == 0:
+            tl.store(a_ptr + rows, t, mask=lv)
         else:
-            c = kt * BK + tl.arange(0, BK)
-            w = tl.load(w_ptr + rows[:, None] * RS + c[None, :],
-                        mask=live[:, None] & (c < D)[None, :], other=0.0).to(tl.float32)
-            acc += tl.sum(w * x0[None, :], axis=1)
-    return acc
+            g = tl.load(a_ptr + rows, mask=lv, other=0.0)
+            if MODE == 1:
+                t = g * tl.maximum(t, 0.0)
+            elif MODE == 2:
+                t = g * t
+            else:
+                t = g / (1.0 + tl.exp(-g)) * t
+            tl.store(a_ptr + rows, t, mask=lv)
+        rows, lv, e, sc = rows_n, lv_n, e_n, sc_n
 
 
 # ---- kernels ---------------------------------------------------------------------------------
@@ -126,7 +203,8 @@ def _rows_dot(w_ptr, rows, live, x_ptr, x0, x8, x4, x12, D, NB, RS, IS_Q4: tl.co
 @triton.jit
 def _gate_up_kernel(x_ptr, g_ptr, u_ptr, mask_ptr, a_ptr, lst_ptr, N, D, NB, RS, threshold,
                     HAS_MASK: tl.constexpr, ACT_KIND: tl.constexpr, IS_Q4: tl.constexpr,
-                    CHUNK: tl.constexpr, R: tl.constexpr, BK: tl.constexpr, NK: tl.constexpr):
+                    CHUNK: tl.constexpr, R: tl.constexpr, BK: tl.constexpr, NK: tl.constexpr,
+                    WORDS: tl.constexpr):
     """a [N] f32. Program p: rows [p*CHUNK, (p+1)*CHUNK). lst: int32 [grid*CHUNK] scratch."""
     pid = tl.program_id(0)
     offs = pid * CHUNK + tl.arange(0, CHUNK)                    # [CHUNK] rows of this program
@@ -137,23 +215,15 @@ def _gate_up_kernel(x_ptr, g_ptr, u_ptr, mask_ptr, a_ptr, lst_ptr, N, D, NB, RS,
     lst = lst_ptr + pid * CHUNK
     cnt = _compact(live, offs, lst)
     x0, x8, x4, x12 = _x_tile(x_ptr, 0, D, IS_Q4, BK)            # used when NK == 1
-    ri0 = tl.arange(0, R)
-    if ACT_KIND == 3:                                           # silu: gate and up of every row
+    # pass 1: the gates of the live rows (kept in a)
+    _dot_pass(g_ptr, lst, cnt, a_ptr, x_ptr, x0, x8, x4, x12, D, NB, RS, 0, IS_Q4, R, BK, NK,
+              WORDS)
+    tl.debug_barrier()
+    if ACT_KIND == 3:                                           # silu: up of every live row
         tl.store(a_ptr + offs, 0.0, mask=inr & (live == 0))
-        for i in range(0, cnt, R):
-            lv = i + ri0 < cnt
-            rows = tl.load(lst + i + ri0, mask=lv, other=0).to(tl.int64)
-            g = _rows_dot(g_ptr, rows, lv, x_ptr, x0, x8, x4, x12, D, NB, RS, IS_Q4, BK, NK)
-            u = _rows_dot(u_ptr, rows, lv, x_ptr, x0, x8, x4, x12, D, NB, RS, IS_Q4, BK, NK)
-            tl.store(a_ptr + rows, g / (1.0 + tl.exp(-g)) * u, mask=lv)
-    else:
-        # pass 1: the gates of the live rows (kept in a); pass 2: up where the gate fired
-        for i in range(0, cnt, R):
-            lv = i + ri0 < cnt
-            rows = tl.load(lst + i + ri0, mask=lv, other=0).to(tl.int64)
-            g = _rows_dot(g_ptr, rows, lv, x_ptr, x0, x8, x4, x12, D, NB, RS, IS_Q4, BK, NK)
-            tl.store(a_ptr + rows, g, mask=lv)
-        tl.debug_barrier()
+        _dot_pass(u_ptr, lst, cnt, a_ptr, x_ptr, x0, x8, x4, x12, D, NB, RS, 3, IS_Q4, R, BK, NK,
+                  WORDS)
+    else:                                                       # pass 2: up where the gate fired
         gv = tl.load(a_ptr + offs, mask=live, other=0.0)
         if ACT_KIND == 2:
             fire = live & (gv > threshold)
@@ -161,21 +231,18 @@ def _gate_up_kernel(x_ptr, g_ptr, u_ptr, mask_ptr, a_ptr, lst_ptr, N, D, NB, RS,
             fire = live & (gv > 0.0)
         tl.store(a_ptr + offs, 0.0, mask=inr & (fire == 0))
         cnt2 = _compact(fire, offs, lst)
-        for i in range(0, cnt2, R):
-            lv = i + ri0 < cnt2
-            rows = tl.load(lst + i + ri0, mask=lv, other=0).to(tl.int64)
-            g = tl.load(a_ptr + rows, mask=lv, other=0.0)
-            u = _rows_dot(u_ptr, rows, lv, x_ptr, x0, x8, x4, x12, D, NB, RS, IS_Q4, BK, NK)
-            if ACT_KIND == 0:
-                u = tl.maximum(u, 0.0)
-            tl.store(a_ptr + rows, g * u, mask=lv)
+        _dot_pass(u_ptr, lst, cnt2, a_ptr, x_ptr, x0, x8, x4, x12, D, NB, RS,
+                  1 if ACT_KIND == 0 else 2, IS_Q4, R, BK, NK, WORDS)
 
 
 @triton.jit
 def _axpy_kernel(a_ptr, w_ptr, y_ptr, lst_ptr, N, D, NB, RS, IS_Q4: tl.constexpr,
-                 CHUNK: tl.constexpr, R: tl.constexpr, BK: tl.constexpr):
+                 CHUNK: tl.constexpr, R: tl.constexpr, BK: tl.constexpr, WORDS: tl.constexpr):
     """y [D] f32 += sum_j a[j] * W[j]. Program (pc, pr): K tile pc (BK blocks or columns) of
-    the rows [pr*CHUNK, (pr+1)*CHUNK). lst: int32 [grid0*grid1*CHUNK] scratch."""
+    the rows [pr*CHUNK, (pr+1)*CHUNK). lst: int32 [grid0*grid1*CHUNK] scratch.
+    q4_0: elementwise accumulators of the tile's shape [R, BK, 8] (one FMA per weight, no
+    reduction in the row loop), reduced over the R axis once at the end; one atomic add per
+    column per program."""
     pc = tl.program_id(0)
     pr = tl.program_id(1)
     offs = pr * CHUNK + tl.arange(0, CHUNK)
@@ -184,68 +251,78 @@ def _axpy_kernel(a_ptr, w_ptr, y_ptr, lst_ptr, N, D, NB, RS, IS_Q4: tl.constexpr
     lst = lst_ptr + (pr * tl.num_programs(0) + pc) * CHUNK
     cnt = _compact(live, offs, lst)
     k0 = pc * BK
-    ri0 = tl.arange(0, R)
+    rows, lv = _list_rows(lst, 0, cnt, R)
+    ar = tl.load(a_ptr + rows, mask=lv, other=0.0)
+    e, sc = _load_rows(w_ptr, rows, lv, k0, D, NB, RS, IS_Q4, BK, WORDS)
     if IS_Q4:
-        a0 = tl.zeros([BK, 8], dtype=tl.float32)               # the 4 nibble slots of _q4_tile
-        a8 = tl.zeros([BK, 8], dtype=tl.float32)
-        a4 = tl.zeros([BK, 8], dtype=tl.float32)
-        a12 = tl.zeros([BK, 8], dtype=tl.float32)
+        a0 = tl.zeros([R, BK, 8], dtype=tl.float32)            # the 4 nibble slots of _expand
+        a8 = tl.zeros([R, BK, 8], dtype=tl.float32)
+        a4 = tl.zeros([R, BK, 8], dtype=tl.float32)
+        a12 = tl.zeros([R, BK, 8], dtype=tl.float32)
         for i in range(0, cnt, R):
-            lv = i + ri0 < cnt
-            rows = tl.load(lst + i + ri0, mask=lv, other=0).to(tl.int64)
-            ar = tl.load(a_ptr + rows, mask=lv, other=0.0)
-            n0, n8, n4, n12, sc = _q4_tile(w_ptr, rows, lv, k0, NB, RS, BK)
-            coef = (ar[:, None] * sc)[:, :, None]               # [R, BK, 1]
-            a0 += tl.sum(n0 * coef, axis=0)
-            a8 += tl.sum(n8 * coef, axis=0)
-            a4 += tl.sum(n4 * coef, axis=0)
-            a12 += tl.sum(n12 * coef, axis=0)
+            rows_n, lv_n = _list_rows(lst, i + R, cnt, R)    # prefetch the next R rows
+            ar_n = tl.load(a_ptr + rows_n, mask=lv_n, other=0.0)
+            e_n, sc_n = _load_rows(w_ptr, rows_n, lv_n, k0, D, NB, RS, IS_Q4, BK, WORDS)
+            coef = (ar[:, None] * sc.to(tl.float32))[:, :, None]          # [R, BK, 1]
+            n0, n8, n4, n12 = _expand(e, WORDS)
+            a0 += n0 * coef
+            a8 += n8 * coef
+            a4 += n4 * coef
+            a12 += n12 * coef
+            ar, e, sc = ar_n, e_n, sc_n
         b = k0 + tl.arange(0, BK)
         m = tl.arange(0, 8)
         col = b[:, None] * 32 + 2 * m[None, :]                  # [BK, 8]
         cm = col < D
-        tl.atomic_add(y_ptr + col, a0, mask=cm)
-        tl.atomic_add(y_ptr + col + 1, a8 * 0.00390625, mask=cm)
-        tl.atomic_add(y_ptr + col + 16, a4 * 0.0625, mask=cm)
-        tl.atomic_add(y_ptr + col + 17, a12 * 0.000244140625, mask=cm)
+        tl.atomic_add(y_ptr + col, tl.sum(a0, axis=0), mask=cm, sem="relaxed")
+        tl.atomic_add(y_ptr + col + 1, tl.sum(a8, axis=0) * 0.00390625, mask=cm, sem="relaxed")
+        tl.atomic_add(y_ptr + col + 16, tl.sum(a4, axis=0) * 0.0625, mask=cm, sem="relaxed")
+        tl.atomic_add(y_ptr + col + 17, tl.sum(a12, axis=0) * 0.000244140625, mask=cm,
+                      sem="relaxed")
     else:
         c = k0 + tl.arange(0, BK)
         acc = tl.zeros([BK], dtype=tl.float32)
         for i in range(0, cnt, R):
-            lv = i + ri0 < cnt
-            rows = tl.load(lst + i + ri0, mask=lv, other=0).to(tl.int64)
-            ar = tl.load(a_ptr + rows, mask=lv, other=0.0)
-            w = tl.load(w_ptr + rows[:, None] * RS + c[None, :],
-                        mask=lv[:, None] & (c < D)[None, :], other=0.0).to(tl.float32)
-            acc += tl.sum(w * ar[:, None], axis=0)
-        tl.atomic_add(y_ptr + c, acc, mask=c < D)
+            rows_n, lv_n = _list_rows(lst, i + R, cnt, R)
+            ar_n = tl.load(a_ptr + rows_n, mask=lv_n, other=0.0)
+            e_n, sc_n = _load_rows(w_ptr, rows_n, lv_n, k0, D, NB, RS, IS_Q4, BK, WORDS)
+            acc += tl.sum(e.to(tl.float32) * ar[:, None], axis=0)
+            ar, e = ar_n, e_n
+        tl.atomic_add(y_ptr + c, acc, mask=c < D, sem="relaxed")
 
 
 # ---- launch configuration --------------------------------------------------------------------
 
 def config(fmt: str, d: int, n: int, device: torch.device | None = None) -> dict:
-    """Launch parameters per shape class: the best measured ones of the sweep in
+    """Launch parameters per shape class: the best measured ones of the sweeps in
     benchmarks/results/triton_hot_ffn_h100.md (H100, d = 4096). CHUNK: rows per program (compacted
     in-program), R: live rows per tile, BK: K tile (q4_0: blocks of 32 values; float: columns;
-    one tile covers d <= 4096 for gate_up), num_warps. device is unused (kept for callers)."""
+    one tile covers d <= 4096 for gate_up; down's column tile), num_warps; optional WORDS=False
+    reads q4_0 rows as int16 halfwords. device is unused (kept for callers)."""
     if fmt == "q4_0":
-        bk = min(triton.next_power_of_2(d // 32), 128)
-        gu = dict(CHUNK=16, R=2, BK=bk, num_warps=4) if n >= 4096 else \
-            dict(CHUNK=16, R=4, BK=bk, num_warps=8)
-        dn = dict(CHUNK=64, R=4, BK=bk, num_warps=4) if n >= 12288 else \
-            dict(CHUNK=64, R=8, BK=bk, num_warps=8)
+        nb2 = triton.next_power_of_2(d // 32)
+        gu = dict(CHUNK=16, R=2 if n >= 4096 else 4, BK=min(nb2, 128), num_warps=4)
+        dn = dict(CHUNK=256 if n >= 8192 else 128, R=16, BK=min(nb2, 8), num_warps=4)
     else:
         gu = dict(CHUNK=16, R=4, BK=min(triton.next_power_of_2(d), 4096), num_warps=8)
         dn = dict(CHUNK=64, R=8, BK=min(triton.next_power_of_2(d), 1024), num_warps=4)
     return {"gate_up": gu, "down": dn}
 
 
-def _rows_view(fmt: str, w: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """The pointer view the kernels read and its row stride in elements."""
+def _rows_view(fmt: str, w: torch.Tensor, words: bool) -> tuple[torch.Tensor, int]:
+    """The pointer view the kernels read and the row stride in elements (q4_0: in halfwords,
+    also for the int32 view of words)."""
     if fmt == "q4_0":
         v = w.view(torch.int16)                                # halfwords; 18*nb bytes is even
-        return v, v.shape[1]
+        return (w.view(torch.int32) if words else v), v.shape[1]
     return w, w.shape[1]
+
+
+def _words(fmt: str, d: int, cfg: dict) -> bool:
+    """q4_0 rows are read as int32 words (one shift a word splits its halfwords) when every row
+    starts 4-byte aligned (an even number of blocks), unless cfg says WORDS=False."""
+    want = cfg.pop("WORDS", True)
+    return fmt == "q4_0" and (d // 32) % 2 == 0 and want
 
 
 def gate_up(fmt: str, d: int, gate: torch.Tensor, up: torch.Tensor, x: torch.Tensor, act: str,
@@ -259,12 +336,14 @@ def gate_up(fmt: str, d: int, gate: torch.Tensor, up: torch.Tensor, x: torch.Ten
     a = torch.empty(n, dtype=torch.float32, device=x.device)
     grid = triton.cdiv(n, c["CHUNK"])
     lst = torch.empty(grid * c["CHUNK"], dtype=torch.int32, device=x.device)
-    g, rs = _rows_view(fmt, gate)
-    u, _ = _rows_view(fmt, up)
+    words = _words(fmt, d, c)
+    g, rs = _rows_view(fmt, gate, words)
+    u, _ = _rows_view(fmt, up, words)
     m = mask.view(torch.uint8) if mask is not None else a      # a dummy pointer without a mask
-    _gate_up_kernel[(grid,)](x, g, u, m, a, lst, n, d, d // 32, rs, float(threshold),
-                             HAS_MASK=mask is not None, ACT_KIND=ACT[act], IS_Q4=is_q4,
-                             NK=triton.cdiv(units, c["BK"]), num_warps=nw, **c)
+    LAST["gate_up"] = _gate_up_kernel[(grid,)](
+        x, g, u, m, a, lst, n, d, d // 32, rs, float(threshold), HAS_MASK=mask is not None,
+        ACT_KIND=ACT[act], IS_Q4=is_q4, WORDS=words, NK=triton.cdiv(units, c["BK"]), num_warps=nw,
+        **c)
     return a
 
 
@@ -280,8 +359,10 @@ def down(fmt: str, d: int, w: torch.Tensor, a: torch.Tensor, y: torch.Tensor | N
     units = d // 32 if is_q4 else d
     grid = (triton.cdiv(units, c["BK"]), triton.cdiv(n, c["CHUNK"]))
     lst = torch.empty(grid[0] * grid[1] * c["CHUNK"], dtype=torch.int32, device=a.device)
-    wv, rs = _rows_view(fmt, w)
-    _axpy_kernel[grid](a, wv, y, lst, n, d, d // 32, rs, IS_Q4=is_q4, num_warps=nw, **c)
+    words = _words(fmt, d, c)
+    wv, rs = _rows_view(fmt, w, words)
+    LAST["down"] = _axpy_kernel[grid](a, wv, y, lst, n, d, d // 32, rs, IS_Q4=is_q4, WORDS=words,
+                                      num_warps=nw, **c)
     return y
 
 
