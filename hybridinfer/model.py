@@ -108,7 +108,7 @@ class Attention(nn.Module):
         else:
             mask = mask.repeat(rep, 1) if rep > 1 else mask                           # [rep*t, s]
             y = F.scaled_dot_product_attention(qg, ks, vs, attn_mask=mask)
-        y = y.view(b, c.num_heads, t, c.head_dim)
+        y = y.reshape(b, c.num_heads, t, c.head_dim)      # SDPA on CUDA may return a strided view
         return linear(y.transpose(1, 2).reshape(b, t, c.num_heads * c.head_dim), self.o, self.ob)
 
 
