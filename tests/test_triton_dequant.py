@@ -1,5 +1,6 @@
 """kernels.triton_dequant: q4_0 rows (GGUF and GPU layouts) -> float, by Triton's interpreter on the
-CPU (a subprocess: TRITON_INTERPRET=1 before triton is imported), against quant.unpack."""
+CPU (a subprocess: TRITON_INTERPRET=1 before triton is imported) and compiled on cuda, against
+quant.unpack."""
 from __future__ import annotations
 
 import os
@@ -7,8 +8,11 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 SCRIPT = textwrap.dedent("""
-    import torch
+    import os, torch
+    dev = torch.device(os.environ.get("HI_TEST_DEVICE", "cpu"))
     from hybridinfer import quant
     from hybridinfer.kernels.gpu import q4_rows_to_gpu
     from hybridinfer.kernels.triton_dequant import dequant_q4_0
@@ -18,9 +22,9 @@ SCRIPT = textwrap.dedent("""
         p = quant.pack(w, "q4_0")
         ref = quant.unpack(p, "q4_0", d)                      # float32, exact values
         for layout, rows in (("gguf", p), ("gpu", q4_rows_to_gpu(p))):
-            y = dequant_q4_0(rows, d, layout, torch.float32)
+            y = dequant_q4_0(rows.to(dev), d, layout, torch.float32).cpu()
             assert y.shape == (n, d) and torch.equal(y, ref), (n, d, layout)
-            yb = dequant_q4_0(rows, d, layout, torch.bfloat16).float()
+            yb = dequant_q4_0(rows.to(dev), d, layout, torch.bfloat16).float().cpu()
             # one bf16 rounding of the exact value (the interpreter truncates, CUDA rounds to even)
             assert torch.all((yb - ref).abs() <= ref.abs() * 2.0 ** -7), (n, d, layout)
     try:
@@ -33,8 +37,11 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_dequant_q4_0_matches_unpack():
-    env = dict(os.environ, TRITON_INTERPRET="1")
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_dequant_q4_0_matches_unpack(device):
+    env = dict(os.environ, HI_TEST_DEVICE=device)
+    if device == "cpu":
+        env["TRITON_INTERPRET"] = "1"
     r = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env,
                        timeout=300)
     assert r.returncode == 0 and "OK" in r.stdout, r.stdout + r.stderr
