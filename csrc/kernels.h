@@ -59,6 +59,12 @@ struct XPrep {
 using DotFn = void (*)(const uint8_t* row, const XPrep& x, float* out);
 // y[t, :] += coef[r * b + t] * row_r  for r < nrows, t < b.   y: [b, d] f32.
 // Several rows per call let the AVX2 kernel keep partial sums in registers.
+// q4_0: the rows go in groups of kAxpyGroup (rows [0, 8), [8, 16), ... of the call); per group,
+// token and 32-column block the coefficients s_r = coef * block scale are quantised to int8
+// against the group's largest |s_r| (gm = max(max |s_r|, 1e-30), q_r = rne(s_r * (127 / gm)))
+// and the block is added as (gm / 127) * sum_r q_r * (nibble - 8), an exact integer sum: an
+// error of at most gm / 254 per coefficient (see docs/KERNELS.md).
+constexpr int kAxpyGroup = 8;
 using AxpyFn = void (*)(const uint8_t* const* rows, int nrows, const float* coef, int b,
                         float* y, int d);
 // x [n] f32 -> n/32 blocks (n % 32 == 0).

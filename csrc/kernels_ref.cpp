@@ -93,16 +93,48 @@ inline float qval(const uint8_t* blk, int j) {
   return float(int((j < 16) ? (byte & 0x0F) : (byte >> 4)) - 8);
 }
 
+// q4_0 down (kernels.h): per group of kAxpyGroup rows, token and 32-column block the row
+// coefficients s_r = c_r * scale_r are quantised to int8 against the group's largest |s_r|,
+// the block sum is an exact integer, scaled once.
+void axpy_q4(const uint8_t* const* rows, int nrows, const float* coef, int b, float* y, int d) {
+  for (int g0 = 0; g0 < nrows; g0 += kAxpyGroup) {
+    const int g1 = nrows < g0 + kAxpyGroup ? nrows : g0 + kAxpyGroup;
+    for (int t = 0; t < b; ++t) {
+      float* yt = y + size_t(t) * d;
+      for (int i = 0; i < d / QK; ++i) {
+        float s[kAxpyGroup];
+        float gm = 0.f;
+        for (int r = g0; r < g1; ++r) {
+          s[r - g0] = coef[r * b + t] * f16_to_f32(rd16(rows[r] + i * 18));
+          gm = std::fmax(gm, std::fabs(s[r - g0]));
+        }
+        gm = std::fmax(gm, 1e-30f);
+        const float inv = 127.f / gm, gs = gm * (1.f / 127.f);
+        int q[kAxpyGroup];
+        for (int r = g0; r < g1; ++r) q[r - g0] = int(std::nearbyint(s[r - g0] * inv));
+        for (int j = 0; j < QK; ++j) {
+          int32_t acc = 0;
+          for (int r = g0; r < g1; ++r) acc += q[r - g0] * int32_t(qval<Fmt::Q4_0>(rows[r] + i * 18, j));
+          yt[i * QK + j] += gs * float(acc);
+        }
+      }
+    }
+  }
+}
+
 template <Fmt F>
 void axpy(const uint8_t* const* rows, int nrows, const float* coef, int b, float* y, int d) {
+  if constexpr (F == Fmt::Q4_0) {
+    axpy_q4(rows, nrows, coef, b, y, d);
+    return;
+  }
   for (int r = 0; r < nrows; ++r) {
     for (int t = 0; t < b; ++t) {
       const float c = coef[r * b + t];
       float* yt = y + size_t(t) * d;
-      if constexpr (F == Fmt::Q8_0 || F == Fmt::Q4_0) {
-        constexpr size_t bb = F == Fmt::Q8_0 ? 34 : 18;
+      if constexpr (F == Fmt::Q8_0) {
         for (int i = 0; i < d / QK; ++i) {
-          const uint8_t* blk = rows[r] + i * bb;
+          const uint8_t* blk = rows[r] + i * 34;
           const float s = c * f16_to_f32(rd16(blk));
           for (int j = 0; j < QK; ++j) yt[i * QK + j] += s * qval<F>(blk, j);
         }
