@@ -15,21 +15,8 @@ from .config import ModelConfig
 from .errors import HybridInferError
 from .ffn import DenseFFN, MoE
 from .kernels import cpu as cpu_kernels
+from .linear import linear  # noqa: F401 - the dispatch point (re-exported for graphs.py)
 from .predictor import Predictor
-
-
-def linear(x: torch.Tensor, w, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [..., in] -> [..., out] = x W^T (+ bias): the one dispatch point for a linear layer.
-    w is a torch tensor [out, in] (F.linear, on any device) or a kernels.cpu.PackedLinear (the
-    C++ kernels over packed rows, e.g. q4_0 on the CPU: x must be on the CPU; computed in
-    float32, returned in x's dtype)."""
-    if isinstance(w, torch.Tensor):
-        return F.linear(x, w, bias)
-    y = cpu_kernels.linear(x.reshape(-1, x.shape[-1]).float().contiguous(), w)
-    y = y.view(*x.shape[:-1], w.out_features)
-    if bias is not None:
-        y = y + bias
-    return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -184,7 +171,7 @@ def build_model(cfg: ModelConfig, ckpt: Checkpoint, device: torch.device, dtype:
     tests hold the two together).
     cpu_linear_fmt (e.g. "q4_0"): the attention projections and lm_head that end up on the CPU
     are packed in this format (kernels.cpu.PackedLinear) and read by the C++ kernels, as
-    llama.cpp reads them, instead of torch's float matmul."""
+    llama.cpp reads them, instead of torch's float matmul; predictors on the CPU in q8_0."""
     d, ff, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
     places = places or {}
     placed: dict[str, int] = {}
@@ -199,13 +186,15 @@ def build_model(cfg: ModelConfig, ckpt: Checkpoint, device: torch.device, dtype:
             placed[component] = placed.get(component, 0) + out.numel() * out.element_size()
         return out
 
-    def lin(name, shape, component="attention"):
-        """A linear layer's weight: packed for the CPU kernels when it lives on the CPU and
-        cpu_linear_fmt is set, else the tensor of get()."""
+    def lin(name, shape, component="attention", fmt=cpu_linear_fmt):
+        """A linear layer's weight: packed for the CPU kernels (in fmt) when it lives on the CPU
+        and cpu_linear_fmt is set, else the tensor of get()."""
         on_gpu_side = places.get(component, True)
         if cpu_linear_fmt is None or torch.device(device if on_gpu_side else "cpu").type != "cpu":
             return get(name, shape, component)
-        w = cpu_kernels.PackedLinear.from_weight(ckpt.get(name, shape), cpu_linear_fmt)
+        if fmt in ("q8_0", "q4_0") and shape[1] % 32:    # blocks of 32 do not fit: keep f32 rows
+            fmt = "f32"
+        w = cpu_kernels.PackedLinear.from_weight(ckpt.get(name, shape), fmt)
         ckpt.release(name)
         if on_gpu_side:
             placed[component] = placed.get(component, 0) + w.nbytes
@@ -216,7 +205,10 @@ def build_model(cfg: ModelConfig, ckpt: Checkpoint, device: torch.device, dtype:
         pred = None
         if with_predictors and n["fc1"] in ckpt and n["fc2"] in ckpt:
             rank = ckpt.shape(n["fc1"])[0]
-            pred = Predictor(get(n["fc1"], (rank, d), "predictors"), get(n["fc2"], (ff, rank), "predictors"))
+            # on the CPU with a quantised format: q8_0 rows (the scores' sign decides the mask,
+            # so the predictor keeps more precision than the FFN rows)
+            pred = Predictor(lin(n["fc1"], (rank, d), "predictors", "q8_0"),
+                             lin(n["fc2"], (ff, rank), "predictors", "q8_0"))
         if ffn_factory is not None:
             shapes = {"gate": (ff, d), "up": (ff, d), "down": (d, ff)}
             module = ffn_factory(layer, expert, lambda key: ckpt.get(n[key], shapes[key]), pred)

@@ -26,6 +26,7 @@ from torch import nn
 
 from .atomic import atomic_path
 from .errors import HybridInferError
+from .linear import linear
 
 PREDICTOR_FILE = "predictors.safetensors"
 
@@ -40,7 +41,11 @@ class Predictor(nn.Module):
         self.threshold = threshold
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.relu(F.linear(x, self.fc1)), self.fc2)
+        return linear(F.relu(linear(x, self.fc1)), self.fc2)
+
+    def input(self, x: torch.Tensor) -> torch.Tensor:
+        """x in the dtype the predictor computes in: its weights' (float32 for packed CPU rows)."""
+        return x.to(self.fc1.dtype) if isinstance(self.fc1, torch.Tensor) else x.float()
 
     def active(self, x: torch.Tensor) -> torch.Tensor:
         """Boolean mask [n, n_ff] of the neurons predicted to fire."""
@@ -63,8 +68,7 @@ def predictor_device(pred, default: torch.device) -> torch.device:
 
 def host_active(pred, x_host: torch.Tensor) -> torch.Tensor:
     """The mask of a predictor kept on the CPU, for a float32 host vector x [n, d]."""
-    fc1 = getattr(pred, "fc1", None)
-    return pred.active(x_host if fc1 is None else x_host.to(fc1.dtype))
+    return pred.active(pred.input(x_host) if isinstance(pred, Predictor) else x_host)
 
 
 def logit_threshold(p: float) -> float:
@@ -383,7 +387,7 @@ def record_scores(llm, windows: list[list[int]]) -> dict[tuple[int, int], tuple[
 
     def keep(key, x, a):
         pred = ffns[key].predictor
-        s = pred(x.to(pred.fc1.dtype)).float().cpu()
+        s = pred(pred.input(x)).float().cpu()
         out.setdefault(key, []).append((s, (a != 0).cpu()))
 
     with ActivationTap(model, keep):
