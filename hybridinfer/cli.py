@@ -61,7 +61,9 @@ def _add_hybrid_args(p: argparse.ArgumentParser) -> None:
                         "neurons computed; default: predictor_config.json beside the predictors, written by "
                         "`hybridinfer calibrate-predictors`, else 0 = TurboSparse's rule)")
     p.add_argument("--weights", default="auto",
-                   help="format of the FFN rows in RAM (CPU kernels): auto (the checkpoint's), f32, f16, bf16, q8_0, q4_0")
+                   help="format of the FFN rows in RAM (CPU kernels): auto (the checkpoint's), f32, f16, bf16, q8_0, "
+                        "q4_0; a quantised one also packs the attention and lm_head kept on the CPU (same format) "
+                        "and CPU-resident predictors (q8_0) for the C++ kernels")
     p.add_argument("--gpu-weights", default="auto",
                    help="format of the hot FFN rows on the GPU: auto (the compute dtype), f16, bf16, q8_0, q4_0")
 
