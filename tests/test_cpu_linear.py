@@ -1,5 +1,5 @@
 """hybridinfer.kernels.cpu.linear (the dense linear over packed rows) against float64, on both
-dispatch paths; and the model's one dispatch point for a linear layer (model.linear).
+dispatch paths; and the model's one dispatch point for a linear layer (hybridinfer.linear).
 
 Error model as tests/test_kernels_cpu.py: x is q8-quantised per 32-block for q8_0 / q4_0 weights
 (x_effective); then each output is a dot whose f32 error is bounded by TOL * sum |w x|.
@@ -10,7 +10,7 @@ import torch
 
 from hybridinfer import quant
 from hybridinfer.kernels import cpu
-from hybridinfer.model import linear as model_linear
+from hybridinfer.linear import linear as model_linear
 
 from test_kernels_cpu import PATHS, TOL, assert_within, random_packed, use_path, x_effective
 
@@ -107,7 +107,7 @@ def test_errors_are_clear_value_errors():
 
 @pytest.mark.parametrize("fmt", ["f32", "q8_0"])
 def test_model_linear_dispatch(fmt):
-    """model.linear: a torch weight goes through F.linear, a PackedLinear through the kernel;
+    """hybridinfer.linear.linear: a torch weight goes through F.linear, a PackedLinear through the kernel;
     [b, t, in] inputs, bias, and the input dtype kept."""
     g = torch.Generator().manual_seed(11)
     w, bias = torch.randn(48, 64, generator=g) * 0.125, torch.randn(48, generator=g)
