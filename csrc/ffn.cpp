@@ -121,9 +121,20 @@ std::vector<Chunk> make_chunks(const int64_t* k, int E, int threads) {
   return chunks;
 }
 
-// Runs body(tid, chunk) over all chunks with dynamic claiming.
+// Below this many weight bytes a call runs on the calling thread: waking pool workers costs
+// more than such work (measured on the loaded 2-core VM: ~270 us a call for 256 x 256 q4_0;
+// 256 KiB is ~25 us of reading on one core).
+constexpr size_t kSerialBytes = size_t(256) << 10;
+
+// Runs body(tid, chunk) over all chunks: with dynamic claiming on the pool, or on the calling
+// thread (tid 0) when the call reads fewer than kSerialBytes of weights.
 template <class Body>
-void parallel_chunks(ThreadPool& P, const std::vector<Chunk>& chunks, const Body& body) {
+void parallel_chunks(ThreadPool& P, const std::vector<Chunk>& chunks, const Body& body,
+                     size_t bytes = kSerialBytes) {
+  if (bytes < kSerialBytes || P.size() == 1) {
+    for (const Chunk& c : chunks) body(0, c);
+    return;
+  }
   std::atomic<size_t> next{0};
   P.run([&](int tid) {
     for (size_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < chunks.size();)
@@ -185,6 +196,8 @@ void ffn_sparse_multi(const FFNDesc* ffns, int E, const float* x, int b,
   const XPrep xp = prepare_x(K, x, b, d, need_q8);
   prepare_scratch(P.size(), b, d, true);
   const std::vector<Chunk> chunks = make_chunks(k, E, P.size());
+  size_t bytes = 0;                                   // at most, read per token batch
+  for (int e = 0; e < E; ++e) bytes += size_t(k[e]) * 3 * row_bytes(ffns[e].fmt, d);
 
   parallel_chunks(P, chunks, [&](int tid, const Chunk& c) {
     const FFNDesc& f = ffns[c.e];
@@ -223,7 +236,7 @@ void ffn_sparse_multi(const FFNDesc* ffns, int E, const float* x, int b,
       if (np == kRows) { axpy(rows, np, s.coef.data(), b, acc, d); np = 0; }
     }
     if (np) axpy(rows, np, s.coef.data(), b, acc, d);
-  });
+  }, bytes);
   reduce_into(P, y, size_t(b) * d);
 }
 
@@ -254,7 +267,7 @@ void gate_up_sparse(const FFNDesc& f, const float* x, int b, const int32_t* ids,
       for (int t = 0; t < b; ++t)
         a[size_t(t) * k + j] = any ? activate(act, s.g[size_t(t)], s.u[size_t(t)], thr) : 0.f;
     }
-  });
+  }, size_t(k) * 2 * rb);
 }
 
 void down_sparse(const FFNDesc& f, const float* a, int b, const int32_t* ids, int64_t k,
@@ -284,11 +297,9 @@ void down_sparse(const FFNDesc& f, const float* a, int b, const int32_t* ids, in
       if (np == kRows) { axpy(rows, np, s.coef.data(), b, acc, d); np = 0; }
     }
     if (np) axpy(rows, np, s.coef.data(), b, acc, d);
-  });
+  }, size_t(k) * rb);
   reduce_into(P, y, size_t(b) * d);
 }
-
-constexpr size_t kLinearSerialBytes = size_t(256) << 10;   // below: one thread (see linear)
 
 void linear(Fmt fmt, int d, int n, const uint8_t* w, const float* x, int b, float* y) {
   if (b < 1) throw std::invalid_argument("need at least one token");
@@ -313,13 +324,8 @@ void linear(Fmt fmt, int d, int n, const uint8_t* w, const float* x, int b, floa
       for (int t = 0; t < b; ++t) y[size_t(t) * n + size_t(r)] = out[t];
     }
   };
-  // Small matrices (small models' layers) on the calling thread: waking a pool worker costs
-  // more than the work (measured on the loaded 2-core VM: ~270 us a call for 256 x 256 q4_0).
-  if (size_t(n) * rb * size_t(b) < kLinearSerialBytes) {
-    body(0, Chunk{0, 0, rows});
-    return;
-  }
-  parallel_chunks(P, make_chunks(&rows, 1, P.size()), body);
+  // small matrices (small models' layers) on the calling thread (kSerialBytes)
+  parallel_chunks(P, make_chunks(&rows, 1, P.size()), body, size_t(n) * rb);
 }
 
 double read_sum(const float* p, size_t n) {
