@@ -139,7 +139,9 @@ def load(model: str | os.PathLike | None = None, *, device: str | None = None,
       predictor_config.json beside the predictors in use, written by `calibrate-predictors`, else 0.0).
     cuda_graphs: one-token decode replays CUDA graphs of each layer's GPU work (on a GPU).
     weights / gpu_weights: format of the cold (CPU) / hot (GPU) FFN rows: auto, f32, f16, bf16,
-      q8_0, q4_0. threads: CPU threads (torch and the sparse kernels).
+      q8_0, q4_0 (a quantised `weights` also packs the CPU's attention, lm_head and predictors
+      for the C++ kernels, and leaves torch one thread). threads: CPU threads (torch and the
+      sparse kernels).
     Further keywords set default sampling options (temperature, top_p, ...).
     """
     from .loader import LoadOptions, build
@@ -162,4 +164,9 @@ def load(model: str | os.PathLike | None = None, *, device: str | None = None,
                        predictors=predictors, predictor_threshold=predictor_threshold,
                        cuda_graphs=cuda_graphs)
     _, net = build(folder, opts)
+    if weights in ("q8_0", "q4_0"):
+        # every large CPU matrix is read by the kernel pool; torch is left with small ops, and its
+        # OpenMP workers spinning after each would steal the pool's cores (bench decode M7 x 8
+        # layers on 2 cores: 84-95 ms/token with one torch thread, 126-266 with two)
+        torch.set_num_threads(1)
     return LLM(net, tok, folder, GenerationConfig().with_options(**defaults))
