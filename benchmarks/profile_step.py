@@ -28,6 +28,9 @@ def main():
     ap.add_argument("--threads", type=int, default=8)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--kernels", action="store_true", help="also the CUDA kernel time per token")
+    ap.add_argument("--policy", default="hybrid", help="a bench decode policy (hybrid, gpu-sparse, ...)")
+    ap.add_argument("--prefill", type=int, default=0,
+                    help="profile one prompt of this many tokens instead of decode steps")
     a = ap.parse_args()
     cpu.set_num_threads(a.threads)
     torch.set_num_threads(a.threads)
@@ -36,7 +39,9 @@ def main():
     wl = make_workload("M47", a.layers, 0)
     prof = synthetic_profile(wl)
     scale = a.layers / 32
-    b = build("hybrid", wl, dev, dt, dt, int(parse_budget(a.budget) * scale), prof, 1024)
+    b = build(a.policy, wl, dev, dt, dt, int(parse_budget(a.budget) * scale), prof, 1024)
+    if a.prefill:
+        return prefill_profile(b.model, a.prefill, dev)
     gd = GraphDecoder(b.model, 1024)
     tok = 1
     for _ in range(2):
@@ -55,6 +60,37 @@ def main():
     pstats.Stats(pr).sort_stats("tottime").print_stats(22)
     if a.kernels:
         kernel_table(gd, tok, a.steps, a.layers)
+
+
+def prefill_profile(model, n, dev):
+    """One n-token prompt after a warm-up prompt: wall time, cProfile, CUDA kernels by name."""
+    from torch.profiler import ProfilerActivity, profile
+    g = torch.Generator().manual_seed(5)
+
+    def once():
+        ids = torch.randint(0, model.cfg.vocab_size, (1, n), generator=g).to(dev)
+        with torch.inference_mode():
+            model(ids, model.new_cache(n + 1), last_only=True)
+        torch.cuda.synchronize()
+    once()
+    t = time.perf_counter()
+    once()
+    print(f"prefill {n} tokens: {n / (time.perf_counter() - t):.0f} tok/s")
+    pr = cProfile.Profile()
+    pr.enable()
+    once()
+    pr.disable()
+    pstats.Stats(pr).sort_stats("tottime").print_stats(15)
+    with profile(activities=[ProfilerActivity.CUDA]) as p:
+        once()
+    rows = {}
+    for e in p.events():
+        us = e.device_time if hasattr(e, "device_time") else e.cuda_time
+        c, s = rows.get(e.name[:60], (0, 0.0))
+        rows[e.name[:60]] = (c + 1, s + us)
+    print(f"GPU busy {sum(s for _, s in rows.values()) / 1e3:.1f} ms")
+    for k, (c, s) in sorted(rows.items(), key=lambda kv: -kv[1][1])[:15]:
+        print(f"{k:60s} {c:6d} {s / 1e3:9.2f} ms")
 
 
 def kernel_table(gd, tok, steps, layers):

@@ -107,6 +107,9 @@ class HybridFFN(nn.Module):
         self.stream_above = stream_above    # batches larger than this stream the cold rows to the device
         self.device_bytes = hot.nbytes if hot is not None else 0   # what this FFN holds on the device
         self._all_cold = (torch.arange(cold.n_ff, dtype=torch.int32) if cold is not None else None)
+        if cold is not None and stream_above is not None and torch.device(device).type == "cuda":
+            from .kernels.gpu import pin_host
+            pin_host(self, cold.gate, cold.up, cold.down_t)     # prefill streams them: async DMA
         self._cold_np = cold_ids.numpy()
 
     def mode(self, n_tokens: int) -> str:
@@ -166,7 +169,8 @@ class HybridFFN(nn.Module):
         from .kernels.gpu import dequant
         c, y = self.cold, torch.zeros_like(x)
         for r in range(0, c.n_ff, rows_per_copy):
-            w1, w3, w2t = (dequant(t[r:r + rows_per_copy].to(x.device), c.fmt, c.d_model, x.dtype)
+            w1, w3, w2t = (dequant(t[r:r + rows_per_copy].to(x.device, non_blocking=True), c.fmt,
+                                   c.d_model, x.dtype)            # async where pinned (pin_host)
                            for t in (c.gate, c.up, c.down_t))
             y += activate(F.linear(x, w1), F.linear(x, w3), self.activation, self.threshold) @ w2t
         return y

@@ -135,6 +135,38 @@ def hot_ffn(h: HotFFN, x: torch.Tensor, activation: str, threshold: float = 0.0,
 
 # ---- host <-> device traffic of the hybrid split: pinned buffers, one sync per copy-out ---------
 
+def pin_host(owner, *ts: torch.Tensor) -> int:
+    """Page-lock the memory of CPU tensors `ts` (cudaHostRegister) so that copies of their slices
+    to the GPU run asynchronously at full PCIe speed (prefill streams cold rows) instead of
+    staging through pageable memory with a host sync per copy; unregistered when `owner` is
+    collected. Returns the bytes pinned; stops quietly where CUDA refuses (pinned-memory limits:
+    copies then stay pageable). HYBRIDINFER_NO_PIN=1 turns it off."""
+    import os
+    import weakref
+    if os.environ.get("HYBRIDINFER_NO_PIN", "") not in ("", "0") or not torch.cuda.is_available():
+        return 0
+    cudart = torch.cuda.cudart()
+    done = []
+    for t in ts:
+        n = t.numel() * t.element_size()
+        if n == 0 or t.is_pinned():
+            continue
+        if int(cudart.cudaHostRegister(t.data_ptr(), n, 0)) != 0:
+            if hasattr(cudart, "cudaGetLastError"):  # not sticky: clear it for later launches' checks
+                cudart.cudaGetLastError()
+            break
+        done.append(t)
+    if done:
+        weakref.finalize(owner, _unpin, done)
+    return sum(t.numel() * t.element_size() for t in done)
+
+
+def _unpin(ts: list[torch.Tensor]) -> None:
+    cudart = torch.cuda.cudart()
+    for t in ts:
+        cudart.cudaHostUnregister(t.data_ptr())
+
+
 class SyncCounter:
     """Counts the host-device synchronisations the runtime makes (reported by benchmarks)."""
     syncs = 0
