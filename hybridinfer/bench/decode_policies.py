@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..build import STREAM_ABOVE_CUDA
 from ..ffn import HybridFFN, HybridMoE
 from ..footprint import attention_numel, ffn_rows_bytes
 from ..kernels.cpu import PackedFFN, PackedLinear
@@ -112,7 +113,7 @@ def _hybrid_ffn(wl, key, hot_ids: np.ndarray, device, sparsity: str, pred_device
     pred = None
     if sparsity == "predictor":
         pred = SynthPredictor(f, d, wl.rank, pred_device, seed=wl.seed * 7919 + key[0] * 64 + key[1])
-    stream = 64 if torch.device(device).type == "cuda" else None     # the runtime's default
+    stream = STREAM_ABOVE_CUDA if torch.device(device).type == "cuda" else None   # the runtime's default
     return HybridFFN(n, hot, cold, cold_ids, cfg.activation, cfg.act_threshold, sparsity, pred, device,
                      stream_above=stream)
 
