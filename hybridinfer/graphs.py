@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
+from functools import partial
 from itertools import combinations
 
 import torch
@@ -36,6 +37,7 @@ import torch.nn.functional as F
 
 from .ffn import HybridFFN, HybridMoE, MoE, route
 from .model import KVCache, Transformer, apply_rope, linear, rms_norm
+from .kernels.gpu import SyncCounter
 from .predictor import host_active, predictor_device
 
 MAX_GROUPS = 64        # expert choices per layer captured as one graph each (else per expert)
@@ -150,6 +152,8 @@ class GraphDecoder:
         self._graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
         if self.graphs:
             self._capture()
+        self._A = [self._call(("A", l), self.seg_attn, l) for l in range(L)]
+        self._plans: list[dict] = [{} for _ in range(L)]
 
     # ---- structure ----------------------------------------------------------------------------
     def _ffns(self, l):
@@ -261,6 +265,23 @@ class GraphDecoder:
         else:
             fn(*args)
 
+    def _call(self, key, fn, *args):
+        """A zero-argument callable: the graph's replay, or the segment itself."""
+        g = self._graphs.get(key)
+        return g.replay if g is not None else partial(fn, *args)
+
+    def _plan(self, l: int, sel: tuple[int, ...]):
+        """(P calls, H calls, experts with a CPU predictor) for layer l when `sel` (sorted) is
+        chosen; made once per choice, so a step does one dict lookup per layer."""
+        plan = self._plans[l].get(sel)
+        if plan is None:
+            groups = self._groups(l, list(sel))
+            P = [self._call(("P", l, g), self.seg_predict, l, g) for g in groups
+                 if self.moe[l] and any((l, e) in self._gpu_pred for e in g)]
+            H = [self._call(("H", l, g), self.seg_hot, l, g) for g in groups]
+            plan = self._plans[l][sel] = (P, H, [e for e in sel if (l, e) in self._cpu_pred])
+        return plan
+
     def _mark(self, ev=None):
         """Record `ev` (or a new event) after the work enqueued so far; None on the cpu device."""
         if self.dev.type != "cuda":
@@ -274,7 +295,6 @@ class GraphDecoder:
         """Block the host until `ev` (a host-device synchronisation; counted)."""
         if ev is not None:
             ev.synchronize()
-            from .kernels.gpu import SyncCounter
             SyncCounter.syncs += 1
 
     @torch.inference_mode()
@@ -293,29 +313,27 @@ class GraphDecoder:
             self.x0.copy_(self.x0_host, non_blocking=True)
         for l in range(m.cfg.num_layers):
             ev_ids, ev_ready = self._ev[l]
-            self._run(("A", l), self.seg_attn, l)
+            self._A[l]()
             synced = False
             if self.moe[l]:
                 self._wait(self._mark(ev_ids))                      # the expert ids (and u)
                 synced = True
-                sel = self.ids_host[l].tolist()
+                sel = tuple(sorted(self.ids_host[l].tolist()))
             else:
-                sel = [-1]
-            groups = self._groups(l, sel)
-            for g in groups:
-                if self.moe[l] and any((l, e) in self._gpu_pred for e in g):
-                    self._run(("P", l, g), self.seg_predict, l, g)
-                    synced = False
+                sel = (-1,)
+            P, H, cpu_pred = self._plan(l, sel)
+            for call in P:
+                call()
+                synced = False
             ready = self._mark(ev_ready)                            # u and the GPU-made masks
-            cpu_pred = [e for e in sel if (l, e) in self._cpu_pred]
             if cpu_pred:                                            # predictors kept on the CPU
                 if not synced:
                     self._wait(ready)
                     synced = True
                 for e in cpu_pred:
                     self.mask_host[(l, e)].copy_(host_active(self._fm[l][e].predictor, self.u_host[l])[0])
-            for g in groups:
-                self._run(("H", l, g), self.seg_hot, l, g)          # async on the GPU
+            for call in H:                                          # async on the GPU
+                call()
             cs = self._coldstep[l]
             if cs is not None:                                      # else ycpu_host[l] stays 0
                 if not synced:
