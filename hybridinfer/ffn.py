@@ -141,17 +141,32 @@ class HybridFFN(nn.Module):
             return self._all_cold
         return torch.from_numpy(np.flatnonzero(mask_cpu.numpy()[self._cold_np]).astype(np.int32))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def streams(self, n_tokens: int) -> bool:
+        """Whether a batch of n_tokens computes the cold rows on the device (streamed there)."""
+        return self.cold is not None and self.stream_above is not None and n_tokens > self.stream_above
+
+    def prefetch_cold(self, device: torch.device, stream) -> tuple:
+        """Start copying the packed cold rows to `device` on CUDA `stream` (asynchronous where
+        they are page-locked) -> ((gate, up, down_t) on the device, the copies' event)."""
+        c = self.cold
+        with torch.cuda.stream(stream):
+            rows = tuple(t.to(device, non_blocking=True) for t in (c.gate, c.up, c.down_t))
+            ev = torch.cuda.Event()
+            ev.record(stream)
+        return rows, ev
+
+    def forward(self, x: torch.Tensor, cold_rows: tuple | None = None) -> torch.Tensor:
         """x [n, d] on the device. Order (DESIGN.md, one decode step): predictor on the device;
         one D2H copy of x and the mask (the only sync); the hot half launched (async on a GPU);
-        the cold half in the CPU kernels meanwhile (GIL released); one H2D copy; the sum."""
+        the cold half in the CPU kernels meanwhile (GIL released); one H2D copy; the sum.
+        cold_rows: the packed cold rows already on the device (prefetch_cold), for a streamed batch."""
         from .kernels import cpu, gpu
         mask = self.predict(x)
         if self.cold is None:
             return self.gpu_half(x, mask)
-        if self.stream_above is not None and x.shape[0] > self.stream_above:
+        if self.streams(x.shape[0]):
             y = self.gpu_half(x, mask)                    # prefill: the cold rows travel instead
-            y_cold = self.streamed_cold(x)
+            y_cold = self.streamed_cold(x, cold_rows)
             return y_cold if y is None else y + y_cold
         host = gpu.to_host(x, *(() if mask is None else (mask,)))
         y = self.gpu_half(x, mask)
@@ -162,16 +177,18 @@ class HybridFFN(nn.Module):
         return y_cpu if y is None else y + y_cpu
 
 
-    def streamed_cold(self, x: torch.Tensor, rows_per_copy: int = 1024) -> torch.Tensor:
+    def streamed_cold(self, x: torch.Tensor, rows: tuple | None = None,
+                      rows_per_copy: int = 1024) -> torch.Tensor:
         """A large batch (prefill) on the device over the cold rows, copied over in slices of
         rows_per_copy (dequantised there): for many tokens the copy is cheaper than the CPU
-        compute. Densely: x [n, d] -> [n, d]."""
+        compute. Densely: x [n, d] -> [n, d]. rows: the packed rows already on the device."""
         from .kernels.gpu import dequant
         c, y = self.cold, torch.zeros_like(x)
+        src = rows if rows is not None else (c.gate, c.up, c.down_t)
         for r in range(0, c.n_ff, rows_per_copy):
             w1, w3, w2t = (dequant(t[r:r + rows_per_copy].to(x.device, non_blocking=True), c.fmt,
                                    c.d_model, x.dtype)            # async where pinned (pin_host)
-                           for t in (c.gate, c.up, c.down_t))
+                           for t in src)
             y += activate(F.linear(x, w1), F.linear(x, w3), self.activation, self.threshold) @ w2t
         return y
 
@@ -192,9 +209,16 @@ class HybridMoE(nn.Module):
         w, ids = self.route(x)
         if x.shape[0] != 1:                                # prefill / batches: expert by expert
             out = torch.zeros_like(x)
-            for e in ids.unique().tolist():
+            order = ids.unique().tolist()
+            pre = None
+            if x.is_cuda:                                  # streamed experts: copies overlap compute
+                counts = torch.bincount(ids.flatten(), minlength=len(self.experts)).tolist()
+                pre = ColdPrefetch(self.experts, [e for e in order if self.experts[e].streams(counts[e])],
+                                   x.device)
+            for e in order:
                 tok, slot = (ids == e).nonzero(as_tuple=True)
-                out.index_add_(0, tok, self.experts[e](x[tok]) * w[tok, slot, None])
+                rows = pre.take(e) if pre is not None else None
+                out.index_add_(0, tok, self.experts[e](x[tok], cold_rows=rows) * w[tok, slot, None])
             return out
         return self._decode(x, w[0], ids[0].tolist())      # one sync: the expert ids
 
@@ -222,3 +246,38 @@ class HybridMoE(nn.Module):
         y_cpu = cpu.ffn_sparse_multi([experts[k].cold for k in cold], x_cpu, rows, w_cpu[cold],
                                      ex0.activation, ex0.threshold, exact=ex0.sparsity == "exact")
         return y + gpu.to_device(y_cpu, x.device, x.dtype)
+
+
+class ColdPrefetch:
+    """Prefill of an MoE layer on a GPU: while one streamed expert computes, the next one's packed
+    cold rows are copied on a side stream (double buffering: at most two experts' cold rows on the
+    device at once; page-locked rows make the copies DMA that overlaps the matmuls)."""
+
+    _streams: dict = {}                                    # device -> its copy stream (made once)
+
+    def __init__(self, experts, todo: list[int], device: torch.device):
+        self.experts, self.todo, self.device, self.ready = experts, list(todo), device, {}
+        key = torch.device(device).index
+        if key not in ColdPrefetch._streams:
+            ColdPrefetch._streams[key] = torch.cuda.Stream(device)
+        self.stream = ColdPrefetch._streams[key]
+        self.stream.wait_stream(torch.cuda.current_stream(device))
+        self._start_next()
+
+    def _start_next(self) -> None:
+        if self.todo:
+            e = self.todo.pop(0)
+            self.ready[e] = self.experts[e].prefetch_cold(self.device, self.stream)
+
+    def take(self, e: int):
+        """Expert e's cold rows on the device (the compute stream waits for their copy), or None
+        when e does not stream; starts the next expert's copy."""
+        if e not in self.ready:
+            return None
+        rows, ev = self.ready.pop(e)
+        cur = torch.cuda.current_stream(self.device)
+        cur.wait_event(ev)
+        for t in rows:                                     # allocated on the copy stream, used here
+            t.record_stream(cur)
+        self._start_next()
+        return rows
