@@ -178,15 +178,19 @@ class HybridFFN(nn.Module):
 
 
     def streamed_cold(self, x: torch.Tensor, rows: tuple | None = None,
-                      rows_per_copy: int = 1024) -> torch.Tensor:
+                      rows_per_copy: int = 4096) -> torch.Tensor:
         """A large batch (prefill) on the device over the cold rows, copied over in slices of
-        rows_per_copy (dequantised there): for many tokens the copy is cheaper than the CPU
-        compute. Densely: x [n, d] -> [n, d]. rows: the packed rows already on the device."""
+        rows_per_copy (dequantised there; rows already on the device in one piece): for many
+        tokens the copy is cheaper than the CPU compute. Densely: x [n, d] -> [n, d].
+        rows: the packed rows already on the device (prefetch_cold). Each slice costs ~7 kernel
+        launches of host time, so slices are large (the H100 prefill profile: 1024-row slices
+        made 8 a streamed expert and the prompt host-bound)."""
         from .kernels.gpu import dequant
         c, y = self.cold, torch.zeros_like(x)
         src = rows if rows is not None else (c.gate, c.up, c.down_t)
-        for r in range(0, c.n_ff, rows_per_copy):
-            w1, w3, w2t = (dequant(t[r:r + rows_per_copy].to(x.device, non_blocking=True), c.fmt,
+        step = c.n_ff if rows is not None else rows_per_copy
+        for r in range(0, c.n_ff, step):
+            w1, w3, w2t = (dequant(t[r:r + step].to(x.device, non_blocking=True), c.fmt,
                                    c.d_model, x.dtype)            # async where pinned (pin_host)
                            for t in src)
             y += activate(F.linear(x, w1), F.linear(x, w3), self.activation, self.threshold) @ w2t
