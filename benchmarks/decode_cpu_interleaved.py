@@ -15,7 +15,6 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
 import torch
 

@@ -21,7 +21,7 @@ from ..atomic import write_json
 from ..placement import parse_budget
 from . import machine
 from .decode_measure import measure, roofline_inputs, rss_bytes, vram_cap
-from .decode_policies import MARGIN, POLICIES, build, bytes_per_token, fixed_gpu_bytes, layer_ffn_bytes
+from .decode_policies import MARGIN, POLICIES, build, bytes_per_token, fixed_gpu_bytes
 from .workload import SHAPES, make_workload, synthetic_profile
 
 GIB = 1 << 30
@@ -197,10 +197,6 @@ def plot(rows, path: str, title: str, peer: dict | None) -> bool:
     return True
 
 
-def _write_json(path: str, obj: dict) -> None:
-    write_json(path, obj)
-
-
 def run(args: argparse.Namespace) -> int:
     dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype, cpu_dtype = getattr(torch, args.dtype), getattr(torch, args.cpu_dtype)
@@ -231,7 +227,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"{name} {label or ''}: " + (r.get("error") or f"{r['tok_s']:.2f} tok/s (ms/token: {parts})"),
               flush=True)
         if args.json:     # partial results survive a run cut short
-            _write_json(args.json + ".partial", {"policies": rows, "roofline_inputs": rf})
+            write_json(args.json + ".partial", {"policies": rows, "roofline_inputs": rf})
     by = {(r["policy"], r["budget"]): r for r in rows if "error" not in r}
     for r in rows:
         off = by.get(("dense-offload", r["budget"]))
@@ -260,7 +256,7 @@ def run(args: argparse.Namespace) -> int:
                "predictor_bytes": wl.predictor_bytes, "profile_sparsity": prof.sparsity(),
                "roofline_inputs": rf, "policies": rows, "peer": peer,
                "peer_reference_issue6": PEER_FIGURES, "table": table(rows)}
-        _write_json(args.json, out)
+        write_json(args.json, out)
         if os.path.exists(args.json + ".partial"):
             os.remove(args.json + ".partial")
         print(f"wrote {args.json}")
