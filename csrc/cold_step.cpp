@@ -31,10 +31,11 @@ ColdStep::ColdStep(std::vector<ColdExpert> experts, int d, const int64_t* sel, c
 }
 
 void ColdStep::run() {
-  std::vector<FFNDesc> fs;
-  std::vector<const int32_t*> idp;
-  std::vector<int64_t> ks;
-  std::vector<float> sc;
+  std::vector<FFNDesc>& fs = call_.f;       // reused: no allocation per step
+  std::vector<const int32_t*>& idp = call_.ids;
+  std::vector<int64_t>& ks = call_.k;
+  std::vector<float>& sc = call_.scale;
+  fs.clear(); idp.clear(); ks.clear(); sc.clear();
   last_rows_ = 0;
   for (int s = 0; s < k_; ++s) {
     const int64_t e = sel_ ? sel_[s] : 0;
@@ -64,8 +65,9 @@ void ColdStep::run() {
     std::memset(y_, 0, sizeof(float) * size_t(d_));
     return;
   }
+  // the ids were made just above (ascending, in range): not checked again per step
   ffn_sparse_multi(fs.data(), int(fs.size()), x_, 1, idp.data(), ks.data(), sc.data(), act_, thr_,
-                   exact_, y_);
+                   exact_, y_, /*trusted_ids=*/true);
 }
 
 }  // namespace hi

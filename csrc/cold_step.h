@@ -45,6 +45,12 @@ class ColdStep {
   bool exact_;
   const int d_;
   std::vector<std::vector<int32_t>> ids_;   // per slot, reused
+  struct Call {                             // ffn_sparse_multi's arguments, reused per step
+    std::vector<FFNDesc> f;
+    std::vector<const int32_t*> ids;
+    std::vector<int64_t> k;
+    std::vector<float> scale;
+  } call_;
   std::vector<int32_t> all_;                // 0 .. max n_cold - 1 (masks absent)
   int64_t last_rows_ = 0;
 };

@@ -24,9 +24,11 @@ struct FFNDesc {
 // y [b, d] = sum_e scales[e, t] * FFN_e(x_t) restricted to ids[e][0 .. k[e]) (overwrites y).
 // x [b, d] f32. scales: [E, b] or nullptr (all 1). exact: compute up only where the gate can
 // fire and down only where the activation is non-zero (same result, fewer bytes read).
+// trusted_ids: the caller made the ids itself, distinct and in range (ColdStep, every decode
+// step), so they are not checked again per call.
 void ffn_sparse_multi(const FFNDesc* ffns, int E, const float* x, int b,
                       const int32_t* const* ids, const int64_t* k, const float* scales, Act act,
-                      float threshold, bool exact, float* y);
+                      float threshold, bool exact, float* y, bool trusted_ids = false);
 
 // a [b, k] = act(W1[ids] x, W3[ids] x); exact: up skipped (a = 0) where the gate cannot fire.
 void gate_up_sparse(const FFNDesc& f, const float* x, int b, const int32_t* ids, int64_t k,
