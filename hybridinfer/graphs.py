@@ -33,7 +33,6 @@ from functools import partial
 from itertools import combinations
 
 import torch
-import torch.nn.functional as F
 
 from .ffn import HybridFFN, HybridMoE, MoE, route
 from .model import KVCache, Transformer, apply_rope, linear, rms_norm
@@ -133,6 +132,7 @@ class GraphDecoder:
         self._coldstep = [self._cold_step(l) for l in range(L)]
         cuda = self.dev.type == "cuda"
         self._ev = [(torch.cuda.Event(), torch.cuda.Event()) if cuda else (None, None) for _ in range(L)]
+        self._ev_out = torch.cuda.Event() if cuda else None      # xf on the host (lm_head on the CPU)
         # layer 0's "previous GPU/CPU halves": two distinct zero buffers (aliased arguments would
         # make torch.compile specialise layer 0 apart from the others)
         self._zeros = (torch.zeros(1, d, device=dev), torch.zeros(1, d, device=dev))
@@ -153,6 +153,7 @@ class GraphDecoder:
         if self.graphs:
             self._capture()
         self._A = [self._call(("A", l), self.seg_attn, l) for l in range(L)]
+        self._F = self._call(("F",), self.seg_final)
         self._plans: list[dict] = [{} for _ in range(L)]
 
     # ---- structure ----------------------------------------------------------------------------
@@ -198,7 +199,7 @@ class GraphDecoder:
         m, cfg, blk = self.m, self.m.cfg, self.m.blocks[l]
         if l == 0:                  # x0: a static buffer (not an inference tensor: one compilation)
             if m.embed.device == self.dev:
-                self.x0.copy_(F.embedding(self.tok, m.embed))                          # [1, d]
+                torch.index_select(m.embed, 0, self.tok, out=self.x0)                  # [1, d]
             parts = (self.x0, *self._zeros)
         else:
             self.ycpu_dev[l - 1].copy_(self.ycpu_host[l - 1], non_blocking=True)         # H2D
@@ -258,13 +259,6 @@ class GraphDecoder:
             self.xf_host.copy_(xf, non_blocking=True)
 
     # ---- replay (or call) ---------------------------------------------------------------------
-    def _run(self, key, fn, *args) -> None:
-        g = self._graphs.get(key)
-        if g is not None:
-            g.replay()
-        else:
-            fn(*args)
-
     def _call(self, key, fn, *args):
         """A zero-argument callable: the graph's replay, or the segment itself."""
         g = self._graphs.get(key)
@@ -282,11 +276,10 @@ class GraphDecoder:
             plan = self._plans[l][sel] = (P, H, [e for e in sel if (l, e) in self._cpu_pred])
         return plan
 
-    def _mark(self, ev=None):
-        """Record `ev` (or a new event) after the work enqueued so far; None on the cpu device."""
-        if self.dev.type != "cuda":
+    def _mark(self, ev):
+        """Record `ev` after the work enqueued so far; None on the cpu device."""
+        if ev is None:
             return None
-        ev = ev or torch.cuda.Event()
         ev.record()
         return ev
 
@@ -339,10 +332,10 @@ class GraphDecoder:
                 if not synced:
                     self._wait(ready)                               # not the hot halves: overlap
                 cs.run()
-        self._run(("F",), self.seg_final)
+        self._F()
         cache.length = p + 1
         if m.lm_head.device != self.dev:
-            self._wait(self._mark())
+            self._wait(self._mark(self._ev_out))
             return linear(self.xf_host, m.lm_head)[0].float()
         return self.logits
 
