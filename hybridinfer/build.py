@@ -16,6 +16,7 @@ from .ffn import SPARSITY_MODES, HybridFFN, HybridMoE
 from .kernels.cpu import PackedFFN
 from .kernels.gpu import HotFFN
 from .model import Transformer, build_model
+from . import quant
 from .quant import FORMATS
 
 _FMT_OF = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
@@ -93,7 +94,7 @@ def build_hybrid(cfg: ModelConfig, ckpt: Checkpoint, device: torch.device, dtype
 
     # a quantised CPU format: the attention projections and lm_head the CPU holds are packed in
     # it too (the C++ kernels read them, as llama.cpp does), not left to torch's float matmul
-    linear_fmt = options.cpu_fmt if options.cpu_fmt in ("q8_0", "q4_0") else None
+    linear_fmt = options.cpu_fmt if options.cpu_fmt in quant.BLOCK_FORMATS else None
     return build_model(cfg, ckpt, device, dtype, with_predictors=options.sparsity == "predictor",
                        ffn_factory=factory, moe_class=HybridMoE, places=places,
                        cpu_linear_fmt=linear_fmt)

@@ -8,7 +8,7 @@ from typing import Iterator
 
 import torch
 
-from . import default_model, registry
+from . import default_model, quant, registry
 from .config import ModelConfig
 from .errors import HybridInferError
 from .generate import GenerationConfig, TextStream, generate_tokens
@@ -164,7 +164,7 @@ def load(model: str | os.PathLike | None = None, *, device: str | None = None,
                        predictors=predictors, predictor_threshold=predictor_threshold,
                        cuda_graphs=cuda_graphs)
     _, net = build(folder, opts)
-    if weights in ("q8_0", "q4_0"):
+    if weights in quant.BLOCK_FORMATS:
         # every large CPU matrix is read by the kernel pool; torch is left with small ops, and its
         # OpenMP workers spinning after each would steal the pool's cores (bench decode M7 x 8
         # layers on 2 cores: 84-95 ms/token with one torch thread, 126-266 with two)

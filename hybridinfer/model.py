@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import quant
 from .checkpoint import Checkpoint, ffn_names, layer_prefix, router_name, trim_heap
 from .config import ModelConfig
 from .errors import HybridInferError
@@ -192,7 +193,7 @@ def build_model(cfg: ModelConfig, ckpt: Checkpoint, device: torch.device, dtype:
         on_gpu_side = places.get(component, True)
         if cpu_linear_fmt is None or torch.device(device if on_gpu_side else "cpu").type != "cpu":
             return get(name, shape, component)
-        if fmt in ("q8_0", "q4_0") and shape[1] % 32:    # blocks of 32 do not fit: keep f32 rows
+        if fmt in quant.BLOCK_FORMATS and shape[1] % quant.QK:   # blocks do not fit: keep f32 rows
             fmt = "f32"
         w = cpu_kernels.PackedLinear.from_weight(ckpt.get(name, shape), fmt)
         ckpt.release(name)

@@ -18,6 +18,7 @@ import torch
 FORMATS = ("f32", "f16", "bf16", "q8_0", "q4_0")
 QK = 32  # values per block in q8_0 / q4_0
 _BLOCK_BYTES = {"q8_0": 2 + QK, "q4_0": 2 + QK // 2}
+BLOCK_FORMATS = tuple(_BLOCK_BYTES)   # GGUF block formats: the C++ kernels' integer dot paths
 _ELEM_BYTES = {"f32": 4, "f16": 2, "bf16": 2}
 _FLOAT_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 
