@@ -17,9 +17,11 @@ class Owner:
 def test_pin_host_is_off_without_cuda_or_when_asked(monkeypatch):
     t = alloc_weights(4, 64)
     monkeypatch.setenv("HYBRIDINFER_NO_PIN", "1")
+    # even where CUDA is there, the switch wins before any CUDA call (a CPU build would raise)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert pin_host(Owner(), t) == 0
+    monkeypatch.undo()
     if not torch.cuda.is_available():
-        monkeypatch.delenv("HYBRIDINFER_NO_PIN")
         assert pin_host(Owner(), t) == 0
 
 
