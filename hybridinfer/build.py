@@ -16,7 +16,7 @@ from .ffn import SPARSITY_MODES, HybridFFN, HybridMoE
 from .kernels.cpu import PackedFFN
 from .kernels.gpu import HotFFN
 from .model import Transformer, build_model
-from . import quant
+from . import footprint, quant
 from .quant import FORMATS
 
 _FMT_OF = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
@@ -94,10 +94,11 @@ def build_hybrid(cfg: ModelConfig, ckpt: Checkpoint, device: torch.device, dtype
 
     # a quantised CPU format: the attention projections and lm_head the CPU holds are packed in
     # it too (the C++ kernels read them, as llama.cpp does), not left to torch's float matmul
+    # and those on the GPU side in the hot rows' block format where a GEMV reads it (q4_0)
     linear_fmt = options.cpu_fmt if options.cpu_fmt in quant.BLOCK_FORMATS else None
     return build_model(cfg, ckpt, device, dtype, with_predictors=options.sparsity == "predictor",
                        ffn_factory=factory, moe_class=HybridMoE, places=places,
-                       cpu_linear_fmt=linear_fmt)
+                       cpu_linear_fmt=linear_fmt, gpu_linear_fmt=footprint.linear_fmt(gpu_fmt))
 
 
 def build_from_placement(cfg: ModelConfig, ckpt: Checkpoint, device: torch.device, dtype: torch.dtype,

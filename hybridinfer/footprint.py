@@ -6,7 +6,7 @@ fmt is the weight format of the rows kept on the GPU: "f16", "bf16", "f32", "q8_
 from __future__ import annotations
 
 from .config import ModelConfig
-from .quant import row_bytes
+from .quant import QK, row_bytes
 
 _ELT = {"f32": 4, "f16": 2, "bf16": 2}
 ID_BYTES = 4   # int32 map from a compact GPU row to its neuron id
@@ -20,6 +20,31 @@ def ffn_rows_bytes(n_rows: int, d_model: int, fmt: str) -> int:
 def dense_bytes(numel: int, dtype_bytes: int = 2) -> int:
     """Norms, attention, router, predictors, embeddings kept unquantised (f16/bf16 by default)."""
     return numel * dtype_bytes
+
+
+LINEAR_FORMATS = ("q4_0",)   # block formats the GPU side keeps dense linear layers in (a Triton GEMV reads them)
+
+
+def linear_fmt(gpu_fmt: str) -> str | None:
+    """The format of the dense linear layers (attention projections, lm_head) on the GPU side
+    when its hot rows are in gpu_fmt: that block format where a GEMV kernel reads it (q4_0, as
+    llama.cpp keeps a q4_0 model's attention), else None (2-byte floats)."""
+    return gpu_fmt if gpu_fmt in LINEAR_FORMATS else None
+
+
+def linear_bytes(out_features: int, in_features: int, fmt: str | None, dtype_bytes: int = 2) -> int:
+    """One dense linear weight [out, in] on the GPU side: packed rows in fmt, or floats (fmt None,
+    or rows that blocks do not fit: kept as floats)."""
+    if fmt is None or in_features % QK:
+        return out_features * in_features * dtype_bytes
+    return out_features * row_bytes(in_features, fmt)
+
+
+def attention_bytes(cfg: ModelConfig, fmt: str | None, dtype_bytes: int = 2) -> int:
+    """q, k, v, o weights of one layer (no biases) on the GPU side."""
+    d, q, kv = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    return (linear_bytes(q, d, fmt, dtype_bytes) + 2 * linear_bytes(kv, d, fmt, dtype_bytes)
+            + linear_bytes(d, q, fmt, dtype_bytes))
 
 
 def attention_numel(cfg: ModelConfig) -> int:

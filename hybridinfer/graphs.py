@@ -36,6 +36,7 @@ import torch
 
 from .ffn import HybridFFN, HybridMoE, MoE, route
 from .model import KVCache, Transformer, apply_rope, linear, rms_norm
+from .kernels.cpu import PackedLinear
 from .kernels.gpu import SyncCounter
 from .predictor import host_active, predictor_device
 
@@ -139,7 +140,7 @@ class GraphDecoder:
         self._attn = attn_step
         if fuse is None:
             fuse = self.graphs and os.environ.get("HYBRIDINFER_NO_COMPILE", "") in ("", "0")
-        if fuse and all(isinstance(b.attn.q, torch.Tensor) for b in model.blocks):
+        if fuse and not any(isinstance(b.attn.q, PackedLinear) for b in model.blocks):
             self._attn = torch.compile(attn_step, dynamic=False)
             try:                                         # compile now; fall back if it cannot
                 with torch.inference_mode():

@@ -16,6 +16,7 @@ from .config import ModelConfig
 from .errors import HybridInferError
 from .ffn import DenseFFN, MoE
 from .kernels import cpu as cpu_kernels
+from .kernels import gpu as gpu_kernels
 from .linear import linear  # noqa: F401 - the dispatch point (re-exported for graphs.py)
 from .predictor import Predictor
 
@@ -68,7 +69,7 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, w: dict[str, torch.Tensor]):
         super().__init__()
         self.cfg = cfg
-        # [h*hd, d] ... [d, h*hd]: torch tensors or PackedLinear (see `linear`)
+        # [h*hd, d] ... [d, h*hd]: torch tensors, PackedLinear or DeviceLinear (see `linear`)
         self.q, self.k, self.v, self.o = w["q"], w["k"], w["v"], w["o"]
         self.qb, self.kb, self.vb, self.ob = w.get("qb"), w.get("kb"), w.get("vb"), w.get("ob")
 
@@ -118,7 +119,7 @@ class Transformer(nn.Module):
         self.embed = embed           # [V, d]
         self.blocks = nn.ModuleList(blocks)
         self.norm = norm
-        self.lm_head = lm_head       # [V, d] (the embedding when tied), or a PackedLinear
+        self.lm_head = lm_head       # [V, d] (the embedding when tied), or a PackedLinear / DeviceLinear
         self._rope_len = 0
 
     def new_cache(self, capacity: int, batch: int = 1) -> KVCache:
@@ -160,7 +161,8 @@ class Transformer(nn.Module):
 
 def build_model(cfg: ModelConfig, ckpt: Checkpoint, device: torch.device, dtype: torch.dtype,
                 with_predictors: bool = True, ffn_factory=None, moe_class=MoE,
-                places: dict[str, bool] | None = None, cpu_linear_fmt: str | None = None) -> Transformer:
+                places: dict[str, bool] | None = None, cpu_linear_fmt: str | None = None,
+                gpu_linear_fmt: str | None = None) -> Transformer:
     """Fetch every tensor by its architecture's name, check its shape, and place it.
 
     ffn_factory(layer, expert, fetch, predictor) -> module builds each FFN instead of a DenseFFN
@@ -172,7 +174,10 @@ def build_model(cfg: ModelConfig, ckpt: Checkpoint, device: torch.device, dtype:
     tests hold the two together).
     cpu_linear_fmt (e.g. "q4_0"): the attention projections and lm_head that end up on the CPU
     are packed in this format (kernels.cpu.PackedLinear) and read by the C++ kernels, as
-    llama.cpp reads them, instead of torch's float matmul; predictors on the CPU in q8_0."""
+    llama.cpp reads them, instead of torch's float matmul; predictors on the CPU in q8_0.
+    gpu_linear_fmt (footprint.linear_fmt of the hot rows' format, e.g. "q4_0"): the attention
+    projections and lm_head on the GPU side are packed in it (kernels.gpu.DeviceLinear, a Triton
+    GEMV at decode), where cpu_linear_fmt does not already pack them for the CPU kernels."""
     d, ff, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
     places = places or {}
     placed: dict[str, int] = {}
@@ -187,15 +192,20 @@ def build_model(cfg: ModelConfig, ckpt: Checkpoint, device: torch.device, dtype:
             placed[component] = placed.get(component, 0) + out.numel() * out.element_size()
         return out
 
-    def lin(name, shape, component="attention", fmt=cpu_linear_fmt):
+    def lin(name, shape, component="attention", fmt=cpu_linear_fmt, gpu_fmt=gpu_linear_fmt):
         """A linear layer's weight: packed for the CPU kernels (in fmt) when it lives on the CPU
-        and cpu_linear_fmt is set, else the tensor of get()."""
+        and cpu_linear_fmt is set; else packed for the GPU side's GEMV (gpu_fmt) when it lives
+        there and its rows hold whole blocks; else the tensor of get()."""
         on_gpu_side = places.get(component, True)
-        if cpu_linear_fmt is None or torch.device(device if on_gpu_side else "cpu").type != "cpu":
+        on_cpu = torch.device(device if on_gpu_side else "cpu").type == "cpu"
+        if cpu_linear_fmt is not None and on_cpu:
+            if fmt in quant.BLOCK_FORMATS and shape[1] % quant.QK:   # blocks do not fit: f32 rows
+                fmt = "f32"
+            w = cpu_kernels.PackedLinear.from_weight(ckpt.get(name, shape), fmt)
+        elif gpu_fmt is not None and on_gpu_side and shape[1] % quant.QK == 0:
+            w = gpu_kernels.DeviceLinear.from_weight(ckpt.get(name, shape), gpu_fmt, device)
+        else:
             return get(name, shape, component)
-        if fmt in quant.BLOCK_FORMATS and shape[1] % quant.QK:   # blocks do not fit: keep f32 rows
-            fmt = "f32"
-        w = cpu_kernels.PackedLinear.from_weight(ckpt.get(name, shape), fmt)
         ckpt.release(name)
         if on_gpu_side:
             placed[component] = placed.get(component, 0) + w.nbytes
@@ -208,8 +218,8 @@ def build_model(cfg: ModelConfig, ckpt: Checkpoint, device: torch.device, dtype:
             rank = ckpt.shape(n["fc1"])[0]
             # on the CPU with a quantised format: q8_0 rows (the scores' sign decides the mask,
             # so the predictor keeps more precision than the FFN rows)
-            pred = Predictor(lin(n["fc1"], (rank, d), "predictors", "q8_0"),
-                             lin(n["fc2"], (ff, rank), "predictors", "q8_0"))
+            pred = Predictor(lin(n["fc1"], (rank, d), "predictors", "q8_0", None),
+                             lin(n["fc2"], (ff, rank), "predictors", "q8_0", None))
         if ffn_factory is not None:
             shapes = {"gate": (ff, d), "up": (ff, d), "down": (d, ff)}
             module = ffn_factory(layer, expert, lambda key: ckpt.get(n[key], shapes[key]), pred)

@@ -34,7 +34,7 @@ import numpy as np
 from .atomic import write_text
 from .config import ModelConfig
 from .errors import HybridInferError
-from .footprint import attention_numel, dense_bytes, ffn_rows_bytes, kv_cache_bytes
+from .footprint import attention_bytes, dense_bytes, ffn_rows_bytes, kv_cache_bytes, linear_bytes, linear_fmt
 from .profile import NeuronProfile, ffn_keys, model_identity
 from .quant import row_bytes
 
@@ -140,24 +140,27 @@ class Placement:
 
 # ---- bytes: one formula for planner and builder ------------------------------------------------
 
-def fixed_bytes(cfg: ModelConfig, context: int, predictor_numel: int = 0) -> dict[str, int]:
-    """GPU bytes of each all-or-nothing component."""
+def fixed_bytes(cfg: ModelConfig, context: int, predictor_numel: int = 0,
+                fmt: str | None = None) -> dict[str, int]:
+    """GPU bytes of each all-or-nothing component; fmt: the hot rows' format, which sets the
+    attention projections' and lm_head's (footprint.linear_fmt: q4_0 rows, else 2-byte floats)."""
     d, L = cfg.hidden_size, cfg.num_layers
-    attn = attention_numel(cfg)
+    lf = linear_fmt(fmt) if fmt is not None else None
+    attn = attention_bytes(cfg, lf, DENSE_BYTES)
     if cfg.attention_bias:
-        attn += (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim + d
-    return {"attention": dense_bytes(L * attn, DENSE_BYTES),
+        attn += dense_bytes((cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim + d, DENSE_BYTES)
+    return {"attention": L * attn,
             "norms": dense_bytes((2 * L + 1) * d, DENSE_BYTES),
             "router": dense_bytes(L * cfg.num_experts * d, DENSE_BYTES),
             "kv_cache": kv_cache_bytes(cfg, context, DENSE_BYTES),
             "embeddings": dense_bytes(cfg.vocab_size * d, DENSE_BYTES),
-            "lm_head": 0 if cfg.tie_word_embeddings else dense_bytes(cfg.vocab_size * d, DENSE_BYTES),
+            "lm_head": 0 if cfg.tie_word_embeddings else linear_bytes(cfg.vocab_size, d, lf, DENSE_BYTES),
             "predictors": dense_bytes(predictor_numel, DENSE_BYTES)}
 
 
 def gpu_component_bytes(cfg: ModelConfig, p: Placement) -> dict[str, int]:
     """What the runtime allocates on the GPU for placement p, by component (the builder's formula)."""
-    f = fixed_bytes(cfg, p.context, p.predictor_numel)
+    f = fixed_bytes(cfg, p.context, p.predictor_numel, p.fmt)
     on = {"attention": p.attention_on_gpu, "norms": p.attention_on_gpu, "router": p.attention_on_gpu,
           "kv_cache": p.kv_on_gpu, "embeddings": p.embeddings_on_gpu, "lm_head": p.lm_head_on_gpu,
           "predictors": p.predictors_on_gpu}
@@ -332,7 +335,7 @@ def plan(cfg: ModelConfig, profile: NeuronProfile | None, budget_bytes: int, con
     context = min(4096, cfg.max_position_embeddings) if context is None else int(context)
     if not 0 < context <= cfg.max_position_embeddings:
         raise HybridInferError(f"context {context} is outside 1..{cfg.max_position_embeddings}")
-    fixed = fixed_bytes(cfg, context, predictor_numel)
+    fixed = fixed_bytes(cfg, context, predictor_numel, fmt)
     pb = _problem(cfg, profile, fmt, fixed, min_active_bytes)
     core = fixed["attention"] + fixed["norms"] + fixed["router"] + fixed["kv_cache"]
     used = solver

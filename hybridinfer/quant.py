@@ -47,8 +47,10 @@ def _f16_bytes(d: torch.Tensor) -> torch.Tensor:
     return d.to(torch.float16).contiguous().view(torch.uint8).reshape(*d.shape, 2)
 
 
-def pack(w, fmt: str) -> torch.Tensor:
-    """w [rows, cols] float -> uint8 [rows, row_bytes(cols, fmt)]."""
+def pack(w, fmt: str, device=None) -> torch.Tensor:
+    """w [rows, cols] float -> uint8 [rows, row_bytes(cols, fmt)]. device: where the result
+    lives and a block format is computed (default: block formats on the CPU, float formats on
+    w's device); pass w's device to pack a GPU tensor where it is."""
     _check_fmt(fmt)
     w = _as_tensor(w)
     if w.dim() != 2 or not w.is_floating_point():
@@ -56,9 +58,10 @@ def pack(w, fmt: str) -> torch.Tensor:
     rows, cols = w.shape
     rb = row_bytes(cols, fmt)  # raises for bad cols in block formats
     if fmt in _FLOAT_DTYPES:
-        return w.to(_FLOAT_DTYPES[fmt]).contiguous().view(torch.uint8).reshape(rows, rb)
+        out = w.to(_FLOAT_DTYPES[fmt]).contiguous().view(torch.uint8).reshape(rows, rb)
+        return out if device is None else out.to(device)
     nb = cols // QK
-    out = torch.empty(rows, nb, _BLOCK_BYTES[fmt], dtype=torch.uint8)
+    out = torch.empty(rows, nb, _BLOCK_BYTES[fmt], dtype=torch.uint8, device=device or "cpu")
     step = max(1, (1 << 22) // max(cols, 1))  # ~4M values per slice keeps temporaries small
     for r0 in range(0, rows, step):
         blk = w[r0:r0 + step].to(torch.float32).reshape(-1, nb, QK)  # [r, nb, 32]
@@ -103,3 +106,25 @@ def unpack(packed, fmt: str, cols: int) -> torch.Tensor:
     else:
         q = torch.cat([qb & 0x0F, qb >> 4], dim=-1).to(torch.float32) - 8.0
     return (q * d).reshape(rows, cols)
+
+
+class PackedRows:
+    """Mixin of a linear layer's weight held as packed rows (`weight` uint8 [out_features,
+    row_bytes(in_features, fmt)]: kernels.cpu.PackedLinear, kernels.gpu.DeviceLinear). device /
+    shape / nbytes mirror a torch weight's, so code that only asks where a weight lives or what
+    shape it has need not care which kind it holds."""
+    weight: torch.Tensor
+    in_features: int
+    out_features: int
+
+    @property
+    def device(self) -> torch.device:
+        return self.weight.device
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.out_features, self.in_features)
+
+    @property
+    def nbytes(self) -> int:
+        return self.weight.numel()

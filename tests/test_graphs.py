@@ -25,6 +25,13 @@ def test_graph_decoder_equals_plain_decode(tmp_path, arch, sparsity, placement, 
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_graph_decoder_q4_rows_and_attention(tmp_path, device):
+    """q4_0 hot rows, attention and lm_head (DeviceLinear: the Triton GEMV on cuda)."""
+    _check_against_plain(tmp_path, "TurboSparseMixtralForCausalLM", "predictor", "mixed", device,
+                         gpu_fmt="q4_0")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_graph_decoder_per_expert_segments(tmp_path, monkeypatch, device):
     """Too many expert choices to capture one graph each: P and H per expert instead."""
     from hybridinfer import graphs
@@ -33,24 +40,29 @@ def test_graph_decoder_per_expert_segments(tmp_path, monkeypatch, device):
     assert not any(gd._grouped)
 
 
-def test_graph_decoder_compiled_attention_step(tmp_path):
+@pytest.mark.parametrize("gpu_fmt", ["auto", "q4_0"])
+def test_graph_decoder_compiled_attention_step(tmp_path, gpu_fmt):
     """torch.compile of segment A's arithmetic (attn_step) gives the plain decode's logits; one
-    compilation serves every layer (the cpu backend here, inductor's Triton code on cuda)."""
+    compilation serves every layer (the cpu backend here, inductor's Triton code on cuda), also
+    with the attention weights in q4_0 (DeviceLinear objects, the GEMV a custom op on cuda)."""
     import torch._dynamo
-    torch._dynamo.reset()
-    gd = _check_against_plain(tmp_path, "TurboSparseMixtralForCausalLM", "predictor", "mixed",
-                              "cpu", fuse=True)
     from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    gd = _check_against_plain(tmp_path, "TurboSparseMixtralForCausalLM", "predictor", "mixed",
+                              "cpu", fuse=True, gpu_fmt=gpu_fmt)
+    from hybridinfer.kernels.gpu import DeviceLinear
+    assert isinstance(gd.m.blocks[1].attn.o, DeviceLinear) == (gpu_fmt == "q4_0")
     from hybridinfer.graphs import attn_step
     assert gd._attn is not attn_step                       # compiled, not fallen back
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
 
 
-def _check_against_plain(tmp_path, arch, sparsity, placement, device, fuse=None) -> GraphDecoder:
+def _check_against_plain(tmp_path, arch, sparsity, placement, device, fuse=None, **opts) -> GraphDecoder:
     folder, _, _ = write_model(tmp_path / "m", arch, seed=51, sliding_window=5)
     from hybridinfer.config import ModelConfig
     hot = placements(ModelConfig.from_dir(folder), seed=52)[placement]
-    llm = hybrid(folder, hot, torch.device(device), sparsity=sparsity)
+    llm = hybrid(folder, hot, torch.device(device), sparsity=sparsity, **opts)
     ids = random_ids(12, seed=53)
     ref_cache = llm.model.new_cache(16)
     gd = GraphDecoder(llm.model, 16, fuse=fuse)

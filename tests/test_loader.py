@@ -12,6 +12,7 @@ from hybridinfer.config import ModelConfig
 from hybridinfer.errors import HybridInferError
 from hybridinfer.ffn import HybridFFN
 from hybridinfer.predictor import budget_predictor_numel
+from hybridinfer.kernels.gpu import DeviceLinear
 from hybridinfer.placement import gpu_component_bytes, plan
 from tiny import random_ids, write_model
 
@@ -37,15 +38,19 @@ def test_default_sparsity_follows_the_checkpoint(tmp_path, home):
         hybridinfer.load(ll, device="cpu", sparsity="predictor")
 
 
-@pytest.mark.parametrize("budget", [300_000, 900_000, 3_000_000])
-def test_build_puts_on_the_gpu_side_exactly_what_the_plan_budgets(tmp_path, budget):
+@pytest.mark.parametrize("budget,fmt", [(300_000, "bf16"), (900_000, "bf16"), (3_000_000, "bf16"),
+                                        (300_000, "q4_0"), (900_000, "q4_0")])
+def test_build_puts_on_the_gpu_side_exactly_what_the_plan_budgets(tmp_path, budget, fmt):
+    """q4_0 hot rows: attention and lm_head are q4_0 on the GPU side too (DeviceLinear)."""
     folder, _, _ = write_model(tmp_path / "m", "TurboSparseMixtralForCausalLM", seed=3,
                                hidden_size=128, intermediate_size=256)
     cfg, ck = ModelConfig.from_dir(folder), Checkpoint(folder)
-    p = plan(cfg, None, budget, context=64, fmt="bf16", predictor_numel=budget_predictor_numel(cfg, ck),
+    p = plan(cfg, None, budget, context=64, fmt=fmt, predictor_numel=budget_predictor_numel(cfg, ck),
              min_active_bytes=0)
     model = build_from_placement(cfg, ck, torch.device("cpu"), torch.bfloat16, p,
-                                 RuntimeOptions(sparsity="predictor", gpu_fmt="bf16"))
+                                 RuntimeOptions(sparsity="predictor", gpu_fmt=fmt))
+    packed = isinstance(model.blocks[0].attn.q, DeviceLinear)
+    assert packed == (fmt == "q4_0" and p.attention_on_gpu)
     want = gpu_component_bytes(cfg, p)
     got = model.device_bytes
     for comp, b in want.items():

@@ -20,7 +20,7 @@ SCRIPT = textwrap.dedent("""
     dev = torch.device(os.environ.get("HI_TEST_DEVICE", "cpu"))
     from hybridinfer import quant
     from hybridinfer.ffn import activate
-    from hybridinfer.kernels.gpu import HotFFN, _triton, hot_ffn
+    from hybridinfer.kernels.gpu import HotFFN, _triton, hot_ffn, q4_rows_to_gpu
     tk = _triton()
     assert tk is not None and tk.supported("q4_0")          # the Triton path, not torch
     g = torch.Generator().manual_seed(7)
@@ -70,6 +70,26 @@ SCRIPT = textwrap.dedent("""
             ra = activate(W1 @ x.double(), W3 @ x.double(), act, 0.05) * mask
             note(fmt + "-tiles-a", a, ra.masked_fill(torch.arange(n) == 5, 0.0))
             note(fmt + "-tiles-y", y, a.double().cpu() @ W2T)
+
+    # the dense GEMV (DeviceLinear: attention, lm_head): every row, odd row counts, NK > 1,
+    # halfword and word reads; then through linear()'s dispatch (the custom op on CUDA)
+    for n, d, cfg in [(1, 32, None), (37, 64, None), (300, 256, None), (1030, 4096, None),
+                      (45, 192, dict(CHUNK=16, R=4, BK=2, num_warps=4, WORDS=False))]:
+        w = torch.randn(n, d, generator=g) * 0.2
+        rows = q4_rows_to_gpu(quant.pack(w, "q4_0")).to(dev)
+        x = torch.randn(d, generator=g)
+        ref = quant.unpack(quant.pack(w, "q4_0"), "q4_0", d).double() @ x.double()
+        note("matvec", tk.matvec("q4_0", d, rows, x.to(dev), cfg=cfg), ref)
+    from hybridinfer.kernels.gpu import DeviceLinear
+    from hybridinfer.linear import linear
+    w = torch.randn(70, 128, generator=g) * 0.2
+    m = DeviceLinear.from_weight(w.to(dev), "q4_0", dev)
+    W = quant.unpack(quant.pack(w, "q4_0"), "q4_0", 128).double()
+    for rows_in in (1, 5):                                  # GEMV, and the dequantised matmul
+        x = torch.randn(rows_in, 128, generator=g)
+        note(f"linear-{rows_in}", linear(x.to(dev), m), x.double() @ W.T)
+    x = torch.randn(128, generator=g)                       # the custom op itself, any device
+    note("op", torch.ops.hybridinfer.matvec_q4(m.weight, x.to(dev), 128), W @ x.double())
     print(worst)
     assert all(v < 1e-5 for v in worst.values()), worst
 """)

@@ -20,8 +20,8 @@ import torch
 
 from ..build import STREAM_ABOVE_CUDA
 from ..ffn import HybridFFN, HybridMoE
-from ..footprint import attention_numel, ffn_rows_bytes
-from ..kernels.cpu import PackedFFN, PackedLinear
+from ..footprint import attention_bytes, ffn_rows_bytes, linear_bytes, linear_fmt
+from ..kernels.cpu import PackedFFN
 from ..kernels.gpu import HotFFN
 from ..model import Transformer, build_model
 from ..placement import Placement, plan
@@ -52,12 +52,14 @@ def _elt(dtype: torch.dtype) -> int:
 
 
 def fixed_gpu_bytes(cfg, dtype: torch.dtype, context: int) -> int:
-    """What the runtime always puts on the model's device: attention, norms, router, embeddings,
-    lm_head (in dtype) and the KV cache for `context` positions."""
-    d, L, e = cfg.hidden_size, cfg.num_layers, _elt(dtype)
-    n = L * attention_numel(cfg) + (2 * L + 1) * d + L * cfg.num_experts * d + 2 * cfg.vocab_size * d
+    """What the runtime always puts on the model's device: attention and lm_head (q4_0 rows, as
+    the GPU side keeps them with q4_0 FFN rows), norms, router, embeddings (in dtype) and the KV
+    cache for `context` positions."""
+    d, L, e, lf = cfg.hidden_size, cfg.num_layers, _elt(dtype), linear_fmt(FMT)
+    n = (2 * L + 1) * d + L * cfg.num_experts * d + cfg.vocab_size * d
     kv = 2 * L * cfg.num_kv_heads * context * cfg.head_dim * e
-    return n * e + kv
+    return (n * e + kv + L * attention_bytes(cfg, lf, e)
+            + linear_bytes(cfg.vocab_size, d, lf, e))
 
 
 def layer_ffn_bytes(wl: Workload) -> int:
@@ -85,10 +87,11 @@ def _keys(layer, expert):
 def _model(wl: Workload, device, dtype, factory) -> Transformer:
     moe = HybridMoE if wl.cfg.is_moe else None
     kw = {"moe_class": moe} if moe else {}
-    # attention projections and lm_head that land on the CPU: q4_0 for the C++ kernels, as
-    # llama.cpp reads them (not torch's float matmul)
+    # attention projections and lm_head in q4_0 wherever they land, as llama.cpp keeps them: on
+    # the CPU for the C++ kernels, on the GPU for the Triton GEMV (not torch's float matmul)
     return build_model(wl.cfg, SynthCheckpoint(wl.cfg, wl.seed, device, dtype), device, dtype,
-                       with_predictors=False, ffn_factory=factory, cpu_linear_fmt=FMT, **kw)
+                       with_predictors=False, ffn_factory=factory, cpu_linear_fmt=FMT,
+                       gpu_linear_fmt=linear_fmt(FMT), **kw)
 
 
 def _hybrid_ffn(wl, key, hot_ids: np.ndarray, device, sparsity: str, pred_device):
@@ -188,7 +191,9 @@ def wl_is_moe(blk) -> bool:
 
 
 def _weight_bytes(w, elt: int) -> int:
-    return w.nbytes if isinstance(w, PackedLinear) else w.numel() * elt
+    """A linear weight's bytes: a torch tensor's in dtype, packed rows' (PackedLinear /
+    DeviceLinear) as they are."""
+    return w.numel() * elt if isinstance(w, torch.Tensor) else w.nbytes
 
 
 def bytes_per_token(b: Built, wl: Workload, ctx: float) -> dict:

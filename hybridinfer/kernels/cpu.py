@@ -236,11 +236,10 @@ def down_sparse(ffn: PackedFFN, a, ids, skip_zero: bool = False):
 
 
 @dataclass(frozen=True, eq=False)
-class PackedLinear:
+class PackedLinear(quant.PackedRows):
     """A dense linear layer's weight packed for the CPU kernels: weight uint8 [out_features,
     row_bytes(in_features, fmt)], row r = W[r, :] of nn.Linear's W [out, in]. Built once; calls
-    never copy it. `device` / `shape` mirror a torch weight's, so code that only asks where a
-    weight lives or what shape it has need not care which kind it holds."""
+    never copy it."""
     fmt: str
     in_features: int
     out_features: int
@@ -264,18 +263,6 @@ class PackedLinear:
         if w.dim() != 2:
             raise ValueError(f"from_weight: expected w [out, in], got {tuple(w.shape)}")
         return cls(fmt, w.shape[1], w.shape[0], to_weights(quant.pack(w, fmt)))
-
-    @property
-    def device(self) -> torch.device:
-        return self.weight.device
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (self.out_features, self.in_features)
-
-    @property
-    def nbytes(self) -> int:
-        return self.weight.numel()
 
 
 def linear(x, m: PackedLinear):

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import quant
-from ..footprint import ffn_rows_bytes
+from ..footprint import LINEAR_FORMATS, ffn_rows_bytes
 
 _FLOAT = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 
@@ -131,6 +131,63 @@ def hot_ffn(h: HotFFN, x: torch.Tensor, activation: str, threshold: float = 0.0,
     if mask is not None:
         a = a * mask.to(a.dtype)
     return a @ down_t                                                         # [n, d]
+
+
+# ---- dense linear layers in a block format on the GPU side (attention projections, lm_head) ----
+
+
+
+@dataclass(frozen=True, eq=False)
+class DeviceLinear(quant.PackedRows):
+    """A dense linear layer's weight kept on the GPU side in a block format, as llama.cpp keeps
+    a q4_0 model's attention: weight uint8 [out_features, row_bytes(in_features)], row r = W[r, :]
+    of nn.Linear's W [out, in], q4_0 in the GPU row layout (HotFFN's). 0.56 bytes a weight
+    instead of bf16's 2: decode reads attention and lm_head every token. Computed by
+    `device_linear`."""
+    fmt: str
+    in_features: int
+    out_features: int
+    weight: torch.Tensor
+
+    def __post_init__(self):
+        if self.fmt not in LINEAR_FORMATS:
+            raise ValueError(f"DeviceLinear holds {LINEAR_FORMATS}, not {self.fmt!r}")
+        rb = quant.row_bytes(self.in_features, self.fmt)
+        t = self.weight
+        if t.dtype != torch.uint8 or tuple(t.shape) != (self.out_features, rb) or not t.is_contiguous():
+            raise ValueError(f"DeviceLinear.weight: expected contiguous uint8 [{self.out_features}, {rb}], "
+                             f"got {t.dtype} {tuple(t.shape)}")
+
+    @classmethod
+    def from_weight(cls, w: torch.Tensor, fmt: str, device) -> "DeviceLinear":
+        """w [out, in] float (any device: packed where it is, then moved) -> on `device`."""
+        if w.dim() != 2:
+            raise ValueError(f"DeviceLinear.from_weight: expected w [out, in], got {tuple(w.shape)}")
+        rows = quant.pack(w, fmt, device=w.device).to(device)
+        return cls(fmt, w.shape[1], w.shape[0], q4_rows_to_gpu(rows))
+
+
+def device_linear(x: torch.Tensor, m: DeviceLinear) -> torch.Tensor:
+    """x [..., in] -> [..., out] = x W^T in x's dtype. One row on CUDA: the Triton GEMV over the
+    packed rows (a custom op, so torch.compile and CUDA graphs take it whole); more rows
+    (prefill) or the cpu device: W dequantised once for the call, then a matmul."""
+    lead = x.shape[:-1]
+    if x.is_cuda and x.numel() == m.in_features and _triton() is not None:
+        y = torch.ops.hybridinfer.matvec_q4(m.weight, x.reshape(-1).contiguous(), m.in_features)
+        return y.to(x.dtype).view(*lead, m.out_features)
+    w = dequant(m.weight, m.fmt, m.in_features, x.dtype, gpu_layout=True)
+    return F.linear(x, w)
+
+
+@torch.library.custom_op("hybridinfer::matvec_q4", mutates_args=())
+def _matvec_q4(w: torch.Tensor, x: torch.Tensor, d: int) -> torch.Tensor:
+    """float32 [n] = w x: q4_0 rows w [n, d/32*18] (GPU row layout), x [d]."""
+    return _triton().matvec("q4_0", d, w, x)
+
+
+@_matvec_q4.register_fake
+def _(w: torch.Tensor, x: torch.Tensor, d: int) -> torch.Tensor:
+    return w.new_empty(w.shape[0], dtype=torch.float32)
 
 
 # ---- host <-> device traffic of the hybrid split: pinned buffers, one sync per copy-out ---------

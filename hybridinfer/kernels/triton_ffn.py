@@ -5,6 +5,8 @@
            gate fires (a second pass over the rows whose gate fired).
   down:    y = sum_j a[j] * W2h^T[j]: a transposed axpy over rows, split over row chunks and
            column tiles (atomic adds into y); rows with a = 0 are never read.
+  matvec:  y = W x over every row (a dense GEMV: attention projections and lm_head held in q4_0
+           on the GPU, kernels.gpu.DeviceLinear); gate_up's first pass without a mask.
 
 Each program owns a chunk of CHUNK rows. It first compacts the chunk's rows that need reading
 (mask set / gate fired / a != 0) into a list (cumsum, in a scratch buffer), then streams R of
@@ -291,6 +293,21 @@ def _axpy_kernel(a_ptr, w_ptr, y_ptr, lst_ptr, N, D, NB, RS, IS_Q4: tl.constexpr
         tl.atomic_add(y_ptr + c, acc, mask=c < D, sem="relaxed")
 
 
+@triton.jit
+def _matvec_kernel(x_ptr, w_ptr, y_ptr, lst_ptr, N, D, NB, RS, IS_Q4: tl.constexpr,
+                   CHUNK: tl.constexpr, R: tl.constexpr, BK: tl.constexpr, NK: tl.constexpr,
+                   WORDS: tl.constexpr):
+    """y [N] f32 = W x. Program p: rows [p*CHUNK, (p+1)*CHUNK), listed in lst (int32
+    [grid*CHUNK] scratch) so that the row loop is gate_up's (_dot_pass, register prefetch)."""
+    pid = tl.program_id(0)
+    offs = pid * CHUNK + tl.arange(0, CHUNK)
+    lst = lst_ptr + pid * CHUNK
+    cnt = _compact(offs < N, offs, lst)
+    x0, x8, x4, x12 = _x_tile(x_ptr, 0, D, IS_Q4, BK)            # used when NK == 1
+    _dot_pass(w_ptr, lst, cnt, y_ptr, x_ptr, x0, x8, x4, x12, D, NB, RS, 0, IS_Q4, R, BK, NK,
+              WORDS)
+
+
 # ---- launch configuration --------------------------------------------------------------------
 
 def config(fmt: str, d: int, n: int, device: torch.device | None = None) -> dict:
@@ -325,26 +342,44 @@ def _words(fmt: str, d: int, cfg: dict) -> bool:
     return fmt == "q4_0" and (d // 32) % 2 == 0 and want
 
 
+def _dot_launch(fmt: str, d: int, n: int, cfg: dict | None, device) -> tuple[dict, int, torch.Tensor, bool]:
+    """The row-dot kernels' (gate_up, matvec) launch: (constexpr kwargs incl. WORDS, NK and
+    num_warps, grid size, the row-list scratch, WORDS)."""
+    c = dict(cfg or config(fmt, d, n, device)["gate_up"])
+    grid = triton.cdiv(n, c["CHUNK"])
+    lst = torch.empty(grid * c["CHUNK"], dtype=torch.int32, device=device)
+    words = _words(fmt, d, c)
+    units = d // 32 if fmt == "q4_0" else d
+    c.update(IS_Q4=fmt == "q4_0", WORDS=words, NK=triton.cdiv(units, c["BK"]))
+    return c, grid, lst, words
+
+
 def gate_up(fmt: str, d: int, gate: torch.Tensor, up: torch.Tensor, x: torch.Tensor, act: str,
             threshold: float, mask: torch.Tensor | None, cfg: dict | None = None) -> torch.Tensor:
     """a [n] f32 = act(gate·x, up·x) on the rows whose mask is set (0 elsewhere)."""
     n = gate.shape[0]
-    is_q4 = fmt == "q4_0"
-    c = dict(cfg or config(fmt, d, n, x.device)["gate_up"])
-    nw = c.pop("num_warps")
-    units = d // 32 if is_q4 else d
+    c, grid, lst, words = _dot_launch(fmt, d, n, cfg, x.device)
     a = torch.empty(n, dtype=torch.float32, device=x.device)
-    grid = triton.cdiv(n, c["CHUNK"])
-    lst = torch.empty(grid * c["CHUNK"], dtype=torch.int32, device=x.device)
-    words = _words(fmt, d, c)
     g, rs = _rows_view(fmt, gate, words)
     u, _ = _rows_view(fmt, up, words)
     m = mask.view(torch.uint8) if mask is not None else a      # a dummy pointer without a mask
     LAST["gate_up"] = _gate_up_kernel[(grid,)](
         x, g, u, m, a, lst, n, d, d // 32, rs, float(threshold), HAS_MASK=mask is not None,
-        ACT_KIND=ACT[act], IS_Q4=is_q4, WORDS=words, NK=triton.cdiv(units, c["BK"]), num_warps=nw,
-        **c)
+        ACT_KIND=ACT[act], **c)
     return a
+
+
+def matvec(fmt: str, d: int, w: torch.Tensor, x: torch.Tensor, cfg: dict | None = None) -> torch.Tensor:
+    """y [n] f32 = w x for rows w [n, d] (q4_0 in the GPU row layout, or float) and x [d] (any
+    float dtype, contiguous)."""
+    n = w.shape[0]
+    c, grid, lst, words = _dot_launch(fmt, d, n, cfg, x.device)
+    y = torch.empty(n, dtype=torch.float32, device=x.device)
+    if n == 0:
+        return y
+    wv, rs = _rows_view(fmt, w, words)
+    LAST["matvec"] = _matvec_kernel[(grid,)](x, wv, y, lst, n, d, d // 32, rs, **c)
+    return y
 
 
 def down(fmt: str, d: int, w: torch.Tensor, a: torch.Tensor, y: torch.Tensor | None = None,
