@@ -141,14 +141,16 @@ def test_shipped_predictors_skip_neurons_and_stay_close(tmp_path):
 def test_quantised_rows_match_dense_on_the_same_rounded_weights(tmp_path, fmt, device):
     from hybridinfer import quant
     from hybridinfer.checkpoint import save_checkpoint
+    from hybridinfer.footprint import linear_fmt
     folder, cfg_d, tensors = write_model(tmp_path / "m", "TurboSparseMixtralForCausalLM", seed=40)
     rounded = {k: (quant.unpack(quant.pack(v, fmt), fmt, v.shape[1]) if ".experts." in k and "predictor" not in k
                    and not k.endswith("w2.weight") else v) for k, v in tensors.items()}
     for k, v in tensors.items():  # w2 is packed transposed (neuron-major)
         if k.endswith("w2.weight"):
             rounded[k] = quant.unpack(quant.pack(v.t(), fmt), fmt, v.shape[0]).t().contiguous()
-        # with a block format the CPU's attention projections and lm_head are packed in it too
-        if device.type == "cpu" and fmt in ("q8_0", "q4_0") and (
+        # with a block format the CPU's attention projections and lm_head are packed in it too,
+        # and a GPU side with q4_0 rows keeps them in q4_0 (footprint.linear_fmt)
+        if (device.type == "cpu" and fmt in ("q8_0", "q4_0") or linear_fmt(fmt)) and (
                 "_proj.weight" in k and ".self_attn." in k or k == "lm_head.weight"):
             rounded[k] = quant.unpack(quant.pack(v, fmt), fmt, v.shape[1])
     ref_dir = save_checkpoint(tmp_path / "r", cfg_d, rounded, extra_files={
