@@ -75,7 +75,7 @@ std::unique_ptr<hi::ColdStep> cold_step(
     const std::vector<uintptr_t>& gates, const std::vector<uintptr_t>& ups,
     const std::vector<uintptr_t>& downs, const std::vector<uintptr_t>& neurons,
     const std::vector<uintptr_t>& masks, uintptr_t sel, uintptr_t w, int k, uintptr_t x,
-    uintptr_t y, int act, float threshold, bool exact) {
+    uintptr_t y, int act, float threshold, bool exact, uintptr_t slot_masks, int64_t slot_stride) {
   const size_t E = fmts.size();
   if (n_colds.size() != E || gates.size() != E || ups.size() != E || downs.size() != E ||
       neurons.size() != E || masks.size() != E)
@@ -90,7 +90,8 @@ std::unique_ptr<hi::ColdStep> cold_step(
   }
   return std::make_unique<hi::ColdStep>(std::move(ex), d, ptr<const int64_t>(sel),
                                         ptr<const float>(w), k, ptr<const float>(x),
-                                        ptr<float>(y), hi::Act(act), threshold, exact);
+                                        ptr<float>(y), hi::Act(act), threshold, exact,
+                                        ptr<const uint8_t>(slot_masks), slot_stride);
 }
 
 double read_sum(uintptr_t p, size_t n) {
@@ -131,7 +132,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("cold_step", &cold_step, py::arg("fmts"), py::arg("d"), py::arg("n_colds"),
         py::arg("gates"), py::arg("ups"), py::arg("downs"), py::arg("neurons"), py::arg("masks"),
         py::arg("sel"), py::arg("w"), py::arg("k"), py::arg("x"), py::arg("y"), py::arg("act"),
-        py::arg("threshold"), py::arg("exact"));
+        py::arg("threshold"), py::arg("exact"), py::arg("slot_masks") = 0,
+        py::arg("slot_stride") = 0);
   m.def("read_sum", &read_sum, py::arg("ptr"), py::arg("n"),
         "Sum of n float32 at ptr on the pool (the read-bandwidth probe).");
 }

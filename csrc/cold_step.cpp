@@ -10,9 +10,10 @@
 namespace hi {
 
 ColdStep::ColdStep(std::vector<ColdExpert> experts, int d, const int64_t* sel, const float* w,
-                   int k, const float* x, float* y, Act act, float threshold, bool exact)
+                   int k, const float* x, float* y, Act act, float threshold, bool exact,
+                   const uint8_t* slot_masks, int64_t slot_stride)
     : ex_(std::move(experts)), sel_(sel), w_(w), k_(k), x_(x), y_(y), act_(act),
-      thr_(threshold), exact_(exact), d_(d) {
+      thr_(threshold), exact_(exact), d_(d), slot_masks_(slot_masks), slot_stride_(slot_stride) {
   if (ex_.empty() || d_ <= 0) throw std::invalid_argument("ColdStep: no experts or d_model <= 0");
   if (!x_ || !y_) throw std::invalid_argument("ColdStep: x and y buffers are required");
   if (sel_ ? (k_ < 1 || !w_) : k_ != 1)
@@ -24,6 +25,12 @@ ColdStep::ColdStep(std::vector<ColdExpert> experts, int d, const int64_t* sel, c
     if (int64_t(e.neuron.size()) != e.f.n_ff)
       throw std::invalid_argument("ColdStep: one neuron id per cold row is needed");
     max_cold = std::max(max_cold, e.f.n_ff);
+  }
+  if (slot_masks_) {                       // every slot's mask must cover its expert's neurons
+    for (const ColdExpert& e : ex_)
+      for (int32_t v : e.neuron)
+        if (v < 0 || v >= slot_stride_)
+          throw std::invalid_argument("ColdStep: a cold row's neuron id is outside the slot masks");
   }
   all_.resize(size_t(max_cold));
   std::iota(all_.begin(), all_.end(), 0);
@@ -45,12 +52,13 @@ void ColdStep::run() {
     if (ce.f.n_ff == 0) continue;
     const int32_t* ids = all_.data();
     int64_t n = ce.f.n_ff;
-    if (ce.mask) {
+    const uint8_t* mask = slot_masks_ ? slot_masks_ + s * slot_stride_ : ce.mask;
+    if (mask) {
       std::vector<int32_t>& v = ids_[size_t(s)];
       v.clear();
       const int32_t* nr = ce.neuron.data();
       for (int32_t r = 0; r < ce.f.n_ff; ++r)
-        if (ce.mask[nr[r]]) v.push_back(r);
+        if (mask[nr[r]]) v.push_back(r);
       ids = v.data();
       n = int64_t(v.size());
     }

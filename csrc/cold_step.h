@@ -24,9 +24,13 @@ struct ColdExpert {
 class ColdStep {
  public:
   // experts[e] for e < E; sel/w: the router's buffers (k entries) or nullptr for a dense layer
-  // (expert 0, weight 1). Validates shapes once (std::invalid_argument).
+  // (expert 0, weight 1). slot_masks: when set, slot s's mask (bool over neurons) is
+  // slot_masks + s * slot_stride, whatever expert it chose (the decoder whose experts are chosen
+  // on the device copies the k chosen masks, not E), and the experts' own masks are unused.
+  // Validates shapes once (std::invalid_argument).
   ColdStep(std::vector<ColdExpert> experts, int d, const int64_t* sel, const float* w, int k,
-           const float* x, float* y, Act act, float threshold, bool exact);
+           const float* x, float* y, Act act, float threshold, bool exact,
+           const uint8_t* slot_masks = nullptr, int64_t slot_stride = 0);
   // One step (call with the buffers filled). Throws std::invalid_argument on an expert id out of
   // range (a corrupt buffer), never reads outside the bound buffers.
   void run();
@@ -44,6 +48,8 @@ class ColdStep {
   float thr_;
   bool exact_;
   const int d_;
+  const uint8_t* slot_masks_;
+  int64_t slot_stride_;
   std::vector<std::vector<int32_t>> ids_;   // per slot, reused
   struct Call {                             // ffn_sparse_multi's arguments, reused per step
     std::vector<FFNDesc> f;

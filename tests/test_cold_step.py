@@ -78,3 +78,34 @@ def test_cold_step_errors_are_one_line():
     sel.fill_(len(ffns))                                         # a corrupt router buffer
     with pytest.raises(ValueError, match="out of range"):
         cs.run()
+
+
+def test_cold_step_slot_masks_equal_per_expert_masks():
+    """Masks per slot (row s: the s-th chosen expert's, as the device-selected decoder copies
+    them) give the same bits as the same masks bound per expert."""
+    ffns, neurons, masks, x, y, sel, w, g = _setup(6)
+    k, n_ff = sel.numel(), masks[0].numel()
+    slot = torch.zeros(k, n_ff, dtype=torch.bool)
+    y2 = torch.zeros_like(y)
+    per_expert = cpu.ColdStep(ffns, neurons, masks, x, y, sel, w, "drelu")
+    per_slot = cpu.ColdStep(ffns, neurons, [None] * len(ffns), x, y2, sel, w, "drelu",
+                            slot_masks=slot)
+    for _ in range(4):
+        x.copy_(torch.randn(x.shape, generator=g))
+        sel.copy_(torch.randperm(len(ffns), generator=g)[:k])
+        w.copy_(torch.rand(k, generator=g))
+        for s, e in enumerate(sel.tolist()):
+            m = torch.rand(n_ff, generator=g) < 0.4
+            slot[s] = m
+            if masks[e] is not None:
+                masks[e].copy_(m)
+        per_expert.run()
+        per_slot.run()
+        assert per_slot.last_rows == per_expert.last_rows
+        assert torch.equal(y, y2)
+    with pytest.raises(ValueError, match="replaces the per-expert masks"):
+        cpu.ColdStep(ffns, neurons, masks, x, y2, sel, w, slot_masks=slot)
+    with pytest.raises(ValueError, match="outside the slot masks"):
+        cpu.ColdStep(ffns, neurons, [None] * len(ffns), x, y2, sel, w, slot_masks=slot[:, :3].contiguous())
+    with pytest.raises(ValueError, match="rows for 2 slots"):
+        cpu.ColdStep(ffns, neurons, [None] * len(ffns), x, y2, sel, w, slot_masks=slot[:1].contiguous())

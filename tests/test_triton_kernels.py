@@ -90,6 +90,58 @@ SCRIPT = textwrap.dedent("""
         note(f"linear-{rows_in}", linear(x.to(dev), m), x.double() @ W.T)
     x = torch.randn(128, generator=g)                       # the custom op itself, any device
     note("op", torch.ops.hybridinfer.matvec_q4(m.weight, x.to(dev), 128), W @ x.double())
+
+    # device-selected experts (slots): expert sel[s]'s rows through address tables; experts of
+    # different row counts, one with none (never chosen), the chosen order not sorted
+    n_ff, d = 200, 128
+    hots = []
+    for n in (150, 0, 37, 200):
+        ids = torch.randperm(n_ff, generator=g)[:n].sort().values
+        w1, w3, w2 = (torch.randn(n_ff, d, generator=g) * 0.2, torch.randn(n_ff, d, generator=g) * 0.2,
+                      torch.randn(d, n_ff, generator=g) * 0.2)
+        hots.append(HotFFN.build(w1, w3, w2, ids, "q4_0", dev) if n else None)
+    rows = lambda name: [None if h is None else getattr(h, name) for h in hots]
+    tabs = [tk.RowTable.build("q4_0", d, rows(nm), dev) for nm in ("gate", "up", "down_t")]
+    it = tk.RowTable.build(None, d, [None if h is None else h.ids for h in hots], dev)
+    sel = torch.tensor([3, 0, 2])
+    x = torch.randn(d, generator=g)
+    rw = torch.rand(3, generator=g)
+    for mask in (torch.rand(3, n_ff, generator=g) < 0.5, None):
+        a = torch.zeros(3, 256, device=dev)
+        tk.gate_up_slots("q4_0", d, tabs[0], tabs[1], it, x.to(dev), "drelu", 0.05,
+                         None if mask is None else mask.to(dev), sel.to(dev), a)
+        y = tk.down_slots("q4_0", d, tabs[2], a, 256, torch.zeros(d, device=dev), 0, sel.to(dev),
+                          rw.to(dev))
+        ref = torch.zeros(d, dtype=torch.float64)
+        for s, e in enumerate(sel.tolist()):
+            h = hots[e]
+            m = None if mask is None else mask[s][h.ids.long().cpu()]
+            W1, W3, W2T = (t.double().cpu() for t in h._weights(torch.float32))
+            ra = activate(W1 @ x.double(), W3 @ x.double(), "drelu", 0.05)
+            ra = ra if m is None else ra * m
+            note("slots-a", a[s, :h.n_hot], ra)
+            ref += float(rw[s]) * (ra @ W2T)
+        note("slots-y", y, ref)
+    # matvec / axpy slots with one x for all (xs = 0) and per-slot x, per-slot y (the predictors)
+    fc = [torch.randn(n, d, generator=g) * 0.2 for n in (40, 40, 40)]
+    for fmt in ("q4_0", "bf16"):
+        pk = [q4_rows_to_gpu(quant.pack(w, "q4_0")) if fmt == "q4_0" else w.to(torch.bfloat16) for w in fc]
+        wt = tk.RowTable.build(fmt, d, [t.to(dev) for t in pk], dev)
+        W = [quant.unpack(quant.pack(w, "q4_0"), "q4_0", d).double() if fmt == "q4_0"
+             else w.to(torch.bfloat16).double() for w in fc]
+        sel2 = torch.tensor([2, 0])
+        xs = torch.randn(2, d, generator=g)
+        y = tk.matvec_slots(fmt, d, wt, xs.to(dev), d, torch.zeros(2, 64, device=dev), sel2.to(dev))
+        for s, e in enumerate(sel2.tolist()):
+            note("matvec-slots-" + fmt, y[s, :40], W[e] @ xs[s].double())
+        y = tk.matvec_slots(fmt, d, wt, xs[0].to(dev), 0, torch.zeros(2, 40, device=dev), sel2.to(dev))
+        for s, e in enumerate(sel2.tolist()):
+            note("matvec-slots-x0-" + fmt, y[s], W[e] @ xs[0].double())
+        if fmt == "q4_0":          # the transposed use: rows of W^T, coefficients shared
+            at = torch.randn(40, generator=g)
+            y = tk.down_slots(fmt, d, wt, at.to(dev), 0, torch.zeros(2, d, device=dev), d, sel2.to(dev))
+            for s, e in enumerate(sel2.tolist()):
+                note("down-slots-shared-a", y[s], at.double() @ W[e])
     print(worst)
     assert all(v < 1e-5 for v in worst.values()), worst
 """)

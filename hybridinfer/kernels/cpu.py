@@ -284,13 +284,20 @@ class ColdStep:
 
     ffns[e]: PackedFFN of expert e's compact cold rows, or None (no cold rows);
     neurons[e]: int [n_cold] neuron id of each cold row; masks[e]: bool [n_ff] or None (every
-    cold row); sel int64 [k] / w float32 [k]: the router's buffers, or None for a dense layer
+    cold row); slot_masks: bool [k, n_ff] instead, row s the mask of the s-th chosen expert
+    (experts chosen on the device); sel int64 [k] / w float32 [k]: the router's buffers, or None for a dense layer
     (one FFN, weight 1); x float32 [d], y float32 [d]. The buffers must outlive this object
     (it keeps references to them)."""
 
     def __init__(self, ffns, neurons, masks, x, y, sel=None, w=None, act: str = "drelu",
-                 threshold: float = 0.0, exact: bool = False):
+                 threshold: float = 0.0, exact: bool = False, slot_masks=None):
         ffns, neurons, masks = list(ffns), list(neurons), list(masks)
+        if slot_masks is not None:
+            slot_masks = _tensor(slot_masks, "slot_masks")
+            if (slot_masks.dtype != torch.bool or slot_masks.dim() != 2 or not slot_masks.is_contiguous()
+                    or any(m is not None for m in masks)):
+                raise ValueError("ColdStep: slot_masks must be a contiguous bool [k, n_ff] and "
+                                 "replaces the per-expert masks (pass None for each)")
         if not ffns or not len(ffns) == len(neurons) == len(masks):
             raise ValueError("ColdStep: need one (ffn, neurons, mask) per expert")
         if sel is None and len(ffns) != 1:
@@ -308,7 +315,9 @@ class ColdStep:
                     or not (sel.is_contiguous() and w.is_contiguous()):
                 raise ValueError("ColdStep: sel must be int64 [k] and w float32 [k], contiguous")
             k = sel.numel()
-        keep = [x, y, sel, w]
+        if slot_masks is not None and slot_masks.shape[0] != k:
+            raise ValueError(f"ColdStep: slot_masks has {slot_masks.shape[0]} rows for {k} slots")
+        keep = [x, y, sel, w, slot_masks]
         fmts, n_colds, gates, ups, downs, nptr, mptr = [], [], [], [], [], [], []
         for e, (f, nr, m) in enumerate(zip(ffns, neurons, masks)):
             if f is None:
@@ -338,7 +347,9 @@ class ColdStep:
         self._keep = keep
         self._c = _call(_native().cold_step, fmts, d, n_colds, gates, ups, downs, nptr, mptr,
                         0 if sel is None else sel.data_ptr(), 0 if w is None else w.data_ptr(),
-                        k, x.data_ptr(), y.data_ptr(), _act(act), float(threshold), bool(exact))
+                        k, x.data_ptr(), y.data_ptr(), _act(act), float(threshold), bool(exact),
+                        0 if slot_masks is None else slot_masks.data_ptr(),
+                        0 if slot_masks is None else slot_masks.shape[1])
 
     def run(self) -> None:
         """One step: one native call (GIL released) over the bound buffers."""

@@ -41,6 +41,8 @@ Runs on CUDA; with TRITON_INTERPRET=1 also on CPU tensors (how CI tests the logi
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -200,20 +202,44 @@ def _dot_pass(w_ptr, lst, cnt, a_ptr, x_ptr, x0, x8, x4, x12, D, NB, RS, MODE: t
         rows, lv, e, sc = rows_n, lv_n, e_n, sc_n
 
 
+@triton.jit
+def _slot_rows(sel_ptr, tab_ptr, cnt_ptr, like_ptr, s):
+    """Slot s of a device-selected launch: the expert e = sel[s], its rows' base pointer (an
+    address in the table, typed like like_ptr) and its row count."""
+    e = tl.load(sel_ptr + s)
+    base = tl.load(tab_ptr + e).to(tl.pointer_type(like_ptr.dtype.element_ty))
+    return e, base, tl.load(cnt_ptr + e)
+
+
 # ---- kernels ---------------------------------------------------------------------------------
 
 @triton.jit
 def _gate_up_kernel(x_ptr, g_ptr, u_ptr, mask_ptr, a_ptr, lst_ptr, N, D, NB, RS, threshold,
+                    sel_ptr, gtab, utab, itab, ntab, MS, AS,
                     HAS_MASK: tl.constexpr, ACT_KIND: tl.constexpr, IS_Q4: tl.constexpr,
                     CHUNK: tl.constexpr, R: tl.constexpr, BK: tl.constexpr, NK: tl.constexpr,
-                    WORDS: tl.constexpr):
-    """a [N] f32. Program p: rows [p*CHUNK, (p+1)*CHUNK). lst: int32 [grid*CHUNK] scratch."""
+                    WORDS: tl.constexpr, SLOT: tl.constexpr):
+    """a [N] f32. Program p: rows [p*CHUNK, (p+1)*CHUNK). lst: int32 [grid*CHUNK] scratch.
+    SLOT (device-selected experts, grid axis 1 = slot s): expert e = sel[s]'s rows from the
+    tables (gtab/utab: row addresses, itab: its hot neuron ids' address, ntab: its row count),
+    mask_ptr [k, MS] the slot's mask over neurons (read at the rows' neuron ids), a [k, AS]."""
     pid = tl.program_id(0)
+    if SLOT:
+        s = tl.program_id(1)
+        e, g_ptr, N = _slot_rows(sel_ptr, gtab, ntab, g_ptr, s)
+        u_ptr = tl.load(utab + e).to(tl.pointer_type(u_ptr.dtype.element_ty))
+        a_ptr += s * AS
+        lst_ptr += s * tl.num_programs(0) * CHUNK
     offs = pid * CHUNK + tl.arange(0, CHUNK)                    # [CHUNK] rows of this program
     inr = offs < N
     live = inr
     if HAS_MASK:
-        live = live & (tl.load(mask_ptr + offs, mask=inr, other=0) != 0)
+        if SLOT:
+            ids = tl.load(itab + e).to(tl.pointer_type(tl.int32))
+            nid = tl.load(ids + offs, mask=inr, other=0)
+            live = live & (tl.load(mask_ptr + s * MS + nid, mask=inr, other=0) != 0)
+        else:
+            live = live & (tl.load(mask_ptr + offs, mask=inr, other=0) != 0)
     lst = lst_ptr + pid * CHUNK
     cnt = _compact(live, offs, lst)
     x0, x8, x4, x12 = _x_tile(x_ptr, 0, D, IS_Q4, BK)            # used when NK == 1
@@ -238,15 +264,28 @@ def _gate_up_kernel(x_ptr, g_ptr, u_ptr, mask_ptr, a_ptr, lst_ptr, N, D, NB, RS,
 
 
 @triton.jit
-def _axpy_kernel(a_ptr, w_ptr, y_ptr, lst_ptr, N, D, NB, RS, IS_Q4: tl.constexpr,
-                 CHUNK: tl.constexpr, R: tl.constexpr, BK: tl.constexpr, WORDS: tl.constexpr):
+def _axpy_kernel(a_ptr, w_ptr, y_ptr, lst_ptr, N, D, NB, RS, sel_ptr, wtab, ntab, rw_ptr, AS, YS,
+                 IS_Q4: tl.constexpr, CHUNK: tl.constexpr, R: tl.constexpr, BK: tl.constexpr,
+                 WORDS: tl.constexpr, SLOT: tl.constexpr, HAS_RW: tl.constexpr):
     """y [D] f32 += sum_j a[j] * W[j]. Program (pc, pr): K tile pc (BK blocks or columns) of
     the rows [pr*CHUNK, (pr+1)*CHUNK). lst: int32 [grid0*grid1*CHUNK] scratch.
     q4_0: elementwise accumulators of the tile's shape [R, BK, 8] (one FMA per weight, no
     reduction in the row loop), reduced over the R axis once at the end; one atomic add per
-    column per program."""
+    column per program.
+    SLOT (grid axis 2 = slot s): expert sel[s]'s rows from the tables (wtab: row addresses,
+    ntab: row counts), a at a_ptr + s*AS, y at y_ptr + s*YS (YS = 0: every slot into one y),
+    with HAS_RW the sums scaled by rw[s] (the router's weight of the slot's expert)."""
     pc = tl.program_id(0)
     pr = tl.program_id(1)
+    rw = 1.0
+    if SLOT:
+        s = tl.program_id(2)
+        _, w_ptr, N = _slot_rows(sel_ptr, wtab, ntab, w_ptr, s)
+        a_ptr += s * AS
+        y_ptr += s * YS
+        lst_ptr += s * tl.num_programs(0) * tl.num_programs(1) * CHUNK
+        if HAS_RW:
+            rw = tl.load(rw_ptr + s)
     offs = pr * CHUNK + tl.arange(0, CHUNK)
     inr = offs < N
     live = inr & (tl.load(a_ptr + offs, mask=inr, other=0.0) != 0.0)
@@ -276,10 +315,12 @@ def _axpy_kernel(a_ptr, w_ptr, y_ptr, lst_ptr, N, D, NB, RS, IS_Q4: tl.constexpr
         m = tl.arange(0, 8)
         col = b[:, None] * 32 + 2 * m[None, :]                  # [BK, 8]
         cm = col < D
-        tl.atomic_add(y_ptr + col, tl.sum(a0, axis=0), mask=cm, sem="relaxed")
-        tl.atomic_add(y_ptr + col + 1, tl.sum(a8, axis=0) * 0.00390625, mask=cm, sem="relaxed")
-        tl.atomic_add(y_ptr + col + 16, tl.sum(a4, axis=0) * 0.0625, mask=cm, sem="relaxed")
-        tl.atomic_add(y_ptr + col + 17, tl.sum(a12, axis=0) * 0.000244140625, mask=cm,
+        tl.atomic_add(y_ptr + col, tl.sum(a0, axis=0) * rw, mask=cm, sem="relaxed")
+        tl.atomic_add(y_ptr + col + 1, tl.sum(a8, axis=0) * (0.00390625 * rw), mask=cm,
+                      sem="relaxed")
+        tl.atomic_add(y_ptr + col + 16, tl.sum(a4, axis=0) * (0.0625 * rw), mask=cm,
+                      sem="relaxed")
+        tl.atomic_add(y_ptr + col + 17, tl.sum(a12, axis=0) * (0.000244140625 * rw), mask=cm,
                       sem="relaxed")
     else:
         c = k0 + tl.arange(0, BK)
@@ -290,16 +331,24 @@ def _axpy_kernel(a_ptr, w_ptr, y_ptr, lst_ptr, N, D, NB, RS, IS_Q4: tl.constexpr
             e_n, sc_n = _load_rows(w_ptr, rows_n, lv_n, k0, D, NB, RS, IS_Q4, BK, WORDS)
             acc += tl.sum(e.to(tl.float32) * ar[:, None], axis=0)
             ar, e = ar_n, e_n
-        tl.atomic_add(y_ptr + c, acc, mask=c < D, sem="relaxed")
+        tl.atomic_add(y_ptr + c, acc * rw, mask=c < D, sem="relaxed")
 
 
 @triton.jit
-def _matvec_kernel(x_ptr, w_ptr, y_ptr, lst_ptr, N, D, NB, RS, IS_Q4: tl.constexpr,
-                   CHUNK: tl.constexpr, R: tl.constexpr, BK: tl.constexpr, NK: tl.constexpr,
-                   WORDS: tl.constexpr):
+def _matvec_kernel(x_ptr, w_ptr, y_ptr, lst_ptr, N, D, NB, RS, sel_ptr, wtab, ntab, XS, YS,
+                   IS_Q4: tl.constexpr, CHUNK: tl.constexpr, R: tl.constexpr, BK: tl.constexpr,
+                   NK: tl.constexpr, WORDS: tl.constexpr, SLOT: tl.constexpr):
     """y [N] f32 = W x. Program p: rows [p*CHUNK, (p+1)*CHUNK), listed in lst (int32
-    [grid*CHUNK] scratch) so that the row loop is gate_up's (_dot_pass, register prefetch)."""
+    [grid*CHUNK] scratch) so that the row loop is gate_up's (_dot_pass, register prefetch).
+    SLOT (grid axis 1 = slot s): expert sel[s]'s rows from the tables, x at x_ptr + s*XS
+    (XS = 0: one x for every slot), y at y_ptr + s*YS."""
     pid = tl.program_id(0)
+    if SLOT:
+        s = tl.program_id(1)
+        _, w_ptr, N = _slot_rows(sel_ptr, wtab, ntab, w_ptr, s)
+        x_ptr += s * XS
+        y_ptr += s * YS
+        lst_ptr += s * tl.num_programs(0) * CHUNK
     offs = pid * CHUNK + tl.arange(0, CHUNK)
     lst = lst_ptr + pid * CHUNK
     cnt = _compact(offs < N, offs, lst)
@@ -342,16 +391,57 @@ def _words(fmt: str, d: int, cfg: dict) -> bool:
     return fmt == "q4_0" and (d // 32) % 2 == 0 and want
 
 
-def _dot_launch(fmt: str, d: int, n: int, cfg: dict | None, device) -> tuple[dict, int, torch.Tensor, bool]:
+def _dot_launch(fmt: str, d: int, n: int, cfg: dict | None, device,
+                slots: int = 1) -> tuple[dict, int, torch.Tensor, bool]:
     """The row-dot kernels' (gate_up, matvec) launch: (constexpr kwargs incl. WORDS, NK and
-    num_warps, grid size, the row-list scratch, WORDS)."""
+    num_warps, grid size along the rows, the row-list scratch for `slots` slots, WORDS)."""
     c = dict(cfg or config(fmt, d, n, device)["gate_up"])
     grid = triton.cdiv(n, c["CHUNK"])
-    lst = torch.empty(grid * c["CHUNK"], dtype=torch.int32, device=device)
+    lst = torch.empty(slots * grid * c["CHUNK"], dtype=torch.int32, device=device)
     words = _words(fmt, d, c)
     units = d // 32 if fmt == "q4_0" else d
     c.update(IS_Q4=fmt == "q4_0", WORDS=words, NK=triton.cdiv(units, c["BK"]))
     return c, grid, lst, words
+
+
+def _down_launch(fmt: str, d: int, n: int, cfg: dict | None, device, slots: int = 1):
+    """The axpy kernel's launch: (constexpr kwargs, grid (column tiles, row chunks), scratch)."""
+    c = dict(cfg or config(fmt, d, n, device)["down"])
+    units = d // 32 if fmt == "q4_0" else d
+    grid = (triton.cdiv(units, c["BK"]), triton.cdiv(n, c["CHUNK"]))
+    lst = torch.empty(slots * grid[0] * grid[1] * c["CHUNK"], dtype=torch.int32, device=device)
+    words = _words(fmt, d, c)
+    c.update(IS_Q4=fmt == "q4_0", WORDS=words)
+    return c, grid, lst, words
+
+
+@dataclass(frozen=True, eq=False)
+class RowTable:
+    """E experts' row matrices (uint8 q4_0 rows in the GPU row layout, float rows, or int32 id
+    vectors) as device-side tables, for launches whose experts are chosen on the device (a
+    slot's expert is sel[s], read by the kernel): ptr int64 [E] the address of expert e's rows
+    (another expert's where it has none: never read, its count is 0), cnt int32 [E] its rows,
+    n_max the most rows, like the typed view the kernels read (pointer type, row stride rs).
+    Holds the tensors, so the addresses stay valid while the table lives."""
+    ptr: torch.Tensor
+    cnt: torch.Tensor
+    n_max: int
+    like: torch.Tensor
+    rs: int
+    keep: tuple
+
+    @classmethod
+    def build(cls, fmt: str | None, d: int, rows: list, device) -> "RowTable":
+        """rows[e]: [n_e, ...] on the device or None. fmt None: int32 vectors (hot ids)."""
+        real = [r for r in rows if r is not None and r.shape[0] > 0]
+        if not real:
+            raise ValueError("RowTable: no expert has rows")
+        like, rs = (real[0], 1) if fmt is None else _rows_view(fmt, real[0], _words(fmt, d, {}))
+        ptr = [real[0].data_ptr() if r is None or r.shape[0] == 0 else r.data_ptr() for r in rows]
+        cnt = [0 if r is None else r.shape[0] for r in rows]
+        return cls(torch.tensor(ptr, dtype=torch.int64, device=device),
+                   torch.tensor(cnt, dtype=torch.int32, device=device), max(cnt), like, rs,
+                   tuple(real))
 
 
 def gate_up(fmt: str, d: int, gate: torch.Tensor, up: torch.Tensor, x: torch.Tensor, act: str,
@@ -364,8 +454,24 @@ def gate_up(fmt: str, d: int, gate: torch.Tensor, up: torch.Tensor, x: torch.Ten
     u, _ = _rows_view(fmt, up, words)
     m = mask.view(torch.uint8) if mask is not None else a      # a dummy pointer without a mask
     LAST["gate_up"] = _gate_up_kernel[(grid,)](
-        x, g, u, m, a, lst, n, d, d // 32, rs, float(threshold), HAS_MASK=mask is not None,
-        ACT_KIND=ACT[act], **c)
+        x, g, u, m, a, lst, n, d, d // 32, rs, float(threshold), a, a, a, a, a, 0, 0,
+        HAS_MASK=mask is not None, ACT_KIND=ACT[act], SLOT=False, **c)
+    return a
+
+
+def gate_up_slots(fmt: str, d: int, gt: RowTable, ut: RowTable, it: RowTable, x: torch.Tensor,
+                  act: str, threshold: float, mask: torch.Tensor | None, sel: torch.Tensor,
+                  a: torch.Tensor, cfg: dict | None = None) -> torch.Tensor:
+    """Device-selected gate_up: for slot s (expert e = sel[s], int64 [k] on the device),
+    a[s, :n_e] = act(gate_e·x, up_e·x) on the rows whose neuron (it: hot ids) mask[s] sets
+    (mask bool [k, n_ff] or None); a f32 [k, AS], AS >= gt.n_max, written (rows past n_e untouched)."""
+    k = sel.numel()
+    c, grid, lst, _ = _dot_launch(fmt, d, gt.n_max, cfg, x.device, k)
+    m = mask.view(torch.uint8) if mask is not None else a
+    LAST["gate_up_slots"] = _gate_up_kernel[(grid, k)](
+        x, gt.like, ut.like, m, a, lst, 0, d, d // 32, gt.rs, float(threshold), sel, gt.ptr,
+        ut.ptr, it.ptr, gt.cnt, 0 if mask is None else mask.shape[1], a.shape[1],
+        HAS_MASK=mask is not None, ACT_KIND=ACT[act], SLOT=True, **c)
     return a
 
 
@@ -378,7 +484,20 @@ def matvec(fmt: str, d: int, w: torch.Tensor, x: torch.Tensor, cfg: dict | None 
     if n == 0:
         return y
     wv, rs = _rows_view(fmt, w, words)
-    LAST["matvec"] = _matvec_kernel[(grid,)](x, wv, y, lst, n, d, d // 32, rs, **c)
+    LAST["matvec"] = _matvec_kernel[(grid,)](x, wv, y, lst, n, d, d // 32, rs, y, y, y, 0, 0,
+                                             SLOT=False, **c)
+    return y
+
+
+def matvec_slots(fmt: str, d: int, wt: RowTable, x: torch.Tensor, xs: int, y: torch.Tensor,
+                 sel: torch.Tensor, cfg: dict | None = None) -> torch.Tensor:
+    """Device-selected GEMV: y[s, :n_e] = W_e x_s for slot s (e = sel[s]); x at x + s*xs
+    (xs = 0: one x [d] for every slot); y f32 [k, YS], YS >= wt.n_max."""
+    k = sel.numel()
+    c, grid, lst, _ = _dot_launch(fmt, d, wt.n_max, cfg, x.device, k)
+    LAST["matvec_slots"] = _matvec_kernel[(grid, k)](
+        x, wt.like, y, lst, 0, d, d // 32, wt.rs, sel, wt.ptr, wt.cnt, xs, y.shape[1],
+        SLOT=True, **c)
     return y
 
 
@@ -386,18 +505,26 @@ def down(fmt: str, d: int, w: torch.Tensor, a: torch.Tensor, y: torch.Tensor | N
          cfg: dict | None = None) -> torch.Tensor:
     """y [d] f32 (+)= sum_j a[j] * w[j] over the rows with a[j] != 0 (w: [n, d] rows, e.g. W2^T)."""
     n = w.shape[0]
-    is_q4 = fmt == "q4_0"
-    c = dict(cfg or config(fmt, d, n, a.device)["down"])
-    nw = c.pop("num_warps")
     if y is None:
         y = torch.zeros(d, dtype=torch.float32, device=a.device)
-    units = d // 32 if is_q4 else d
-    grid = (triton.cdiv(units, c["BK"]), triton.cdiv(n, c["CHUNK"]))
-    lst = torch.empty(grid[0] * grid[1] * c["CHUNK"], dtype=torch.int32, device=a.device)
-    words = _words(fmt, d, c)
+    c, grid, lst, words = _down_launch(fmt, d, n, cfg, a.device)
     wv, rs = _rows_view(fmt, w, words)
-    LAST["down"] = _axpy_kernel[grid](a, wv, y, lst, n, d, d // 32, rs, IS_Q4=is_q4, WORDS=words,
-                                      num_warps=nw, **c)
+    LAST["down"] = _axpy_kernel[grid](a, wv, y, lst, n, d, d // 32, rs, a, a, a, a, 0, 0,
+                                      SLOT=False, HAS_RW=False, **c)
+    return y
+
+
+def down_slots(fmt: str, d: int, wt: RowTable, a: torch.Tensor, a_stride: int, y: torch.Tensor,
+               y_stride: int, sel: torch.Tensor, rw: torch.Tensor | None = None,
+               cfg: dict | None = None) -> torch.Tensor:
+    """Device-selected axpy: for slot s (e = sel[s]) y[s*y_stride : +d] += rw[s] * sum_j
+    a[s*a_stride + j] * W_e[j] over expert e's rows with a != 0 (y_stride 0: every slot into one
+    y [d]; a_stride 0: one a for every slot; rw None: weight 1). y f32, zeroed by the caller."""
+    k = sel.numel()
+    c, grid, lst, _ = _down_launch(fmt, d, wt.n_max, cfg, a.device, k)
+    LAST["down_slots"] = _axpy_kernel[(*grid, k)](
+        a, wt.like, y, lst, 0, d, d // 32, wt.rs, sel, wt.ptr, wt.cnt,
+        rw if rw is not None else a, a_stride, y_stride, SLOT=True, HAS_RW=rw is not None, **c)
     return y
 
 
