@@ -19,6 +19,14 @@ that A[l+1] copies to the device (H2D inside the graph). When the choices are to
 (C(E, k) > MAX_GROUPS), P and H are captured per expert instead. Buffers are static; the KV cache
 is a static [capacity] cache and attention reads all of it under a position mask.
 
+Fused MoE layers (select_on_device, the default where every predictor is on the device): the
+experts are chosen on the device, so A, the chosen experts' predictors and hot halves are ONE
+segment (seg_layer): the kernels read the router's ids and find the experts' rows through address
+tables (kernels.gpu.HotSlots, the predictors' `slots`); the k chosen masks go to the host and an
+event recorded inside the graph (external) marks that point. Host, per layer: one replay; with
+cold rows, one wait on that event and ColdStep (masks per slot); without, nothing: the host
+replays the next layer at once.
+
 The same code runs without capture (graphs=False): on the cpu device that is how CI tests the
 logic against the plain decode path.
 
@@ -83,10 +91,12 @@ def attn_step(hp, ya, yc, an_w, fn_w, eps: float, q, k, v, o, qb, kb, vb, ob, co
 
 class GraphDecoder:
     def __init__(self, model: Transformer, capacity: int, graphs: bool | None = None,
-                 fuse: bool | None = None):
+                 fuse: bool | None = None, select_on_device: bool | None = None):
         """graphs: capture CUDA graphs (default: on cuda). fuse: torch.compile segment A's
         arithmetic (attn_step; default: with graphs, unless HYBRIDINFER_NO_COMPILE=1); a failed
-        compilation falls back to the plain function with a warning."""
+        compilation falls back to the plain function with a warning. select_on_device: MoE
+        layers whose predictors are on the device (or absent) run as one segment, the experts
+        chosen on the device (default on, unless HYBRIDINFER_HOST_SELECT=1)."""
         self.m, cfg = model, model.cfg
         # the device as tensors report it (cuda:0, not cuda): compared with weights' devices
         self.dev, self.dt = model.blocks[0].attn.q.device, model.embed.dtype
@@ -117,14 +127,22 @@ class GraphDecoder:
         self.w_full = [torch.zeros(max(cfg.num_experts, 1), device=dev) for _ in range(L)]
         self.ids_host = [host(k, dtype=torch.long) if self.moe[i] else None for i in range(L)]
         self.w_host = [host(k) if self.moe[i] else None for i in range(L)]
+        # per-layer tables, so that a step does lookups, not isinstance/device checks
+        self._fm = [dict(self._ffns(l)) for l in range(L)]
+        if select_on_device is None:
+            select_on_device = os.environ.get("HYBRIDINFER_HOST_SELECT", "") in ("", "0")
+        self._fused = [select_on_device and self._can_fuse(l) for l in range(L)]
         self.mask, self.mask_host = {}, {}
+        self.mslot, self.mslot_host = {}, {}            # fused layers: the chosen experts' masks
+        self._hs, self._ps = {}, {}
         for l, blk in enumerate(model.blocks):
+            if self._fused[l]:
+                self._fuse(l, host)
+                continue
             for e, f in self._ffns(l):
                 if isinstance(f, HybridFFN) and f.sparsity == "predictor":
                     self.mask[(l, e)] = torch.zeros(f.n_ff, dtype=torch.bool, device=dev)
                     self.mask_host[(l, e)] = host(f.n_ff, dtype=torch.bool)
-        # per-layer tables, so that a step does lookups, not isinstance/device checks
-        self._fm = [dict(self._ffns(l)) for l in range(L)]
         self._gpu_pred = {k for k in self.mask if self._pred_on_gpu(self._fm[k[0]][k[1]])}
         self._cpu_pred = set(self.mask) - self._gpu_pred
         self._cold = {(l, e) for l in range(L) for e, f in self._fm[l].items()
@@ -133,6 +151,10 @@ class GraphDecoder:
         self._coldstep = [self._cold_step(l) for l in range(L)]
         cuda = self.dev.type == "cuda"
         self._ev = [(torch.cuda.Event(), torch.cuda.Event()) if cuda else (None, None) for _ in range(L)]
+        # fused layers: recorded inside the layer's graph once u, the choice and the masks are on
+        # the host (an event record node: the host waits for that point, the hot halves go on)
+        self._evx = [torch.cuda.Event(external=True) if cuda and self._fused[l] else None
+                     for l in range(L)]
         self._ev_out = torch.cuda.Event() if cuda else None      # xf on the host (lm_head on the CPU)
         # layer 0's "previous GPU/CPU halves": two distinct zero buffers (aliased arguments would
         # make torch.compile specialise layer 0 apart from the others)
@@ -153,7 +175,8 @@ class GraphDecoder:
         self._graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
         if self.graphs:
             self._capture()
-        self._A = [self._call(("A", l), self.seg_attn, l) for l in range(L)]
+        self._A = [self._call(("A", l), self.seg_layer if self._fused[l] else self.seg_attn, l)
+                   for l in range(L)]
         self._F = self._call(("F",), self.seg_final)
         self._plans: list[dict] = [{} for _ in range(L)]
 
@@ -179,6 +202,31 @@ class GraphDecoder:
             return list(combinations(es, self.m.cfg.experts_per_token))
         return [(e,) for e in es]
 
+    def _can_fuse(self, l: int) -> bool:
+        """Whether MoE layer l can choose its experts on the device: hybrid experts, every
+        predictor (if any) on the device with a device-selected form, hot halves likewise."""
+        from .kernels.gpu import HotSlots
+        fs = list(self._fm[l].values())
+        if not self.moe[l] or not all(isinstance(f, HybridFFN) for f in fs):
+            return False
+        preds = [f.predictor for f in fs if f.sparsity == "predictor"]
+        if preds and (len(preds) != len(fs) or not all(self._pred_on_gpu(f) for f in fs)
+                      or not hasattr(type(preds[0]), "slots")
+                      or len({type(p) for p in preds}) != 1):
+            return False
+        return HotSlots.supported([f.hot for f in fs], self.dev)
+
+    def _fuse(self, l: int, host) -> None:
+        """Layer l's device-selected parts: hot halves, predictors, per-slot mask buffers."""
+        from .kernels.gpu import HotSlots
+        fs = [self._fm[l][e] for e in sorted(self._fm[l])]
+        k, f0 = self.m.cfg.experts_per_token, fs[0]
+        self._hs[l] = HotSlots([f.hot for f in fs], k, f0.activation, f0.threshold, self.dev)
+        if f0.sparsity == "predictor":
+            self._ps[l] = type(f0.predictor).slots([f.predictor for f in fs], k, self.dev)
+            self.mslot[l] = torch.zeros(k, f0.n_ff, dtype=torch.bool, device=self.dev)
+            self.mslot_host[l] = host(k, f0.n_ff, dtype=torch.bool)
+
     def _cold_step(self, l: int):
         """The native per-step cold half of layer l, bound to its pinned buffers (None: no cold rows)."""
         from .kernels import cpu
@@ -193,7 +241,8 @@ class GraphDecoder:
         ffn, neurons, masks = zip(*items)
         sel, w = (self.ids_host[l], self.w_host[l]) if self.moe[l] else (None, None)
         return cpu.ColdStep(ffn, neurons, masks, self.u_host[l][0], self.ycpu_host[l][0], sel, w,
-                            f0.activation, f0.threshold, exact=f0.sparsity == "exact")
+                            f0.activation, f0.threshold, exact=f0.sparsity == "exact",
+                            slot_masks=self.mslot_host.get(l))
 
     # ---- the segments (plain functions of the static buffers) ---------------------------------
     def seg_attn(self, l: int) -> None:
@@ -219,6 +268,20 @@ class GraphDecoder:
             self.w_host[l].copy_(w, non_blocking=True)
         elif (l, -1) in self._gpu_pred:
             self.seg_predict(l, (-1,))
+        return uf, ids, w
+
+    def seg_layer(self, l: int) -> None:
+        """A fused MoE layer: segment A, then the chosen experts' predictors and hot halves with
+        the choice read on the device (no host round trip); the masks go to the host before the
+        hot halves, and evx[l] marks that point for the host's cold half."""
+        uf, ids, w = self.seg_attn(l)
+        mask = self.mslot.get(l)
+        if mask is not None:
+            self._ps[l].masks(uf, ids, mask)
+            self.mslot_host[l].copy_(mask, non_blocking=True)                          # D2H
+        if self._evx[l] is not None:
+            self._evx[l].record()
+        self._hs[l].run(self.u[l], ids, w, mask, self.yacc[l])
 
     def seg_predict(self, l: int, g: tuple[int, ...]) -> None:
         """The masks of the experts in g whose predictor is on the GPU."""
@@ -306,6 +369,13 @@ class GraphDecoder:
             self.x0_host.copy_(m.embed[token])
             self.x0.copy_(self.x0_host, non_blocking=True)
         for l in range(m.cfg.num_layers):
+            if self._fused[l]:                  # one replay; a wait only when there are cold rows
+                self._A[l]()
+                cs = self._coldstep[l]
+                if cs is not None:
+                    self._wait(self._evx[l])
+                    cs.run()
+                continue
             ev_ids, ev_ready = self._ev[l]
             self._A[l]()
             synced = False
@@ -343,6 +413,9 @@ class GraphDecoder:
     # ---- capture ------------------------------------------------------------------------------
     def _segments(self):
         for l in range(self.m.cfg.num_layers):
+            if self._fused[l]:
+                yield ("A", l), self.seg_layer, (l,)
+                continue
             yield ("A", l), self.seg_attn, (l,)
             fm = self._fm[l]
             for g in self._all_groups(l):

@@ -51,6 +51,49 @@ class Predictor(nn.Module):
         """Boolean mask [n, n_ff] of the neurons predicted to fire."""
         return self(x) > self.threshold
 
+    @staticmethod
+    def slots(preds: list["Predictor"], k: int, device) -> "PredictorSlots":
+        """The masks of a layer's experts' predictors with the experts chosen on the device."""
+        return PredictorSlots(preds, k, device)
+
+
+_FLOAT_FMT = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
+
+
+class PredictorSlots:
+    """masks(x, sel, out): out[s] = predictor sel[s]'s mask of x (bool [k, n_ff]), with sel the
+    router's choice on the device (the graph decoder's fused layer). CUDA, float weights: two
+    device-selected GEMV launches (Triton, address tables) for all slots, fc1 [rank, d] then fc2
+    [n_ff, rank] over relu; elsewhere (the cpu device, packed CPU rows) a loop over the slots."""
+
+    def __init__(self, preds: list[Predictor], k: int, device):
+        self.preds = preds
+        self.tk = None
+        p0 = preds[0]
+        fmt = _FLOAT_FMT.get(getattr(p0.fc1, "dtype", None))
+        if torch.device(device).type == "cuda" and fmt is not None:
+            from .kernels import triton_ffn as tk
+            self.tk, self.fmt = tk, fmt
+            rank, d = p0.fc1.shape
+            self.d, self.rank = d, rank
+            self.t1 = tk.RowTable.build(fmt, d, [p.fc1 for p in preds], device)
+            self.t2 = tk.RowTable.build(fmt, rank, [p.fc2 for p in preds], device)
+            self.h = torch.zeros(k, rank, device=device)
+            self.s = torch.zeros(k, p0.fc2.shape[0], device=device)
+            self.thr = torch.tensor([p.threshold for p in preds], device=device)
+
+    def masks(self, x: torch.Tensor, sel: torch.Tensor, out: torch.Tensor) -> None:
+        """x [1, d] (any float dtype), sel int64 [k], out bool [k, n_ff] (written)."""
+        if self.tk is None:
+            for s, e in enumerate(sel.tolist()):                 # the cpu device: no sync
+                p = self.preds[e]
+                out[s] = host_active(p, x.float())[0]
+            return
+        self.tk.matvec_slots(self.fmt, self.d, self.t1, x[0], 0, self.h, sel)
+        self.h.relu_()
+        self.tk.matvec_slots(self.fmt, self.rank, self.t2, self.h, self.rank, self.s, sel)
+        torch.gt(self.s, self.thr.index_select(0, sel)[:, None], out=out)
+
 
 def predictor_device(pred, default: torch.device) -> torch.device:
     """Where a predictor computes: its weights' device (fc1), its `device` attribute, or `default`."""

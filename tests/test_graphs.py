@@ -19,9 +19,15 @@ CASES = [("TurboSparseMixtralForCausalLM", "predictor", "mixed"),
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("select_on_device", [True, False])
 @pytest.mark.parametrize("arch,sparsity,placement", CASES)
-def test_graph_decoder_equals_plain_decode(tmp_path, arch, sparsity, placement, device):
-    _check_against_plain(tmp_path, arch, sparsity, placement, device)
+def test_graph_decoder_equals_plain_decode(tmp_path, arch, sparsity, placement, device,
+                                           select_on_device):
+    """select_on_device: MoE layers as one segment each, the experts chosen on the device
+    (HotSlots, the predictors' slots, ColdStep's slot masks), or chosen by the host."""
+    gd = _check_against_plain(tmp_path, arch, sparsity, placement, device,
+                              select_on_device=select_on_device)
+    assert any(gd._fused) == (select_on_device and arch.startswith("TurboSparseMixtral"))
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
@@ -36,7 +42,8 @@ def test_graph_decoder_per_expert_segments(tmp_path, monkeypatch, device):
     """Too many expert choices to capture one graph each: P and H per expert instead."""
     from hybridinfer import graphs
     monkeypatch.setattr(graphs, "MAX_GROUPS", 1)
-    gd = _check_against_plain(tmp_path, "TurboSparseMixtralForCausalLM", "predictor", "mixed", device)
+    gd = _check_against_plain(tmp_path, "TurboSparseMixtralForCausalLM", "predictor", "mixed", device,
+                              select_on_device=False)
     assert not any(gd._grouped)
 
 
@@ -58,14 +65,15 @@ def test_graph_decoder_compiled_attention_step(tmp_path, gpu_fmt):
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
 
 
-def _check_against_plain(tmp_path, arch, sparsity, placement, device, fuse=None, **opts) -> GraphDecoder:
+def _check_against_plain(tmp_path, arch, sparsity, placement, device, fuse=None,
+                         select_on_device=None, **opts) -> GraphDecoder:
     folder, _, _ = write_model(tmp_path / "m", arch, seed=51, sliding_window=5)
     from hybridinfer.config import ModelConfig
     hot = placements(ModelConfig.from_dir(folder), seed=52)[placement]
     llm = hybrid(folder, hot, torch.device(device), sparsity=sparsity, **opts)
     ids = random_ids(12, seed=53)
     ref_cache = llm.model.new_cache(16)
-    gd = GraphDecoder(llm.model, 16, fuse=fuse)
+    gd = GraphDecoder(llm.model, 16, fuse=fuse, select_on_device=select_on_device)
     with torch.inference_mode():
         ref = [prefill(llm.model, ids[:3], ref_cache)]
         ref += [decode_one_token(llm.model, t, ref_cache) for t in ids[3:]]

@@ -89,6 +89,11 @@ class SynthPredictor(nn.Module):
         fc2t = quant.unpack(gguf(self.fc2t), FMT, self.n_ff)      # [rank, n_ff]
         return torch.relu(x @ fc1t) @ fc2t
 
+    @staticmethod
+    def slots(preds: list["SynthPredictor"], k: int, device) -> "SynthSlots":
+        """The masks of a layer's experts' predictors with the experts chosen on the device."""
+        return SynthSlots(preds, k, device)
+
     def active(self, x: torch.Tensor) -> torch.Tensor:
         dev = x.device
         if dev != self.device:                     # a CPU predictor in a GPU model: one round trip
@@ -109,3 +114,40 @@ class SynthPredictor(nn.Module):
             mask = torch.rand(x.shape[0], self.n_ff, device=self.device) < self.p
             mask &= s == s
         return mask.to(dev, non_blocking=True) if dev != self.device else mask
+
+
+class SynthSlots:
+    """masks(x, sel, out): out[s] = SynthPredictor sel[s]'s mask (bool [k, n_ff]) with sel the
+    router's choice on the device (the graph decoder's fused layer). CUDA: the scores by two
+    device-selected axpy launches for all slots (fc1^T with x shared, fc2^T over relu), the mask
+    sampled from the chosen experts' firing probabilities; elsewhere a loop over the slots."""
+
+    def __init__(self, preds: list[SynthPredictor], k: int, device):
+        self.preds = preds
+        self.tk = None
+        p0 = preds[0]
+        if torch.device(device).type == "cuda":
+            from ..kernels import triton_ffn as tk
+            self.tk = tk
+            self.t1 = tk.RowTable.build(FMT, p0.rank, [p.fc1t for p in preds], device)   # [d] rows
+            self.t2 = tk.RowTable.build(FMT, p0.n_ff, [p.fc2t for p in preds], device)   # [rank] rows
+            self.h = torch.zeros(k, p0.rank, device=device)
+            self.s = torch.zeros(k, p0.n_ff, device=device)
+            self.p = torch.stack([p.p for p in preds])                  # [E, n_ff] f32
+            self.k, self.n_ff = k, p0.n_ff
+
+    def masks(self, x: torch.Tensor, sel: torch.Tensor, out: torch.Tensor) -> None:
+        """x [1, d] float32, sel int64 [k], out bool [k, n_ff] (written)."""
+        if self.tk is None:
+            for s, e in enumerate(sel.tolist()):
+                out[s] = self.preds[e].active(x)[0]
+            return
+        p0 = self.preds[0]
+        self.h.zero_()
+        self.tk.down_slots(FMT, p0.rank, self.t1, x[0].float(), 0, self.h, p0.rank, sel)
+        self.h.relu_()
+        self.s.zero_()
+        self.tk.down_slots(FMT, p0.n_ff, self.t2, self.h, p0.rank, self.s, p0.n_ff, sel)
+        torch.lt(torch.rand(self.k, self.n_ff, device=self.s.device), self.p.index_select(0, sel),
+                 out=out)
+        out &= self.s == self.s                 # all-true; keeps the scores a real input

@@ -89,6 +89,58 @@ class HotFFN:
                      for t in (self.gate, self.up, self.down_t))
 
 
+class HotSlots:
+    """The hot halves of one MoE layer's experts with the experts chosen on the device (the
+    graph decoder's fused layer: no host round trip between the router and the hot halves).
+    run(x, sel, w, masks, y): y [1, d] f32 += sum over slots s of w[s] * hot_ffn(hots[sel[s]], x)
+    with expert sel[s]'s rows masked by masks[s] (bool [k, n_ff] over neurons, or None: all).
+    CUDA: two Triton launches for all slots (address tables, triton_ffn.RowTable); elsewhere
+    (the cpu device, how CI tests the decoder) a loop over the slots with hot_ffn."""
+
+    def __init__(self, hots: list, k: int, activation: str, threshold: float, device):
+        self.hots, self.k, self.act, self.thr = hots, k, activation, threshold
+        real = [h for h in hots if h is not None]
+        self.empty = not real
+        self.fmt = real[0].fmt if real else None
+        self.tk = None
+        if real and torch.device(device).type == "cuda":
+            self.tk = _triton()
+            if self.tk is None or not self.tk.supported(self.fmt):
+                raise ValueError(f"HotSlots: no device-selected kernels for {self.fmt} rows here")
+            d = real[0].d_model
+            self.d = d
+            rows = lambda name: [None if h is None else getattr(h, name) for h in hots]
+            self.gt, self.ut, self.dt = (self.tk.RowTable.build(self.fmt, d, rows(n), device)
+                                         for n in ("gate", "up", "down_t"))
+            self.it = self.tk.RowTable.build(None, d, [None if h is None else h.ids for h in hots], device)
+            self.a = torch.zeros(k, self.gt.n_max, device=device)     # activations per slot
+
+    @staticmethod
+    def supported(hots: list, device) -> bool:
+        """Whether these experts' hot halves can run device-selected on `device`."""
+        real = [h for h in hots if h is not None]
+        if not real or torch.device(device).type != "cuda":
+            return True
+        tk = _triton()
+        return tk is not None and tk.supported(real[0].fmt) and len({h.fmt for h in real}) == 1
+
+    def run(self, x: torch.Tensor, sel: torch.Tensor, w: torch.Tensor, masks: torch.Tensor | None,
+            y: torch.Tensor) -> None:
+        if self.empty:
+            return
+        if self.tk is not None:
+            self.tk.gate_up_slots(self.fmt, self.d, self.gt, self.ut, self.it, x[0], self.act,
+                                  self.thr, masks, sel, self.a)
+            self.tk.down_slots(self.fmt, self.d, self.dt, self.a, self.a.shape[1], y[0], 0, sel, w)
+            return
+        for s, e in enumerate(sel.tolist()):                     # the cpu device: no sync
+            h = self.hots[e]
+            if h is None:
+                continue
+            m = None if masks is None else masks[s][h.ids.long()]
+            y.add_(hot_ffn(h, x, self.act, self.thr, m).float() * w[s])
+
+
 def dequant(rows: torch.Tensor, fmt: str, d: int, dtype: torch.dtype,
             gpu_layout: bool = False) -> torch.Tensor:
     """Packed rows uint8 [n, row_bytes] -> [n, d] in dtype, on rows' device. q4_0 on CUDA: one
