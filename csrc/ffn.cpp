@@ -24,7 +24,7 @@ constexpr int kRows = 8;  // down rows handed to one axpy call (partial sums sta
 
 struct Scratch {
   std::vector<float> y;     // [b, d] private down accumulator
-  std::vector<float> g, u;  // [b]
+  std::vector<float> gu;    // [2, b]: gate dots, then up dots
   std::vector<float> coef;  // [kRows, b]
   bool used = false;
 };
@@ -147,7 +147,7 @@ void prepare_scratch(int T, int b, int d, bool need_y) {
   for (int t = 0; t < T; ++t) {
     Scratch& s = g_scr[size_t(t)];
     if (need_y && s.y.size() < size_t(b) * d) s.y.resize(size_t(b) * d);
-    s.g.resize(size_t(b)); s.u.resize(size_t(b)); s.coef.resize(size_t(kRows) * b);
+    s.gu.resize(size_t(2) * b); s.coef.resize(size_t(kRows) * b);
     s.used = false;
   }
 }
@@ -204,31 +204,44 @@ void ffn_sparse_multi(const FFNDesc* ffns, int E, const float* x, int b,
     const size_t rb = row_bytes(f.fmt, d);
     const DotFn dot = K.dot[int(f.fmt)];
     const AxpyFn axpy = K.axpy[int(f.fmt)];
+    // One token, every id's rows read: gate and up in one pass (null: two dots).
+    const Dot2Fn dot2 = (b == 1 && !exact) ? K.dot2[int(f.fmt)] : nullptr;
     Scratch& s = g_scr[size_t(tid)];
     float* acc = acc_of(tid, size_t(b) * d);
     const uint8_t* rows[kRows];
     int np = 0;
+    float* g = s.gu.data();  // [b] gate, then [b] up
+    float* u = g + b;
     for (int64_t j = c.j0; j < c.j1; ++j) {
       const size_t off = size_t(ids[c.e][j]) * rb;
-      if (j + 1 < c.j1) {
-        const size_t nx = size_t(ids[c.e][j + 1]) * rb;
-        // Not the down row: it is read up to kRows ids later (axpy batches), by which time an
-        // early prefetch has been pushed out of L1 by the gate/up streams; leaving it to the
-        // axpy's own prefetch measured +13 % at 10 % density (q4_0), +2.5 % dense, f16 level.
-        prefetch_head(f.gate + nx, rb); prefetch_head(f.up + nx, rb);
+      const bool next = j + 1 < c.j1;
+      const size_t nx = next ? size_t(ids[c.e][j + 1]) * rb : 0;
+      if (dot2) {
+        // While gate and up are computed, the down row of this id (read by the axpy up to
+        // kRows ids later: L2 keeps it, L1 would not) and the next id's gate and up rows
+        // stream into L2 (q4_0 dense, 1 thread: 10.8-11.3 -> 8.8-9.0 ms, docs/KERNELS.md).
+        const uint8_t* pf[3] = {f.down + off, f.gate + nx, f.up + nx};
+        dot2(f.gate + off, f.up + off, xp, g, pf, next ? 3 : 1);
+      } else {
+        if (next) {
+          // Not the down row: it is read up to kRows ids later (axpy batches), by which time an
+          // early prefetch has been pushed out of L1 by the gate/up streams; leaving it to the
+          // axpy's own prefetch measured +13 % at 10 % density (q4_0), +2.5 % dense, f16 level.
+          prefetch_head(f.gate + nx, rb); prefetch_head(f.up + nx, rb);
+        }
+        dot(f.gate + off, xp, g);
+        if (exact) {
+          bool any = false;
+          for (int t = 0; t < b; ++t) any |= gate_fires(act, g[t], thr);
+          if (!any) continue;
+        }
+        dot(f.up + off, xp, u);
       }
-      dot(f.gate + off, xp, s.g.data());
-      if (exact) {
-        bool any = false;
-        for (int t = 0; t < b; ++t) any |= gate_fires(act, s.g[size_t(t)], thr);
-        if (!any) continue;
-      }
-      dot(f.up + off, xp, s.u.data());
       float* co = s.coef.data() + size_t(np) * b;
       bool nz = false;
       for (int t = 0; t < b; ++t) {
         const float sc = scales ? scales[size_t(c.e) * b + t] : 1.f;
-        co[t] = activate(act, s.g[size_t(t)], s.u[size_t(t)], thr) * sc;
+        co[t] = activate(act, g[t], u[t], thr) * sc;
         nz |= co[t] != 0.f;
       }
       if (exact && !nz) continue;
@@ -260,12 +273,14 @@ void gate_up_sparse(const FFNDesc& f, const float* x, int b, const int32_t* ids,
         const size_t nx = size_t(ids[j + 1]) * rb;
         prefetch_head(f.gate + nx, rb); prefetch_head(f.up + nx, rb);
       }
-      dot(f.gate + off, xp, s.g.data());
+      float* g = s.gu.data();
+      float* u = g + b;
+      dot(f.gate + off, xp, g);
       bool any = !exact;
-      for (int t = 0; t < b && !any; ++t) any = gate_fires(act, s.g[size_t(t)], thr);
-      if (any) dot(f.up + off, xp, s.u.data());
+      for (int t = 0; t < b && !any; ++t) any = gate_fires(act, g[t], thr);
+      if (any) dot(f.up + off, xp, u);
       for (int t = 0; t < b; ++t)
-        a[size_t(t) * k + j] = any ? activate(act, s.g[size_t(t)], s.u[size_t(t)], thr) : 0.f;
+        a[size_t(t) * k + j] = any ? activate(act, g[t], u[t], thr) : 0.f;
     }
   }, size_t(k) * 2 * rb);
 }
@@ -317,7 +332,7 @@ void linear(Fmt fmt, int d, int n, const uint8_t* w, const float* x, int b, floa
   // chunks of contiguous rows (4..64): the next row's head is prefetched, the rest of a row by
   // the kernel itself
   auto body = [&](int tid, const Chunk& c) {
-    float* out = g_scr[size_t(tid)].g.data();   // [b]
+    float* out = g_scr[size_t(tid)].gu.data();   // [b]
     for (int64_t r = c.j0; r < c.j1; ++r) {
       if (r + 1 < c.j1) prefetch_head(w + size_t(r + 1) * rb, rb);
       dot(w + size_t(r) * rb, xp, out);

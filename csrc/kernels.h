@@ -57,6 +57,13 @@ struct XPrep {
 
 // out[t] = row . x_t for t < b.     row: one packed row of d values (d % 32 == 0 for Q*).
 using DotFn = void (*)(const uint8_t* row, const XPrep& x, float* out);
+// Two rows (an id's gate and up) in one pass: out[t] = row_a . x_t, out[b + t] = row_b . x_t.
+// While it computes, the kernel prefetches the npf rows pf[q] (each row_bytes(F, d) long) into
+// L2, spread evenly over the pass: the driver passes the id's down row and the next id's gate
+// and up rows, so their reads overlap this compute instead of following it (docs/KERNELS.md,
+// "Memory behaviour"). A table may leave a format's entry null: the driver then calls dot twice.
+using Dot2Fn = void (*)(const uint8_t* row_a, const uint8_t* row_b, const XPrep& x, float* out,
+                        const uint8_t* const* pf, int npf);
 // y[t, :] += coef[r * b + t] * row_r  for r < nrows, t < b.   y: [b, d] f32.
 // Several rows per call let the AVX2 kernel keep partial sums in registers.
 // q4_0: the rows go in groups of kAxpyGroup (rows [0, 8), [8, 16), ... of the call); per group,
@@ -78,6 +85,7 @@ struct Kernels {
   AxpyFn axpy[kNumFmts];
   QuantizeFn quantize_q8;
   ReadSumFn read_sum;
+  Dot2Fn dot2[kNumFmts];  // null where a format has none (then the driver calls dot twice)
 };
 
 const Kernels& ref_kernels();     // kernels_ref.cpp (always built)
@@ -107,6 +115,6 @@ inline size_t row_bytes(Fmt f, int d) {
   }
   return 0;
 }
-inline bool is_quant(Fmt f) { return f == Fmt::Q8_0 || f == Fmt::Q4_0; }
+constexpr bool is_quant(Fmt f) { return f == Fmt::Q8_0 || f == Fmt::Q4_0; }
 
 }  // namespace hi

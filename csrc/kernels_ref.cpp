@@ -85,6 +85,19 @@ void dot_quant(const uint8_t* row, const XPrep& x, float* out) {
   }
 }
 
+// Gate and up of one id: two dots (the pf rows are a prefetch hint, not needed here).
+template <Fmt F>
+void dot2(const uint8_t* row_a, const uint8_t* row_b, const XPrep& x, float* out,
+          const uint8_t* const*, int) {
+  if constexpr (is_quant(F)) {
+    dot_quant<F>(row_a, x, out);
+    dot_quant<F>(row_b, x, out + x.b);
+  } else {
+    dot_float<F>(row_a, x, out);
+    dot_float<F>(row_b, x, out + x.b);
+  }
+}
+
 // Value j of block blk (without its scale).
 template <Fmt F>
 inline float qval(const uint8_t* blk, int j) {
@@ -176,6 +189,7 @@ const Kernels kRef = {
     {axpy<Fmt::F32>, axpy<Fmt::F16>, axpy<Fmt::BF16>, axpy<Fmt::Q8_0>, axpy<Fmt::Q4_0>},
     quantize_q8,
     read_sum,
+    {dot2<Fmt::F32>, dot2<Fmt::F16>, dot2<Fmt::BF16>, dot2<Fmt::Q8_0>, dot2<Fmt::Q4_0>},
 };
 
 }  // namespace
