@@ -43,7 +43,7 @@ from itertools import combinations
 import torch
 
 from .ffn import HybridFFN, HybridMoE, MoE, route
-from .model import KVCache, Transformer, apply_rope, linear, rms_norm
+from .model import KVCache, Transformer, apply_rope, linear, qkv_projections, rms_norm
 from .kernels.cpu import PackedLinear
 from .kernels.gpu import SyncCounter
 from .predictor import host_active, predictor_device
@@ -51,7 +51,7 @@ from .predictor import host_active, predictor_device
 MAX_GROUPS = 64        # expert choices per layer captured as one graph each (else per expert)
 
 
-def attn_step(hp, ya, yc, an_w, fn_w, eps: float, q, k, v, o, qb, kb, vb, ob, cos_t, sin_t,
+def attn_step(hp, ya, yc, an_w, fn_w, eps: float, q, k, v, o, qb, kb, vb, ob, qkv, cos_t, sin_t,
               pos, kpos, K, V, router, top_k: int, H: int, KV: int, hd: int, window: int,
               h_out, u_out, yacc_out, wfull_out):
     """Segment A's arithmetic for one token, a pure function of tensors (so torch.compile fuses
@@ -63,9 +63,8 @@ def attn_step(hp, ya, yc, an_w, fn_w, eps: float, q, k, v, o, qb, kb, vb, ob, co
     Returns u as float32 [1, d] and (router) ids [k], weights f32 [k] for the host copies."""
     x = (hp.float() + ya + yc).to(hp.dtype)
     xn = rms_norm(x, an_w, eps)
-    qq = linear(xn, q, qb).view(1, H, 1, hd)
-    kk = linear(xn, k, kb).view(1, KV, 1, hd)
-    vv = linear(xn, v, vb).view(1, KV, 1, hd)
+    qq, kk, vv = qkv_projections(xn, q, k, v, qb, kb, vb, qkv)
+    qq, kk, vv = qq.reshape(1, H, 1, hd), kk.reshape(1, KV, 1, hd), vv.reshape(1, KV, 1, hd)
     cos, sin = cos_t.index_select(0, pos), sin_t.index_select(0, pos)                  # [1, hd]
     qq, kk = apply_rope(qq, cos, sin), apply_rope(kk, cos, sin)
     K.index_copy_(2, pos, kk)
@@ -258,7 +257,7 @@ class GraphDecoder:
         router = f.router if self.moe[l] else None
         uf, ids, w = self._attn(
             *parts, blk.attn_norm.weight, blk.ffn_norm.weight, blk.attn_norm.eps, a.q, a.k, a.v,
-            a.o, a.qb, a.kb, a.vb, a.ob, m.cos, m.sin, self.pos, self.kpos, self.cache.k[l],
+            a.o, a.qb, a.kb, a.vb, a.ob, a.qkv, m.cos, m.sin, self.pos, self.kpos, self.cache.k[l],
             self.cache.v[l], router, cfg.experts_per_token, cfg.num_heads, cfg.num_kv_heads,
             cfg.head_dim, cfg.sliding_window or 0, self.h[l], self.u[l], self.yacc[l],
             self.w_full[l])

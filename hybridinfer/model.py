@@ -65,6 +65,17 @@ class KVCache:
         self.length = 0
 
 
+def qkv_projections(x, q, k, v, qb, kb, vb, qkv=None):
+    """x [..., d] -> (q, k, v) projections (+ biases); qkv: the three weights fused (one linear,
+    then split), else three linears. A plain function: torch.compile traces it in attn_step."""
+    if qkv is None:
+        return linear(x, q, qb), linear(x, k, kb), linear(x, v, vb)
+    y = linear(x, qkv)
+    q_, k_, v_ = y.split([q.out_features, k.out_features, v.out_features], dim=-1)
+    return (q_ if qb is None else q_ + qb, k_ if kb is None else k_ + kb,
+            v_ if vb is None else v_ + vb)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, w: dict[str, torch.Tensor]):
         super().__init__()
@@ -72,13 +83,22 @@ class Attention(nn.Module):
         # [h*hd, d] ... [d, h*hd]: torch tensors, PackedLinear or DeviceLinear (see `linear`)
         self.q, self.k, self.v, self.o = w["q"], w["k"], w["v"], w["o"]
         self.qb, self.kb, self.vb, self.ob = w.get("qb"), w.get("kb"), w.get("vb"), w.get("ob")
+        # q, k, v as views of one packed matrix (kernels.gpu.fuse_rows): one GEMV for the three
+        self.qkv = None
+        if all(isinstance(t, gpu_kernels.DeviceLinear) for t in (self.q, self.k, self.v)):
+            self.qkv, (self.q, self.k, self.v) = gpu_kernels.fuse_rows([self.q, self.k, self.v])
+
+    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [..., d] -> q [..., H*hd], k, v [..., KV*hd] (one launch when fused)."""
+        return qkv_projections(x, self.q, self.k, self.v, self.qb, self.kb, self.vb, self.qkv)
 
     def forward(self, x, layer, cache: KVCache, cos, sin, mask) -> torch.Tensor:
         """x [b, t, d] -> [b, t, d]; writes K/V at positions cache.length .. +t."""
         c, (b, t, _) = self.cfg, x.shape
-        q = linear(x, self.q, self.qb).view(b, t, c.num_heads, c.head_dim).transpose(1, 2)
-        k = linear(x, self.k, self.kb).view(b, t, c.num_kv_heads, c.head_dim).transpose(1, 2)
-        v = linear(x, self.v, self.vb).view(b, t, c.num_kv_heads, c.head_dim).transpose(1, 2)
+        q, k, v = self.project_qkv(x)
+        q = q.reshape(b, t, c.num_heads, c.head_dim).transpose(1, 2)
+        k = k.reshape(b, t, c.num_kv_heads, c.head_dim).transpose(1, 2)
+        v = v.reshape(b, t, c.num_kv_heads, c.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         start = cache.length
         cache.k[layer][:, :, start:start + t] = k

@@ -113,3 +113,17 @@ def test_logits_and_greedy_match_transformers(tmp_path, arch, extra):
     from hybridinfer.generate import GenerationConfig, generate_tokens
     ours = list(generate_tokens(llm.model, prompt, GenerationConfig(max_new_tokens=12, temperature=0)))
     assert ours == hf_new
+
+
+def test_route_matches_torch_topk():
+    """ffn.route's top k by k max reductions = Mixtral's rule with torch.topk (no ties in
+    random float logits), weights renormalised."""
+    from hybridinfer.ffn import route
+    g = torch.Generator().manual_seed(12)
+    for k in (1, 2, 3):
+        x, r = torch.randn(5, 16, generator=g), torch.randn(8, 16, generator=g)
+        w, ids = route(x, r, k)
+        p = torch.softmax(x @ r.T, dim=-1)
+        rw, rids = torch.topk(p, k, dim=-1)
+        assert torch.equal(ids, rids)
+        torch.testing.assert_close(w, rw / rw.sum(-1, keepdim=True))

@@ -173,3 +173,24 @@ def test_q4_gpu_row_layout_is_a_permutation_of_the_gguf_bytes():
     assert h.nbytes == ffn_rows_bytes(n, d, "q4_0")
     assert torch.equal(h.gate, r)                              # held in the GPU row layout
     torch.testing.assert_close(h._weights(torch.float32)[0], quant.unpack(p, "q4_0", d))
+
+
+def test_fused_qkv_rows_are_views_and_compute_the_same():
+    """kernels.gpu.fuse_rows: q, k, v as views of one packed matrix; the fused projection equals
+    the three separate ones (the dequantised path here; the GEMV on cuda in SCRIPT)."""
+    from hybridinfer.kernels.gpu import DeviceLinear, fuse_rows
+    from hybridinfer.model import qkv_projections
+    g = torch.Generator().manual_seed(11)
+    parts = [DeviceLinear.from_weight(torch.randn(n, 64, generator=g), "q4_0", "cpu") for n in (64, 32, 32)]
+    whole, views = fuse_rows(parts)
+    assert whole.out_features == 128 and whole.nbytes == sum(p.nbytes for p in parts)
+    for p, v in zip(parts, views):
+        assert torch.equal(p.weight, v.weight) and v.weight.data_ptr() >= whole.weight.data_ptr()
+    x = torch.randn(3, 64, generator=g)
+    bias = [torch.randn(n, generator=g) for n in (64, 32, 32)]
+    sep = qkv_projections(x, *parts, *bias)
+    fused = qkv_projections(x, *views, *bias, qkv=whole)
+    for a, b in zip(sep, fused):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="differ"):
+        fuse_rows([parts[0], DeviceLinear.from_weight(torch.randn(8, 96, generator=g), "q4_0", "cpu")])
