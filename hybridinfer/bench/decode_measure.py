@@ -82,15 +82,20 @@ def _sync(device):
 
 
 @torch.inference_mode()
-def decode(step, n: int, token: int = 1) -> list[float]:
+def decode(step, n: int, token: int = 1, waits: list | None = None) -> list[float]:
     """Decode n tokens with step(token) -> logits (greedy; the argmax is the real sync of
-    sampling), seconds per token."""
+    sampling), seconds per token; `waits` gets the seconds each token's argmax waited (the host
+    blocked until the device finished the token: a sync, not Python)."""
     out = []
     for _ in range(n):
         t = time.perf_counter()
         logits = step(token)
+        t1 = time.perf_counter()
         token = int(logits.argmax())
-        out.append(time.perf_counter() - t)
+        t2 = time.perf_counter()
+        out.append(t2 - t)
+        if waits is not None:
+            waits.append(t2 - t1)
     return out
 
 
@@ -230,9 +235,11 @@ def measure(built, warmup: int, tokens: int, prefill: int, context: int, profile
     decode(step, warmup)
     _sync(dev)
     secs = decode(step, tokens)
+    waits: list[float] = []
     with _Timers(model, dev) as tm:
-        inst = decode(step, tokens)
+        inst = decode(step, tokens, waits=waits)
         _sync(dev)
+    tm.sync += sum(waits)
     prof = profiled(step, profile_tokens, dev)
     wall = statistics.median(secs)
     cpu_s = tm.cpu / tokens
