@@ -329,11 +329,21 @@ void linear(Fmt fmt, int d, int n, const uint8_t* w, const float* x, int b, floa
   const size_t rb = row_bytes(fmt, d);
   const DotFn dot = K.dot[int(fmt)];
   const int64_t rows = n;
+  // One token (q8_0 / q4_0): rows in pairs through dot2, which streams the next pair into L2
+  // while it computes (as the FFN's gate/up).
+  const Dot2Fn dot2 = b == 1 ? K.dot2[int(fmt)] : nullptr;
   // chunks of contiguous rows (4..64): the next row's head is prefetched, the rest of a row by
   // the kernel itself
   auto body = [&](int tid, const Chunk& c) {
-    float* out = g_scr[size_t(tid)].gu.data();   // [b]
-    for (int64_t r = c.j0; r < c.j1; ++r) {
+    float* out = g_scr[size_t(tid)].gu.data();   // [2b]
+    int64_t r = c.j0;
+    for (; dot2 && r + 2 <= c.j1; r += 2) {
+      const uint8_t* pf[2] = {w + size_t(r + 2) * rb, w + size_t(r + 3) * rb};
+      dot2(w + size_t(r) * rb, w + size_t(r + 1) * rb, xp, out, pf, int(std::min<int64_t>(2, c.j1 - r - 2)));
+      y[size_t(r)] = out[0];
+      y[size_t(r) + 1] = out[1];
+    }
+    for (; r < c.j1; ++r) {
       if (r + 1 < c.j1) prefetch_head(w + size_t(r + 1) * rb, rb);
       dot(w + size_t(r) * rb, xp, out);
       for (int t = 0; t < b; ++t) y[size_t(t) * n + size_t(r)] = out[t];
