@@ -83,10 +83,8 @@ class Attention(nn.Module):
         # [h*hd, d] ... [d, h*hd]: torch tensors, PackedLinear or DeviceLinear (see `linear`)
         self.q, self.k, self.v, self.o = w["q"], w["k"], w["v"], w["o"]
         self.qb, self.kb, self.vb, self.ob = w.get("qb"), w.get("kb"), w.get("vb"), w.get("ob")
-        # q, k, v as views of one packed matrix (kernels.gpu.fuse_rows): one GEMV for the three
-        self.qkv = None
-        if all(isinstance(t, gpu_kernels.DeviceLinear) for t in (self.q, self.k, self.v)):
-            self.qkv, (self.q, self.k, self.v) = gpu_kernels.fuse_rows([self.q, self.k, self.v])
+        # q, k, v as views of one packed matrix (kernels.gpu.stacked_linears): one GEMV for all
+        self.qkv = w.get("qkv")
 
     def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [..., d] -> q [..., H*hd], k, v [..., KV*hd] (one launch when fused)."""
@@ -255,10 +253,20 @@ def build_model(cfg: ModelConfig, ckpt: Checkpoint, device: torch.device, dtype:
     for i in range(cfg.num_layers):
         p = layer_prefix(i)
         a = p + "self_attn."
-        w = {"q": lin(a + "q_proj.weight", (cfg.num_heads * hd, d)),
-             "k": lin(a + "k_proj.weight", (cfg.num_kv_heads * hd, d)),
-             "v": lin(a + "v_proj.weight", (cfg.num_kv_heads * hd, d)),
-             "o": lin(a + "o_proj.weight", (d, cfg.num_heads * hd))}
+        qkv = [(a + "q_proj.weight", (cfg.num_heads * hd, d)),
+               (a + "k_proj.weight", (cfg.num_kv_heads * hd, d)),
+               (a + "v_proj.weight", (cfg.num_kv_heads * hd, d))]
+        w = {"o": lin(a + "o_proj.weight", (d, cfg.num_heads * hd))}
+        if isinstance(w["o"], gpu_kernels.DeviceLinear) and d % quant.QK == 0:
+            # q, k, v stacked in one packed matrix (one GEMV), each a view of its rows
+            w["qkv"], views = gpu_kernels.stacked_linears(
+                [(lambda n=n, s=s: ckpt.get(n, s), s[0]) for n, s in qkv], d, gpu_linear_fmt, device)
+            for n, _ in qkv:
+                ckpt.release(n)
+            placed["attention"] = placed.get("attention", 0) + w["qkv"].nbytes
+            w.update(zip("qkv", views))
+        else:
+            w.update((key, lin(n, s)) for key, (n, s) in zip("qkv", qkv))
         if cfg.attention_bias:
             w.update(qb=get(a + "q_proj.bias", (cfg.num_heads * hd,)),
                      kb=get(a + "k_proj.bias", (cfg.num_kv_heads * hd,)),

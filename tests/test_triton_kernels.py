@@ -176,13 +176,14 @@ def test_q4_gpu_row_layout_is_a_permutation_of_the_gguf_bytes():
 
 
 def test_fused_qkv_rows_are_views_and_compute_the_same():
-    """kernels.gpu.fuse_rows: q, k, v as views of one packed matrix; the fused projection equals
-    the three separate ones (the dequantised path here; the GEMV on cuda in SCRIPT)."""
-    from hybridinfer.kernels.gpu import DeviceLinear, fuse_rows
+    """kernels.gpu.stacked_linears: q, k, v packed as views of one matrix; the fused projection
+    equals the three separate ones (the dequantised path here; the GEMV on cuda in SCRIPT)."""
+    from hybridinfer.kernels.gpu import DeviceLinear, stacked_linears
     from hybridinfer.model import qkv_projections
     g = torch.Generator().manual_seed(11)
-    parts = [DeviceLinear.from_weight(torch.randn(n, 64, generator=g), "q4_0", "cpu") for n in (64, 32, 32)]
-    whole, views = fuse_rows(parts)
+    ws = [torch.randn(n, 64, generator=g) for n in (64, 32, 32)]
+    parts = [DeviceLinear.from_weight(w, "q4_0", "cpu") for w in ws]
+    whole, views = stacked_linears([(lambda w=w: w, w.shape[0]) for w in ws], 64, "q4_0", "cpu")
     assert whole.out_features == 128 and whole.nbytes == sum(p.nbytes for p in parts)
     for p, v in zip(parts, views):
         assert torch.equal(p.weight, v.weight) and v.weight.data_ptr() >= whole.weight.data_ptr()
@@ -192,5 +193,5 @@ def test_fused_qkv_rows_are_views_and_compute_the_same():
     fused = qkv_projections(x, *views, *bias, qkv=whole)
     for a, b in zip(sep, fused):
         torch.testing.assert_close(a, b)
-    with pytest.raises(ValueError, match="differ"):
-        fuse_rows([parts[0], DeviceLinear.from_weight(torch.randn(8, 96, generator=g), "q4_0", "cpu")])
+    with pytest.raises(ValueError, match="expected"):
+        stacked_linears([(lambda: ws[0], 64), (lambda: torch.randn(8, 96), 8)], 64, "q4_0", "cpu")

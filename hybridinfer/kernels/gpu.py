@@ -219,21 +219,26 @@ class DeviceLinear(quant.PackedRows):
         return cls(fmt, w.shape[1], w.shape[0], q4_rows_to_gpu(rows))
 
 
-def fuse_rows(parts: list[DeviceLinear]) -> tuple[DeviceLinear, list[DeviceLinear]]:
-    """Linear layers on the same input (attention's q, k, v) as one DeviceLinear whose rows are
-    theirs stacked, and each part again as a view of its rows: one GEMV launch reads all three
-    (k and v alone are too few rows to fill the GPU: 0.15 of its copy bandwidth at 1024 x 4096)."""
-    if len({(p.fmt, p.in_features) for p in parts}) != 1:
-        raise ValueError("fuse_rows: the parts differ in format or input size")
-    p0 = parts[0]
-    whole = DeviceLinear(p0.fmt, p0.in_features, sum(p.out_features for p in parts),
-                         torch.cat([p.weight for p in parts]))
+def stacked_linears(parts: list, in_features: int, fmt: str,
+                    device) -> tuple[DeviceLinear, list[DeviceLinear]]:
+    """Linear layers on the same input (attention's q, k, v) packed into ONE DeviceLinear whose
+    rows are theirs stacked, each part a view of its rows: one GEMV launch reads all three (k
+    and v alone are too few rows to fill the GPU: 0.15 of its copy bandwidth at 1024 x 4096).
+    parts: (get, out_features) with get() the float weight [out, in_features] (host or device),
+    fetched and packed one at a time into the one allocation (transient copies of the others
+    fragmented a full VRAM budget)."""
+    rb = quant.row_bytes(in_features, fmt)
+    whole = torch.empty(sum(n for _, n in parts), rb, dtype=torch.uint8, device=device)
     views, r = [], 0
-    for p in parts:
-        views.append(DeviceLinear(p.fmt, p.in_features, p.out_features,
-                                  whole.weight[r:r + p.out_features]))
-        r += p.out_features
-    return whole, views
+    for get, n in parts:
+        w = get()
+        if tuple(w.shape) != (n, in_features):
+            raise ValueError(f"stacked_linears: expected [{n}, {in_features}], got {tuple(w.shape)}")
+        whole[r:r + n] = q4_rows_to_gpu(quant.pack(w, fmt, device=w.device).to(device))
+        del w
+        views.append(DeviceLinear(fmt, in_features, n, whole[r:r + n]))
+        r += n
+    return DeviceLinear(fmt, in_features, r, whole), views
 
 
 def device_linear(x: torch.Tensor, m: DeviceLinear) -> torch.Tensor:
