@@ -217,11 +217,11 @@ void ffn_sparse_multi(const FFNDesc* ffns, int E, const float* x, int b,
       const bool next = j + 1 < c.j1;
       const size_t nx = next ? size_t(ids[c.e][j + 1]) * rb : 0;
       if (dot2) {
-        // While gate and up are computed, the down row of this id (read by the axpy up to
-        // kRows ids later: L2 keeps it, L1 would not) and the next id's gate and up rows
-        // stream into L2 (q4_0 dense, 1 thread: 10.8-11.3 -> 8.8-9.0 ms, docs/KERNELS.md).
-        const uint8_t* pf[3] = {f.down + off, f.gate + nx, f.up + nx};
-        dot2(f.gate + off, f.up + off, xp, g, pf, next ? 3 : 1);
+        // While gate and up are computed, the next id's gate and up rows stream into L1 and
+        // the down row of this id into L2 (read by the axpy up to kRows ids later: L2 keeps
+        // it, L1 would not). q4_0 dense, 1 thread: 10.8-11.3 -> 8.2-8.3 ms, docs/KERNELS.md.
+        dot2(f.gate + off, f.up + off, xp, g, next ? f.gate + nx : nullptr,
+             next ? f.up + nx : nullptr, f.down + off);
       } else {
         if (next) {
           // Not the down row: it is read up to kRows ids later (axpy batches), by which time an
@@ -329,7 +329,7 @@ void linear(Fmt fmt, int d, int n, const uint8_t* w, const float* x, int b, floa
   const size_t rb = row_bytes(fmt, d);
   const DotFn dot = K.dot[int(fmt)];
   const int64_t rows = n;
-  // One token (q8_0 / q4_0): rows in pairs through dot2, which streams the next pair into L2
+  // One token (q8_0 / q4_0): rows in pairs through dot2, which streams the next pair into L1
   // while it computes (as the FFN's gate/up).
   const Dot2Fn dot2 = b == 1 ? K.dot2[int(fmt)] : nullptr;
   // chunks of contiguous rows (4..64): the next row's head is prefetched, the rest of a row by
@@ -338,8 +338,9 @@ void linear(Fmt fmt, int d, int n, const uint8_t* w, const float* x, int b, floa
     float* out = g_scr[size_t(tid)].gu.data();   // [2b]
     int64_t r = c.j0;
     for (; dot2 && r + 2 <= c.j1; r += 2) {
-      const uint8_t* pf[2] = {w + size_t(r + 2) * rb, w + size_t(r + 3) * rb};
-      dot2(w + size_t(r) * rb, w + size_t(r + 1) * rb, xp, out, pf, int(std::min<int64_t>(2, c.j1 - r - 2)));
+      const uint8_t* na = r + 2 < c.j1 ? w + size_t(r + 2) * rb : nullptr;
+      const uint8_t* nb = r + 3 < c.j1 ? w + size_t(r + 3) * rb : nullptr;
+      dot2(w + size_t(r) * rb, w + size_t(r + 1) * rb, xp, out, na, nb, nullptr);
       y[size_t(r)] = out[0];
       y[size_t(r) + 1] = out[1];
     }

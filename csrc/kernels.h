@@ -58,12 +58,14 @@ struct XPrep {
 // out[t] = row . x_t for t < b.     row: one packed row of d values (d % 32 == 0 for Q*).
 using DotFn = void (*)(const uint8_t* row, const XPrep& x, float* out);
 // Two rows (an id's gate and up) in one pass: out[t] = row_a . x_t, out[b + t] = row_b . x_t.
-// While it computes, the kernel prefetches the npf rows pf[q] (each row_bytes(F, d) long) into
-// L2, spread evenly over the pass: the driver passes the id's down row and the next id's gate
-// and up rows, so their reads overlap this compute instead of following it (docs/KERNELS.md,
-// "Memory behaviour"). A table may leave a format's entry null: the driver then calls dot twice.
+// While it computes, the kernel prefetches three more rows (each row_bytes(F, d) long; any may be
+// null), spread evenly over the pass: next_a / next_b, read by the next call, into L1, and
+// `later`, read some calls later, into L2. The FFN passes the next id's gate / up rows and this
+// id's down row (read by the AXPY up to 8 ids later), so their reads overlap this compute instead
+// of following it (docs/KERNELS.md, "Memory behaviour"). A table may leave a format's entry null:
+// the driver then calls dot twice.
 using Dot2Fn = void (*)(const uint8_t* row_a, const uint8_t* row_b, const XPrep& x, float* out,
-                        const uint8_t* const* pf, int npf);
+                        const uint8_t* next_a, const uint8_t* next_b, const uint8_t* later);
 // y[t, :] += coef[r * b + t] * row_r  for r < nrows, t < b.   y: [b, d] f32.
 // Several rows per call let the AVX2 kernel keep partial sums in registers.
 // q4_0: the rows go in groups of kAxpyGroup (rows [0, 8), [8, 16), ... of the call); per group,

@@ -179,21 +179,31 @@ void dot_quant(const uint8_t* row, const XPrep& x, float* out) {
   for (; t < x.b; ++t) { auto p = at(t); dot_quant_tile<F, 1>(row, p.first, p.second, nb, out + t); }
 }
 
+// Prefetch of the bytes at offset o (and o + BB where a block pair spans more than a line) of
+// a row that may be null: called once per block pair, it touches every line of the row.
+// Locality 3 = prefetcht0 (L1), 2 = prefetcht1 (L2).
+template <Fmt F, int Locality>
+inline void prefetch_pair(const uint8_t* row, size_t o) {
+  if (!row) return;
+  __builtin_prefetch(row + o, 0, Locality);
+  if constexpr (2 * kBlockBytes<F> > 64) __builtin_prefetch(row + o + kBlockBytes<F>, 0, Locality);
+}
+
 // Gate and up of one id in one pass (kernels.h Dot2Fn), one token: the x block pair is loaded
-// once for both rows, both rows are read (and prefetched ahead) at once, and the pf rows are
-// prefetched into L2 a few lines per block pair. Measured on the dev machine (docs/KERNELS.md):
-// the fused pass alone took dense q4_0 from 11.7 to 10.8-11.3 ms at one thread, the L2 stream
-// of the down row and the next id's rows to ~8.9 ms. A batch (b > 1) takes two dot calls after
-// the pf rows were prefetched up front.
+// once for both rows, both rows are read (and prefetched ahead) at once, and the next / later
+// rows are prefetched a line or so per block pair. Measured on the dev machine (docs/KERNELS.md):
+// the fused pass alone took dense q4_0 from 11.7 to 10.8-11.3 ms at one thread, the streams of
+// the down row and the next id's rows to ~8.2 ms. A batch (b > 1) takes two dot calls after the
+// three rows were prefetched up front into L2.
 template <Fmt F>
 void dot2_quant(const uint8_t* row_a, const uint8_t* row_b, const XPrep& x, float* out,
-                const uint8_t* const* pf, int npf) {
+                const uint8_t* next_a, const uint8_t* next_b, const uint8_t* later) {
   constexpr size_t BB = kBlockBytes<F>;
   const int nb = x.d / QK, np = nb / 2;
   const size_t rb = size_t(nb) * BB;
   if (x.b != 1 || np == 0) {
-    for (int q = 0; q < npf; ++q)
-      for (size_t o = 0; o < rb; o += 64) _mm_prefetch(reinterpret_cast<const char*>(pf[q] + o), _MM_HINT_T1);
+    for (const uint8_t* p : {next_a, next_b, later})
+      for (size_t o = 0; p && o < rb; o += 64) _mm_prefetch(reinterpret_cast<const char*>(p + o), _MM_HINT_T1);
     dot_quant<F>(row_a, x, out);
     dot_quant<F>(row_b, x, out + x.b);
     return;
@@ -203,10 +213,9 @@ void dot2_quant(const uint8_t* row_a, const uint8_t* row_b, const XPrep& x, floa
     const size_t o = size_t(2 * j) * BB;
     prefetch_ahead(row_a, o, rb);
     prefetch_ahead(row_b, o, rb);
-    for (int q = 0; q < npf; ++q) {  // the same offsets of the pf rows (every line once or twice)
-      _mm_prefetch(reinterpret_cast<const char*>(pf[q] + o), _MM_HINT_T1);
-      if constexpr (2 * BB > 64) _mm_prefetch(reinterpret_cast<const char*>(pf[q] + o + BB), _MM_HINT_T1);
-    }
+    prefetch_pair<F, 3>(next_a, o);
+    prefetch_pair<F, 3>(next_b, o);
+    prefetch_pair<F, 2>(later, o);
     __m256i s0 = _mm256_setzero_si256(), s1 = s0, s2 = s0, s3 = s0;
     const __m256i wa0 = block_bytes<F>(row_a + o, &s0), wa1 = block_bytes<F>(row_a + o + BB, &s1);
     const __m256i wb0 = block_bytes<F>(row_b + o, &s2), wb1 = block_bytes<F>(row_b + o + BB, &s3);

@@ -85,10 +85,10 @@ void dot_quant(const uint8_t* row, const XPrep& x, float* out) {
   }
 }
 
-// Gate and up of one id: two dots (the pf rows are a prefetch hint, not needed here).
+// Gate and up of one id: two dots (the prefetch hints are not needed here).
 template <Fmt F>
 void dot2(const uint8_t* row_a, const uint8_t* row_b, const XPrep& x, float* out,
-          const uint8_t* const*, int) {
+          const uint8_t*, const uint8_t*, const uint8_t*) {
   if constexpr (is_quant(F)) {
     dot_quant<F>(row_a, x, out);
     dot_quant<F>(row_b, x, out + x.b);
