@@ -29,6 +29,8 @@ def main():
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--kernels", action="store_true", help="also the CUDA kernel time per token")
     ap.add_argument("--policy", default="hybrid", help="a bench decode policy (hybrid, gpu-sparse, ...)")
+    ap.add_argument("--host", action="store_true",
+                    help="also the host's time per call: graph replays, waits, cold halves")
     ap.add_argument("--prefill", type=int, default=0,
                     help="profile one prompt of this many tokens instead of decode steps")
     a = ap.parse_args()
@@ -58,8 +60,41 @@ def main():
         tok = int(gd.step(tok).argmax())
     pr.disable()
     pstats.Stats(pr).sort_stats("tottime").print_stats(22)
+    if a.host:
+        host_table(gd, tok, a.steps)
     if a.kernels:
         kernel_table(gd, tok, a.steps, a.layers)
+
+
+def host_table(gd, tok, steps):
+    """Host seconds per call of the decoder's pieces (wrapped with timers): a graph replay (the
+    launch), a wait on the device, a cold half (ColdStep.run), per token."""
+    from hybridinfer.graphs import GraphDecoder
+    acc = {"replay": [0.0, 0], "wait": [0.0, 0], "cold": [0.0, 0]}
+
+    def timed(fn, key):
+        def run(*a):
+            t = time.perf_counter()
+            out = fn(*a)
+            acc[key][0] += time.perf_counter() - t
+            acc[key][1] += 1
+            return out
+        return run
+    gd._A = [timed(f, "replay") for f in gd._A]
+    wait = GraphDecoder._wait
+    GraphDecoder._wait = staticmethod(timed(wait, "wait"))
+    for cs in gd._coldstep:
+        if cs is not None:
+            cs.run = timed(cs.run, "cold")
+    t = time.perf_counter()
+    for _ in range(steps):
+        tok = int(gd.step(tok).argmax())
+    wall = (time.perf_counter() - t) / steps
+    GraphDecoder._wait = wait
+    print(f"host, per token ({wall * 1e3:.2f} ms wall):")
+    for k, (s, n) in acc.items():
+        if n:
+            print(f"  {k:7s} {n / steps:6.1f} calls  {s / steps * 1e3:7.3f} ms  {s / n * 1e6:7.1f} us/call")
 
 
 def prefill_profile(model, n, dev):

@@ -42,6 +42,36 @@ def test_workload_profile_and_predictor():
     assert pr.scores(torch.randn(3, d)).shape == (3, n)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_synth_predictor_scores_and_slots(device):
+    """The benchmark predictor's one-token scores (fc1 as a row GEMV, fc2 as the axpy) equal the
+    batch path's dequantised matmuls; its device-selected form (SynthSlots, the fused decoder's)
+    computes the chosen experts' scores, and masks of the right shape and density."""
+    from hybridinfer.bench.synth_predictor import SynthPredictor, SynthSlots
+    wl = workload.make_workload("T47", seed=2)
+    d = wl.cfg.hidden_size
+    preds = [SynthPredictor(wl.ffns[(0, e)], d, wl.rank, device, seed=e) for e in range(3)]
+    torch.manual_seed(0)
+    x = torch.randn(1, d, device=device)
+    tol = 1e-5 if device == "cuda" else 2e-2      # the CPU kernels quantise x to q8_0 blocks
+    for p in preds:
+        one = p.scores(x)[0].double().cpu()
+        ref = p.scores(torch.cat([x, x]))[0].double().cpu()      # the batch path
+        assert float((one - ref).abs().max() / ref.abs().max()) < tol
+    sl = SynthSlots(preds, 2, device)
+    sel = torch.tensor([2, 0], device=device)
+    out = torch.zeros(2, wl.cfg.intermediate_size, dtype=torch.bool, device=device)
+    means = []
+    for _ in range(50):
+        sl.masks(x, sel, out)
+        means.append(out.float().mean().item())
+    assert abs(sum(means) / len(means) - workload.MEAN_FIRE) < 0.03
+    if device == "cuda":                                          # the slot kernels' scores
+        for s, e in enumerate(sel.tolist()):
+            ref = preds[e].scores(x)[0]
+            assert float((sl.s[s] - ref).abs().max() / ref.abs().max()) < 1e-5
+
+
 @pytest.mark.parametrize("shape", ["T47", "T7"])
 def test_harness_end_to_end_json(tmp_path, shape):
     out = tmp_path / "d.json"

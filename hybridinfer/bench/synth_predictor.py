@@ -7,13 +7,13 @@ The score is still computed, and the mask is made to depend on it (`score == sco
 but is a real data dependency), so no work can be skipped.
 
 Where it runs:
-- cuda: both GEMVs through kernels/triton_ffn.down, the hot half's transposed axpy over rows in
-  the GPU q4_0 layout (y = sum_j a_j * W^T[j], rows with a_j = 0 never read, so relu's zeros
-  skip fc2 rows);
-- cpu: fc1 through kernels.cpu.linear (dot products over rows: faster than an axpy over all
-  of fc1^T, which has no zeros to skip) over fc1t's bytes read as fc1 rows [rank, rb(d)] (the
-  same 18-byte q4_0 blocks, rank*d values either way; random weights, so only the byte count
-  matters); fc2 through kernels.cpu.down_sparse (the axpy, relu's zeros skip fc2 rows);
+- fc1 is a row-dot GEMV over fc1t's bytes read as fc1 rows [rank, rb(d)] (the same 18-byte q4_0
+  blocks, rank*d values either way; random weights, so only the byte count matters; an axpy over
+  all of fc1^T has no zeros to skip): kernels/triton_ffn.matvec on cuda, kernels.cpu.linear on
+  the CPU;
+- fc2 is the hot half's transposed axpy over fc2t (y = sum_j a_j * W^T[j], rows with a_j = 0
+  never read, so relu's zeros skip fc2 rows): triton_ffn.down on cuda (GPU q4_0 row layout),
+  kernels.cpu.down_sparse on the CPU;
 - a model on cuda whose predictor the planner left on the CPU: x is copied to the host (a sync,
   counted in SYNCS), the mask goes back to the device.
 Batches (prefill) dequantise the q4_0 rows (quant.unpack) and use a matmul.
@@ -57,15 +57,17 @@ class SynthPredictor(nn.Module):
         super().__init__()
         self.device = torch.device(device)
         self.d, self.rank, self.n_ff = d, rank, ffn.p.numel()
-        self.fc1t = ffn.fc1t.to(self.device)      # uint8 [d, rb(rank)]
+        # fc1t's bytes read as fc1 rows [rank, rb(d)] (the same q4_0 blocks, rank*d values either
+        # way; random weights, so only the byte count matters): a row-dot GEMV, as a real
+        # predictor computes fc1 (its transpose as an axpy ran at ~0.12 of copy on the H100)
+        self.fc1 = ffn.fc1t.view(rank, -1).to(self.device)     # uint8 [rank, rb(d)]
         self.fc2t = ffn.fc2t.to(self.device)      # uint8 [rank, rb(n_ff)]
         if self.device.type == "cuda":            # the GPU row layout the Triton kernels read
-            self.fc1t, self.fc2t = q4_rows_to_gpu(self.fc1t), q4_rows_to_gpu(self.fc2t)
+            self.fc1, self.fc2t = q4_rows_to_gpu(self.fc1), q4_rows_to_gpu(self.fc2t)
         self.p = ffn.p.to(self.device)            # float32 [n_ff]
         self.threshold = 0.0
         if self.device.type == "cpu":
-            # fc1t's bytes as fc1 rows: uint8 [rank, rb(d)] (same q4_0 blocks, same byte count)
-            self._fc1 = cpu_kernels.PackedLinear(FMT, d, rank, self.fc1t.view(rank, -1))
+            self._fc1 = cpu_kernels.PackedLinear(FMT, d, rank, self.fc1)
             self._fc2 = _packed_view(self.fc2t, self.n_ff)
             self._all2 = torch.arange(rank, dtype=torch.int32)
             self._rng = np.random.default_rng(seed % 2 ** 32)   # (seeds may be negative)
@@ -73,21 +75,22 @@ class SynthPredictor(nn.Module):
 
     @property
     def nbytes(self) -> int:
-        return self.fc1t.numel() + self.fc2t.numel()
+        return self.fc1.numel() + self.fc2t.numel()
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         """float32 [n, n_ff] = fc2 · relu(fc1 · x), x on self.device."""
         x = x.float()
         if x.shape[0] == 1 and self.device.type == "cuda":
-            h = torch.relu(_gemv_t_cuda(self.fc1t, self.rank, x[0].contiguous()))
+            from ..kernels import triton_ffn
+            h = torch.relu(triton_ffn.matvec(FMT, self.d, self.fc1, x[0].contiguous()))
             return _gemv_t_cuda(self.fc2t, self.n_ff, h)[None]
         if x.shape[0] == 1:
             h = torch.relu(cpu_kernels.linear(x[0].contiguous(), self._fc1))
             return cpu_kernels.down_sparse(self._fc2, h, self._all2, skip_zero=True)[None]
         gguf = q4_rows_from_gpu if self.device.type == "cuda" else (lambda t: t)
-        fc1t = quant.unpack(gguf(self.fc1t), FMT, self.rank)      # [d, rank]
+        fc1 = quant.unpack(gguf(self.fc1), FMT, self.d)           # [rank, d]
         fc2t = quant.unpack(gguf(self.fc2t), FMT, self.n_ff)      # [rank, n_ff]
-        return torch.relu(x @ fc1t) @ fc2t
+        return torch.relu(x @ fc1.T) @ fc2t
 
     @staticmethod
     def slots(preds: list["SynthPredictor"], k: int, device) -> "SynthSlots":
@@ -129,7 +132,7 @@ class SynthSlots:
         if torch.device(device).type == "cuda":
             from ..kernels import triton_ffn as tk
             self.tk = tk
-            self.t1 = tk.RowTable.build(FMT, p0.rank, [p.fc1t for p in preds], device)   # [d] rows
+            self.t1 = tk.RowTable.build(FMT, p0.d, [p.fc1 for p in preds], device)    # [rank] rows
             self.t2 = tk.RowTable.build(FMT, p0.n_ff, [p.fc2t for p in preds], device)   # [rank] rows
             self.h = torch.zeros(k, p0.rank, device=device)
             self.s = torch.zeros(k, p0.n_ff, device=device)
@@ -143,8 +146,7 @@ class SynthSlots:
                 out[s] = self.preds[e].active(x)[0]
             return
         p0 = self.preds[0]
-        self.h.zero_()
-        self.tk.down_slots(FMT, p0.rank, self.t1, x[0].float(), 0, self.h, p0.rank, sel)
+        self.tk.matvec_slots(FMT, p0.d, self.t1, x[0], 0, self.h, sel)
         self.h.relu_()
         self.s.zero_()
         self.tk.down_slots(FMT, p0.n_ff, self.t2, self.h, p0.rank, self.s, p0.n_ff, sel)
