@@ -81,8 +81,8 @@ def host_table(gd, tok, steps):
             return out
         return run
     gd._A = [timed(f, "replay") for f in gd._A]
-    wait = GraphDecoder._wait
-    GraphDecoder._wait = staticmethod(timed(wait, "wait"))
+    wait = GraphDecoder.__dict__["_wait"]                  # the staticmethod object
+    GraphDecoder._wait = staticmethod(timed(wait.__func__, "wait"))
     for cs in gd._coldstep:
         if cs is not None:
             cs.run = timed(cs.run, "cold")
