@@ -123,15 +123,21 @@ std::vector<Chunk> make_chunks(const int64_t* k, int E, int threads) {
 
 // Below this many weight bytes a call runs on the calling thread: waking pool workers costs
 // more than such work (measured on the loaded 2-core VM: ~270 us a call for 256 x 256 q4_0;
-// 256 KiB is ~25 us of reading on one core).
+// 256 KiB is ~25 us of reading on one core). A pool of more than 2 threads (a machine with
+// cores to spare) hands off from kSerialBytesWide: on the GPU machine's CPU a pool call with no
+// rows costs ~5 us while 32 cold rows (221 KiB) took 44 us on one thread, latency-bound at
+// ~1.4 us a row (benchmarks/results/cold_step_latency_gpumachine.*) — the decode step's cold
+// half sits between two layers' GPU work.
 constexpr size_t kSerialBytes = size_t(256) << 10;
+constexpr size_t kSerialBytesWide = size_t(32) << 10;
 
 // Runs body(tid, chunk) over all chunks: with dynamic claiming on the pool, or on the calling
-// thread (tid 0) when the call reads fewer than kSerialBytes of weights.
+// thread (tid 0) when the call reads fewer than the serial threshold of weights.
 template <class Body>
 void parallel_chunks(ThreadPool& P, const std::vector<Chunk>& chunks, const Body& body,
                      size_t bytes = kSerialBytes) {
-  if (bytes < kSerialBytes || P.size() == 1) {
+  const size_t serial = P.size() > 2 ? kSerialBytesWide : kSerialBytes;
+  if (bytes < serial || P.size() == 1) {
     for (const Chunk& c : chunks) body(0, c);
     return;
   }
