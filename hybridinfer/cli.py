@@ -65,7 +65,9 @@ def _add_hybrid_args(p: argparse.ArgumentParser) -> None:
                         "q4_0; a quantised one also packs the attention and lm_head kept on the CPU (same format) "
                         "and CPU-resident predictors (q8_0) for the C++ kernels")
     p.add_argument("--gpu-weights", default="auto",
-                   help="format of the hot FFN rows on the GPU: auto (the compute dtype), f16, bf16, q8_0, q4_0")
+                   help="format of the hot FFN rows on the GPU: auto (the compute dtype), f16, bf16, q8_0, "
+                        "q4_0; q4_0 also keeps the attention projections and lm_head on the GPU in q4_0 "
+                        "(read by a Triton GEMV), as llama.cpp keeps a q4_0 model")
 
 
 def _load(args, **over):
