@@ -203,7 +203,8 @@ def cmd_plan(args) -> int:
 
 def cmd_train_predictors(args) -> int:
     from .llm import load
-    from .predictor import default_predictor_dir, report_table, save_predictors, train_predictors
+    from .predictor import default_predictor_dir, save_predictors
+    from .predictor_train import report_table, train_predictors
     from .profile import read_corpus
 
     name, texts = read_corpus(args.corpus)
@@ -219,7 +220,8 @@ def cmd_train_predictors(args) -> int:
 def cmd_calibrate_predictors(args) -> int:
     from .llm import load
     from .loader import predictor_source
-    from .predictor import calibrate_threshold, config_path, report_table, write_predictor_config
+    from .predictor import config_path, write_predictor_config
+    from .predictor_train import calibrate_threshold, report_table
     from .profile import read_corpus
 
     name, texts = read_corpus(args.corpus)

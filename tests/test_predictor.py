@@ -14,7 +14,8 @@ from hybridinfer.config import ModelConfig
 from hybridinfer.default_model import byte_tokenizer_json
 from hybridinfer.errors import HybridInferError
 from hybridinfer.predictor import (PREDICTOR_FILE, Predictor, load_predictors, logit_threshold, predictor_names,
-                                   predictor_numel, save_predictors, shipped_input, train_predictors)
+                                   predictor_numel, save_predictors, shipped_input)
+from hybridinfer.predictor_train import train_predictors
 from hybridinfer.profile import read_corpus
 from hybridinfer.synth import config_dict, random_tensors
 from tiny import TOKENIZER_CONFIG

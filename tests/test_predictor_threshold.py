@@ -15,8 +15,8 @@ from hybridinfer.config import ModelConfig
 from hybridinfer.default_model import byte_tokenizer_json
 from hybridinfer.errors import HybridInferError
 from hybridinfer.ffn import HybridFFN
-from hybridinfer.predictor import (CONFIG_FILE, _pooled, calibrate_threshold, load_predictors, predictor_names,
-                                   read_predictor_config, record_scores, save_predictors)
+from hybridinfer.predictor import CONFIG_FILE, load_predictors, predictor_names, read_predictor_config, save_predictors
+from hybridinfer.predictor_train import _pooled, calibrate_threshold, record_scores
 from hybridinfer.synth import config_dict, random_tensors
 from tiny import TOKENIZER_CONFIG, write_model
 
