@@ -60,7 +60,8 @@ def attn_step(hp, ya, yc, an_w, fn_w, eps: float, q, k, v, o, qb, kb, vb, ob, qk
     the static cache K/V [1, KV, C, hd] (position pos [1], kpos = arange(C)), the FFN norm and,
     with a router [E, d], the expert choice. Writes h_out, u_out [1, d], zeroes yacc_out and
     (router) sets wfull_out [E] (f32: the weight of each chosen expert, 0 elsewhere).
-    Returns u as float32 [1, d] and (router) ids [k], weights f32 [k] for the host copies."""
+    Returns u as float32 [1, d] and (router) ids [k], weights f32 [k] for the host copies.
+    wfull_out None: no [E] weight vector (fused layers read ids and weights directly)."""
     x = (hp.float() + ya + yc).to(hp.dtype)
     xn = rms_norm(x, an_w, eps)
     qq, kk, vv = qkv_projections(xn, q, k, v, qb, kb, vb, qkv)
@@ -84,7 +85,8 @@ def attn_step(hp, ya, yc, an_w, fn_w, eps: float, q, k, v, o, qb, kb, vb, ob, qk
     if router is None:
         return u.float(), None, None
     w, ids = route(u, router, top_k)                                                   # [1, k]
-    wfull_out.zero_().scatter_(0, ids[0], w[0].float())
+    if wfull_out is not None:
+        wfull_out.zero_().scatter_(0, ids[0], w[0].float())
     return u.float(), ids[0], w[0].float()
 
 
@@ -123,7 +125,6 @@ class GraphDecoder:
         self.xf_host = host(1, d, dtype=dt)                      # final hidden, when lm_head is on the CPU
         self.moe = [isinstance(b.ffn, (HybridMoE, MoE)) for b in model.blocks]
         k = cfg.experts_per_token
-        self.w_full = [torch.zeros(max(cfg.num_experts, 1), device=dev) for _ in range(L)]
         self.ids_host = [host(k, dtype=torch.long) if self.moe[i] else None for i in range(L)]
         self.w_host = [host(k) if self.moe[i] else None for i in range(L)]
         # per-layer tables, so that a step does lookups, not isinstance/device checks
@@ -131,6 +132,9 @@ class GraphDecoder:
         if select_on_device is None:
             select_on_device = os.environ.get("HYBRIDINFER_HOST_SELECT", "") in ("", "0")
         self._fused = [select_on_device and self._can_fuse(l) for l in range(L)]
+        # the host-selected path's [E] router weights (a fused layer reads ids and weights)
+        self.w_full = [None if self._fused[l] else torch.zeros(max(cfg.num_experts, 1), device=dev)
+                       for l in range(L)]
         self.mask, self.mask_host = {}, {}
         self.mslot, self.mslot_host = {}, {}            # fused layers: the chosen experts' masks
         self._hs, self._ps = {}, {}
@@ -149,11 +153,11 @@ class GraphDecoder:
         self._grouped = [self.moe[l] and math.comb(len(self._fm[l]), k) <= MAX_GROUPS for l in range(L)]
         self._coldstep = [self._cold_step(l) for l in range(L)]
         cuda = self.dev.type == "cuda"
-        self._ev = [(torch.cuda.Event(), torch.cuda.Event()) if cuda else (None, None) for _ in range(L)]
-        # fused layers: recorded inside the layer's graph once u, the choice and the masks are on
-        # the host (an event record node: the host waits for that point, the hot halves go on)
-        self._evx = [torch.cuda.Event(external=True) if cuda and self._fused[l] else None
-                     for l in range(L)]
+        # (expert ids, ready). A fused layer records `ready` inside its graph once u, the choice
+        # and the masks are on the host (external: an event record node; the host waits for that
+        # point while the hot halves go on)
+        self._ev = [(torch.cuda.Event(), torch.cuda.Event(external=self._fused[l])) if cuda
+                    else (None, None) for l in range(L)]
         self._ev_out = torch.cuda.Event() if cuda else None      # xf on the host (lm_head on the CPU)
         # layer 0's "previous GPU/CPU halves": two distinct zero buffers (aliased arguments would
         # make torch.compile specialise layer 0 apart from the others)
@@ -244,7 +248,9 @@ class GraphDecoder:
                             slot_masks=self.mslot_host.get(l))
 
     # ---- the segments (plain functions of the static buffers) ---------------------------------
-    def seg_attn(self, l: int) -> None:
+    def seg_attn(self, l: int):
+        """Segment A of layer l (attn_step on the static buffers) and its host copies; returns
+        u f32 [1, d] and (MoE) the expert ids and weights, still on the device."""
         m, cfg, blk = self.m, self.m.cfg, self.m.blocks[l]
         if l == 0:                  # x0: a static buffer (not an inference tensor: one compilation)
             if m.embed.device == self.dev:
@@ -272,14 +278,13 @@ class GraphDecoder:
     def seg_layer(self, l: int) -> None:
         """A fused MoE layer: segment A, then the chosen experts' predictors and hot halves with
         the choice read on the device (no host round trip); the masks go to the host before the
-        hot halves, and evx[l] marks that point for the host's cold half."""
+        hot halves, and the layer's ready event marks that point for the host's cold half."""
         uf, ids, w = self.seg_attn(l)
         mask = self.mslot.get(l)
         if mask is not None:
             self._ps[l].masks(uf, ids, mask)
             self.mslot_host[l].copy_(mask, non_blocking=True)                          # D2H
-        if self._evx[l] is not None:
-            self._evx[l].record()
+        self._mark(self._ev[l][1])
         self._hs[l].run(self.u[l], ids, w, mask, self.yacc[l])
 
     def seg_predict(self, l: int, g: tuple[int, ...]) -> None:
@@ -356,8 +361,9 @@ class GraphDecoder:
     @torch.inference_mode()
     def step(self, token: int) -> torch.Tensor:
         """Logits [V] (float32) for `token` at position cache.length; advances the cache.
-        Host-device synchronisations per layer: MoE 1 (expert ids) + 1 (masks, when there are
-        cold rows); dense FFN 1 (when there are cold rows)."""
+        Host-device synchronisations per layer: a fused MoE layer 1 (when it has cold rows);
+        otherwise MoE 1 (expert ids) + 1 (masks, when there are cold rows); dense FFN 1 (when
+        there are cold rows)."""
         m, cache = self.m, self.cache
         p = cache.length
         if p >= self.C:
@@ -372,7 +378,7 @@ class GraphDecoder:
                 self._A[l]()
                 cs = self._coldstep[l]
                 if cs is not None:
-                    self._wait(self._evx[l])
+                    self._wait(self._ev[l][1])
                     cs.run()
                 continue
             ev_ids, ev_ready = self._ev[l]

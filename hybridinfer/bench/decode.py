@@ -67,24 +67,24 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gguf-dir", default=None, help="where the peer's GGUF goes (default a temp dir)")
 
 
-def _model_gpu_bytes(wl, dtype, context) -> int:
-    return fixed_gpu_bytes(wl.cfg, dtype, context) + wl.expert_bytes + wl.predictor_bytes
+def _model_gpu_bytes(wl, context) -> int:
+    return fixed_gpu_bytes(wl.cfg, context) + wl.expert_bytes + wl.predictor_bytes
 
 
-def _runs(args, wl, dev, dtype) -> tuple[list[tuple[str, int | None, str | None]], float]:
+def _runs(args, wl, dev) -> tuple[list[tuple[str, int | None, str | None]], float]:
     """(policy, budget bytes) in order; budgets scaled for scaled-down models."""
     free = torch.cuda.mem_get_info(dev)[0] if dev.type == "cuda" else None
     scale = 1.0
     if wl.cfg.num_layers != wl.full_cfg.num_layers:
-        full = (fixed_gpu_bytes(wl.full_cfg, dtype, args.context)
+        full = (fixed_gpu_bytes(wl.full_cfg, args.context)
                 + (wl.expert_bytes + wl.predictor_bytes) * wl.full_cfg.num_layers // wl.cfg.num_layers)
-        scale = _model_gpu_bytes(wl, dtype, args.context) / full
+        scale = _model_gpu_bytes(wl, args.context) / full
     budgets = [(b, int(parse_budget(b) * scale)) for b in args.vram_budget]
     pol = args.policies or (POLICIES if dev.type == "cuda" else ("cpu-dense", "cpu-sparse"))
     out = []
     for name in ("gpu-sparse", "gpu-dense"):
         if name in pol:
-            fits = free is None or _model_gpu_bytes(wl, dtype, args.context) + MARGIN < free
+            fits = free is None or _model_gpu_bytes(wl, args.context) + MARGIN < free
             if fits:
                 out.append((name, None, None))
             else:
@@ -216,7 +216,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"workload {args.shape}: {wl.cfg.num_layers} layers, experts {wl.expert_bytes / GIB:.2f} GiB, "
           f"predictors {wl.predictor_bytes / GIB:.2f} GiB (q4_0), made in {time.perf_counter() - t:.1f} s; "
           f"profile sparsity {prof.sparsity():.3f}", flush=True)
-    runs, scale = _runs(args, wl, dev, dtype)
+    runs, scale = _runs(args, wl, dev)
     if scale != 1.0:
         print(f"scaled-down model: budgets x {scale:.4f}", flush=True)
     rows = []

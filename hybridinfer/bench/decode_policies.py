@@ -20,11 +20,11 @@ import torch
 
 from ..build import STREAM_ABOVE_CUDA
 from ..ffn import HybridFFN, HybridMoE
-from ..footprint import attention_bytes, ffn_rows_bytes, linear_bytes, linear_fmt
+from ..footprint import ffn_rows_bytes, linear_fmt
 from ..kernels.cpu import PackedFFN
 from ..kernels.gpu import HotFFN
 from ..model import Transformer, build_model
-from ..placement import Placement, plan
+from ..placement import Placement, fixed_bytes, plan
 from ..quant import row_bytes
 from .synth_predictor import SynthPredictor
 from .workload import FMT, SynthCheckpoint, Workload
@@ -51,15 +51,11 @@ def _elt(dtype: torch.dtype) -> int:
     return torch.empty(0, dtype=dtype).element_size()
 
 
-def fixed_gpu_bytes(cfg, dtype: torch.dtype, context: int) -> int:
+def fixed_gpu_bytes(cfg, context: int) -> int:
     """What the runtime always puts on the model's device: attention and lm_head (q4_0 rows, as
-    the GPU side keeps them with q4_0 FFN rows), norms, router, embeddings (in dtype) and the KV
-    cache for `context` positions."""
-    d, L, e, lf = cfg.hidden_size, cfg.num_layers, _elt(dtype), linear_fmt(FMT)
-    n = (2 * L + 1) * d + L * cfg.num_experts * d + cfg.vocab_size * d
-    kv = 2 * L * cfg.num_kv_heads * context * cfg.head_dim * e
-    return (n * e + kv + L * attention_bytes(cfg, lf, e)
-            + linear_bytes(cfg.vocab_size, d, lf, e))
+    the GPU side keeps them with q4_0 FFN rows), norms, router, embeddings and the KV cache for
+    `context` positions: the planner's all-or-nothing components (placement.fixed_bytes)."""
+    return sum(fixed_bytes(cfg, context, 0, FMT).values())
 
 
 def layer_ffn_bytes(wl: Workload) -> int:
@@ -155,7 +151,7 @@ def build(name: str, wl: Workload, device, dtype, cpu_dtype, budget: int | None 
                      f"{p.hot_count():,} hot neurons, solver {p.solver}",
                      {"components": p.components, "stats": p.stats, "gpu_bytes": p.gpu_bytes})
     if name == "dense-offload":
-        room = budget - MARGIN - fixed_gpu_bytes(cfg, dtype, context)
+        room = budget - MARGIN - fixed_gpu_bytes(cfg, context)
         k = int(min(cfg.num_layers, max(0, room // layer_ffn_bytes(wl))))
         return Built(name, budget, build_dense(wl, k, dev, dtype), dev, k, k / cfg.num_layers, False,
                      f"{k} of {cfg.num_layers} layers' FFNs on the GPU")

@@ -98,17 +98,16 @@ class HotSlots:
     (the cpu device, how CI tests the decoder) a loop over the slots with hot_ffn."""
 
     def __init__(self, hots: list, k: int, activation: str, threshold: float, device):
-        self.hots, self.k, self.act, self.thr = hots, k, activation, threshold
+        if not HotSlots.supported(hots, device):
+            raise ValueError("HotSlots: no device-selected kernels for these rows here")
+        self.hots, self.act, self.thr = hots, activation, threshold
         real = [h for h in hots if h is not None]
         self.empty = not real
         self.fmt = real[0].fmt if real else None
         self.tk = None
         if real and torch.device(device).type == "cuda":
             self.tk = _triton()
-            if self.tk is None or not self.tk.supported(self.fmt):
-                raise ValueError(f"HotSlots: no device-selected kernels for {self.fmt} rows here")
-            d = real[0].d_model
-            self.d = d
+            d = self.d = real[0].d_model
             rows = lambda name: [None if h is None else getattr(h, name) for h in hots]
             self.gt, self.ut, self.dt = (self.tk.RowTable.build(self.fmt, d, rows(n), device)
                                          for n in ("gate", "up", "down_t"))
@@ -187,8 +186,6 @@ def hot_ffn(h: HotFFN, x: torch.Tensor, activation: str, threshold: float = 0.0,
 
 # ---- dense linear layers in a block format on the GPU side (attention projections, lm_head) ----
 
-
-
 @dataclass(frozen=True, eq=False)
 class DeviceLinear(quant.PackedRows):
     """A dense linear layer's weight kept on the GPU side in a block format, as llama.cpp keeps
@@ -234,7 +231,7 @@ def stacked_linears(parts: list, in_features: int, fmt: str,
         w = get()
         if tuple(w.shape) != (n, in_features):
             raise ValueError(f"stacked_linears: expected [{n}, {in_features}], got {tuple(w.shape)}")
-        whole[r:r + n] = q4_rows_to_gpu(quant.pack(w, fmt, device=w.device).to(device))
+        whole[r:r + n] = DeviceLinear.from_weight(w, fmt, device).weight
         del w
         views.append(DeviceLinear(fmt, in_features, n, whole[r:r + n]))
         r += n
