@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "attention.h"
 #include "cold_step.h"
 #include "ffn.h"
 #include "kernels.h"
@@ -94,6 +95,20 @@ std::unique_ptr<hi::ColdStep> cold_step(
                                         ptr<const uint8_t>(slot_masks), slot_stride);
 }
 
+void rms_norm(uintptr_t x, uintptr_t w, int n, int d, float eps, uintptr_t y) {
+  py::gil_scoped_release nogil;
+  hi::rms_norm(ptr<const float>(x), ptr<const float>(w), n, d, eps, ptr<float>(y));
+}
+
+void attend_one(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t kc, uintptr_t vc, int H, int KV,
+                int hd, int cap, int pos, int lo, uintptr_t cos, uintptr_t sin, float scale,
+                uintptr_t y) {
+  py::gil_scoped_release nogil;
+  hi::attend_one(ptr<const float>(q), ptr<const float>(k), ptr<const float>(v), ptr<float>(kc),
+                 ptr<float>(vc), H, KV, hd, cap, pos, lo, ptr<const float>(cos),
+                 ptr<const float>(sin), scale, ptr<float>(y));
+}
+
 double read_sum(uintptr_t p, size_t n) {
   py::gil_scoped_release nogil;
   return hi::read_sum(ptr<const float>(p), n);
@@ -134,6 +149,12 @@ PYBIND11_MODULE(_C, m) {
         py::arg("sel"), py::arg("w"), py::arg("k"), py::arg("x"), py::arg("y"), py::arg("act"),
         py::arg("threshold"), py::arg("exact"), py::arg("slot_masks") = 0,
         py::arg("slot_stride") = 0);
+  m.def("rms_norm", &rms_norm, py::arg("x"), py::arg("w"), py::arg("n"), py::arg("d"),
+        py::arg("eps"), py::arg("y"), "y [n, d] = RMSNorm(x) * w (float32).");
+  m.def("attend_one", &attend_one, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("kc"),
+        py::arg("vc"), py::arg("H"), py::arg("KV"), py::arg("hd"), py::arg("cap"), py::arg("pos"),
+        py::arg("lo"), py::arg("cos"), py::arg("sin"), py::arg("scale"), py::arg("y"),
+        "One token's RoPE + KV-cache write + GQA attention (float32, see csrc/attention.h).");
   m.def("read_sum", &read_sum, py::arg("ptr"), py::arg("n"),
         "Sum of n float32 at ptr on the pool (the read-bandwidth probe).");
 }

@@ -34,7 +34,16 @@ class RMSNorm(nn.Module):
         self.weight, self.eps = weight, eps   # [d]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _native_f32(x, self.weight) and x.is_contiguous():   # one native call (CPU decode)
+            return cpu_kernels.rms_norm(x, self.weight, self.eps)
         return rms_norm(x, self.weight, self.eps)
+
+
+def _native_f32(*ts: torch.Tensor) -> bool:
+    """Whether the decode step's small ops on these tensors go to the native CPU helpers
+    (kernels.cpu.rms_norm / attend_one): float32 on the CPU. In torch each of them is ~5-20
+    small ops of ~5-10 us dispatch apiece on a small CPU (~15 ms a token for M7's 32 layers)."""
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in ts)
 
 
 def rope_tables(cfg: ModelConfig, length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,6 +103,13 @@ class Attention(nn.Module):
         """x [b, t, d] -> [b, t, d]; writes K/V at positions cache.length .. +t."""
         c, (b, t, _) = self.cfg, x.shape
         q, k, v = self.project_qkv(x)
+        if t == 1 and b == 1 and _native_f32(q, cache.k[layer]):   # one native call
+            pos = cache.length
+            lo = max(0, pos + 1 - c.sliding_window) if c.sliding_window else 0
+            y = cpu_kernels.attend_one(q.reshape(-1).contiguous(), k.reshape(-1).contiguous(),
+                                       v.reshape(-1).contiguous(), cache.k[layer], cache.v[layer],
+                                       pos, cos[0], sin[0], lo)
+            return linear(y.view(1, 1, -1), self.o, self.ob)
         q = q.reshape(b, t, c.num_heads, c.head_dim).transpose(1, 2)
         k = k.reshape(b, t, c.num_kv_heads, c.head_dim).transpose(1, 2)
         v = v.reshape(b, t, c.num_kv_heads, c.head_dim).transpose(1, 2)
@@ -264,6 +280,15 @@ def build_model(cfg: ModelConfig, ckpt: Checkpoint, device: torch.device, dtype:
             for n, _ in qkv:
                 ckpt.release(n)
             placed["attention"] = placed.get("attention", 0) + w["qkv"].nbytes
+            w.update(zip("qkv", views))
+        elif isinstance(w["o"], cpu_kernels.PackedLinear):
+            # the same for the CPU kernels: one native call reads q, k and v (M7 on 2 cores: k
+            # and v alone ran at ~17 GB/s, q at ~19, each call paying its own start)
+            fmt = "f32" if cpu_linear_fmt in quant.BLOCK_FORMATS and d % quant.QK else cpu_linear_fmt
+            w["qkv"], views = cpu_kernels.stacked_linears(
+                [(lambda n=n, s=s: ckpt.get(n, s), s[0]) for n, s in qkv], d, fmt)
+            for n, _ in qkv:
+                ckpt.release(n)
             w.update(zip("qkv", views))
         else:
             w.update((key, lin(n, s)) for key, (n, s) in zip("qkv", qkv))

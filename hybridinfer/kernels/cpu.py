@@ -265,6 +265,25 @@ class PackedLinear(quant.PackedRows):
         return cls(fmt, w.shape[1], w.shape[0], to_weights(quant.pack(w, fmt)))
 
 
+def stacked_linears(parts: list, in_features: int, fmt: str) -> tuple[PackedLinear, list[PackedLinear]]:
+    """Linear layers on the same input (attention's q, k, v) packed into ONE PackedLinear whose
+    rows are theirs stacked, each part a view of its rows: one native call (one pool hand-off,
+    one ramp of the row streams) instead of three. parts: (get, out_features) with get() the
+    float weight [out, in_features], fetched and packed one at a time into the one allocation."""
+    rb = quant.row_bytes(in_features, fmt)
+    whole = alloc_weights(sum(n for _, n in parts), rb)
+    views, r = [], 0
+    for get, n in parts:
+        w = _tensor(get(), "w")
+        if tuple(w.shape) != (n, in_features):
+            raise ValueError(f"stacked_linears: expected [{n}, {in_features}], got {tuple(w.shape)}")
+        whole[r:r + n] = quant.pack(w, fmt)
+        del w
+        views.append(PackedLinear(fmt, in_features, n, whole[r:r + n]))
+        r += n
+    return PackedLinear(fmt, in_features, r, whole), views
+
+
 def linear(x, m: PackedLinear):
     """y = x W^T over every row: x [in] or [b, in] float32 -> y [out] or [b, out] float32.
     Block formats quantise x to q8 blocks once per call (as ffn_sparse does)."""
@@ -275,6 +294,54 @@ def linear(x, m: PackedLinear):
     _call(_native().linear, _FMT_CODE[m.fmt], m.in_features, m.out_features, m.weight.data_ptr(),
           xt.data_ptr(), xt.shape[0], y.data_ptr())
     return _out(y, one, was_np)
+
+
+def _f32(t, name: str, numel: int | None = None) -> torch.Tensor:
+    t = _tensor(t, name)
+    if t.dtype != torch.float32 or not t.is_contiguous() or numel is not None and t.numel() != numel:
+        raise ValueError(f"{name}: expected contiguous float32" + (f" of {numel} values" if numel else "")
+                         + f", got {t.dtype} {tuple(t.shape)}{'' if t.is_contiguous() else ' non-contiguous'}")
+    return t
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """y = w * x / sqrt(mean(x^2) + eps) over the last axis, natively (one call instead of ~7
+    torch ops). x [..., d] float32 contiguous, w [d] float32."""
+    x = _f32(x, "x")
+    d = x.shape[-1] if x.dim() else 0
+    w = _f32(w, "w", d)
+    y = torch.empty_like(x)
+    _native().rms_norm(x.data_ptr(), w.data_ptr(), x.numel() // max(d, 1), d, float(eps), y.data_ptr())
+    return y
+
+
+def attend_one(q, k, v, k_cache, v_cache, pos: int, cos, sin, lo: int = 0,
+               scale: float | None = None) -> torch.Tensor:
+    """One new token's attention (batch 1, float32), natively: RoPE on q and k (rotate-half, the
+    row cos / sin [hd] of position pos), k and v written at position pos of the caches, then
+    y[h] = softmax(q_h . K[lo..pos]^T * scale) V[lo..pos] with query head h reading KV head
+    h // (H / KV). q [H*hd], k / v [KV*hd]; k_cache / v_cache [1, KV, cap, hd] or [KV, cap, hd]
+    (written); scale defaults to hd**-0.5. Returns y [H*hd]."""
+    kc, vc = _f32(k_cache, "k_cache"), _f32(v_cache, "v_cache")
+    if kc.dim() == 4 and kc.shape[0] == 1:
+        kc, vc = kc[0], vc[0]
+    if kc.dim() != 3 or tuple(vc.shape) != tuple(kc.shape[-3:]):
+        raise ValueError(f"attend_one: caches must be [KV, cap, hd] (batch 1), got "
+                         f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+    KV, cap, hd = kc.shape
+    cos, sin = _f32(cos, "cos", hd), _f32(sin, "sin", hd)
+    k, v = _f32(k, "k", KV * hd), _f32(v, "v", KV * hd)
+    q = _f32(q, "q")
+    if q.numel() % (KV * hd):
+        raise ValueError(f"attend_one: q has {q.numel()} values, not a multiple of KV*hd = {KV * hd}")
+    H = q.numel() // hd
+    if not 0 <= lo <= pos < cap:
+        raise ValueError(f"attend_one: need 0 <= lo ({lo}) <= pos ({pos}) < capacity ({cap})")
+    y = torch.empty(H * hd, dtype=torch.float32)
+    _call(_native().attend_one, q.data_ptr(), k.data_ptr(), v.data_ptr(), kc.data_ptr(),
+          vc.data_ptr(), H, KV, hd, cap, int(pos), int(lo), cos.data_ptr(), sin.data_ptr(),
+          float(hd ** -0.5 if scale is None else scale), y.data_ptr())
+    return y
 
 
 class ColdStep:

@@ -1,0 +1,25 @@
+// One decode step's small float32 operations on the CPU, in native code: the RMSNorm and the
+// attention of one new token over its KV cache. In torch each is ~5-20 small ops of ~5-10 us
+// dispatch apiece on the dev VM (~15 ms a token for M7's 32 layers, more than the weights' read
+// time of a layer); here each is one call. Arithmetic through the f32 kernels of the active
+// table (dot for q.k, axpy for p.V), so the scalar reference and AVX2 share this driver.
+#pragma once
+#include <cstdint>
+
+namespace hi {
+
+// y [n, d] = w * x / sqrt(mean(x^2) + eps), row by row (float32; the sum of squares in double).
+void rms_norm(const float* x, const float* w, int n, int d, float eps, float* y);
+
+// One token's grouped-query attention, b = 1. q [H, hd], k / v [KV, hd] (the projections of the
+// new token); caches kc / vc [KV, cap, hd] (one layer of KVCache, batch 1). cos / sin [hd]: the
+// RoPE row of position pos (rotate-half layout). Steps: rope(q), rope(k); k, v written at
+// position pos of the caches; then per query head h (KV head h / (H / KV)):
+//   y[h] = softmax_s(q_h . kc[s] * scale) . vc[s] over s in [lo, pos]   (lo: sliding window)
+// y [H, hd] f32 (overwritten). q is not modified. KV heads are split over the pool when the
+// cache span read is large (kSerialBytes, as the FFN drivers).
+void attend_one(const float* q, const float* k, const float* v, float* kc, float* vc, int H,
+                int KV, int hd, int cap, int pos, int lo, const float* cos, const float* sin,
+                float scale, float* y);
+
+}  // namespace hi

@@ -1,0 +1,139 @@
+"""The decode step's native small ops (kernels.cpu.rms_norm, attend_one: csrc/attention.cpp)
+against float64 references on seeded random inputs, on both dispatch paths, serial and on the
+pool; and the model's CPU decode (which uses them) against a float64 re-computation."""
+import math
+
+import pytest
+import torch
+
+from hybridinfer.kernels import cpu
+
+from test_kernels_cpu import PATHS, use_path
+
+
+@pytest.fixture(autouse=True)
+def _restore_dispatch():
+    yield
+    cpu.force_reference(False)
+    cpu.set_num_threads(2)
+
+
+def rope64(x, cos, sin):
+    """x [..., hd] float64, HF's rotate-half."""
+    h = x.shape[-1] // 2
+    return x * cos + torch.cat([-x[..., h:], x[..., :h]], -1) * sin
+
+
+def attend64(q, k, v, kc, vc, pos, cos, sin, lo):
+    """float64 reference: (y [H*hd], k row written, v row written) with the caches' earlier rows."""
+    KV, cap, hd = kc.shape
+    H = q.numel() // hd
+    c, s = cos.double(), sin.double()
+    qr = rope64(q.double().view(H, hd), c, s)
+    kr = rope64(k.double().view(KV, hd), c, s)
+    K = kc.double().clone()
+    V = vc.double().clone()
+    K[:, pos], V[:, pos] = kr, v.double().view(KV, hd)
+    rep = H // KV
+    y = torch.empty(H, hd, dtype=torch.float64)
+    for h in range(H):
+        g = h // rep
+        sc = (K[g, lo:pos + 1] @ qr[h]) / math.sqrt(hd)
+        y[h] = torch.softmax(sc, -1) @ V[g, lo:pos + 1]
+    return y.reshape(-1), kr, V[:, pos]
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("H,KV,hd,pos,lo", [(4, 2, 16, 0, 0), (8, 2, 32, 37, 0), (6, 6, 8, 20, 5),
+                                            (32, 8, 128, 70, 0), (32, 8, 128, 300, 200)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_attend_one_matches_float64(path, H, KV, hd, pos, lo, threads):
+    use_path(path)
+    cpu.set_num_threads(threads)
+    g = torch.Generator().manual_seed(H * 1000 + pos)
+    cap = pos + 3
+    q, k, v = (torch.randn(n * hd, generator=g) for n in (H, KV, KV))
+    kc = torch.randn(1, KV, cap, hd, generator=g)
+    vc = torch.randn(1, KV, cap, hd, generator=g)
+    ang = torch.rand(hd // 2, generator=g, dtype=torch.float64) * 6
+    cos, sin = torch.cat([ang, ang]).cos().float(), torch.cat([ang, ang]).sin().float()
+    y_ref, k_ref, v_ref = attend64(q, k, v, kc[0], vc[0], pos, cos, sin, lo)
+    before = kc.clone()
+    y = cpu.attend_one(q, k, v, kc, vc, pos, cos, sin, lo)
+    torch.testing.assert_close(y.double(), y_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kc[0, :, pos].double(), k_ref, rtol=1e-6, atol=1e-6)
+    assert torch.equal(vc[0, :, pos].double(), v_ref)
+    keep = torch.ones(cap, dtype=torch.bool)
+    keep[pos] = False
+    assert torch.equal(kc[0][:, keep], before[0][:, keep])          # only position pos written
+
+
+def test_attend_one_rejects_bad_input():
+    kc = torch.zeros(2, 8, 16)
+    q, k = torch.zeros(4 * 16), torch.zeros(2 * 16)
+    cs = torch.zeros(16)
+    with pytest.raises(ValueError, match="lo"):
+        cpu.attend_one(q, k, k, kc, kc.clone(), 8, cs, cs)
+    with pytest.raises(ValueError, match="multiple"):
+        cpu.attend_one(torch.zeros(40), k, k, kc, kc.clone(), 1, cs, cs)
+    with pytest.raises(ValueError, match="float32"):
+        cpu.attend_one(q.double(), k, k, kc, kc.clone(), 1, cs, cs)
+
+
+@pytest.mark.parametrize("shape", [(4096,), (3, 256), (1, 1, 96)])
+def test_rms_norm_matches_float64(shape):
+    g = torch.Generator().manual_seed(sum(shape))
+    x = torch.randn(shape, generator=g) * 3
+    w = torch.randn(shape[-1], generator=g)
+    ref = w.double() * x.double() / (x.double().pow(2).mean(-1, keepdim=True) + 1e-5).sqrt()
+    torch.testing.assert_close(cpu.rms_norm(x, w, 1e-5).double(), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_model_cpu_decode_uses_native_ops_and_matches_torch(monkeypatch):
+    """A float32 CPU model's decode (native rms_norm + attend_one) equals the same model with the
+    native ops switched off (torch's ops), token after token, sliding window included."""
+    from hybridinfer import model as M
+    from hybridinfer.bench.workload import SynthCheckpoint, make_workload
+    from dataclasses import replace
+    wl = make_workload("T7", None, 0)
+    cfg = replace(wl.cfg, sliding_window=5)
+    m = M.build_model(cfg, SynthCheckpoint(cfg, 0, "cpu", torch.float32), torch.device("cpu"),
+                      torch.float32, with_predictors=False)
+    calls = []
+    real = cpu.attend_one
+    monkeypatch.setattr(cpu, "attend_one", lambda *a, **k: calls.append(1) or real(*a, **k))
+    toks = [3, 17, 250, 9, 4, 77, 31, 2]
+    out = {}
+    for native in (True, False):
+        monkeypatch.setattr(M, "_native_f32", lambda *t, on=native: on and all(
+            x.device.type == "cpu" and x.dtype == torch.float32 for x in t))
+        cache = m.new_cache(16)
+        m(torch.tensor([toks[:3]]), cache)                              # prefill: torch's path
+        out[native] = torch.stack([m(torch.tensor([[t]]), cache)[0, -1] for t in toks[3:]])
+    assert len(calls) == cfg.num_layers * len(toks[3:])
+    torch.testing.assert_close(out[True], out[False], rtol=1e-4, atol=1e-4)
+
+
+def test_cpu_qkv_is_one_stacked_packed_linear():
+    """On the CPU kernels q, k, v are views of one PackedLinear (one native call); the stacked
+    call gives each part's own rows' results, and those equal the float64 projection within the
+    kernels' q4_0 bound."""
+    from hybridinfer import model as M
+    from hybridinfer import quant
+    from hybridinfer.bench.workload import SynthCheckpoint, make_workload
+    wl = make_workload("T7", None, 0)
+    ck = SynthCheckpoint(wl.cfg, 0, "cpu", torch.float32)
+    m = M.build_model(wl.cfg, ck, torch.device("cpu"), torch.float32, with_predictors=False,
+                      cpu_linear_fmt="q4_0")
+    a = m.blocks[1].attn
+    assert isinstance(a.qkv, cpu.PackedLinear) and a.qkv.out_features == sum(
+        p.out_features for p in (a.q, a.k, a.v))
+    assert a.q.weight.data_ptr() == a.qkv.weight.data_ptr()
+    assert a.v.weight.data_ptr() + a.v.weight.numel() == a.qkv.weight.data_ptr() + a.qkv.weight.numel()
+    x = torch.randn(1, 1, wl.cfg.hidden_size, generator=torch.Generator().manual_seed(5))
+    fused = a.project_qkv(x)
+    for part, y in zip((a.q, a.k, a.v), fused):
+        torch.testing.assert_close(y.reshape(-1), cpu.linear(x.reshape(-1), part), rtol=0, atol=0)
+        W = quant.unpack(part.weight, "q4_0", part.in_features).double()
+        ref = W @ x.reshape(-1).double()
+        torch.testing.assert_close(y.reshape(-1).double(), ref, rtol=0.02, atol=0.02 * float(ref.abs().max()))
