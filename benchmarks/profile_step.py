@@ -31,6 +31,8 @@ def main():
     ap.add_argument("--policy", default="hybrid", help="a bench decode policy (hybrid, gpu-sparse, ...)")
     ap.add_argument("--host", action="store_true",
                     help="also the host's time per call: graph replays, waits, cold halves")
+    ap.add_argument("--no-chain", action="store_true",
+                    help="the per-layer host loop instead of the chained step (graphs.py)")
     ap.add_argument("--prefill", type=int, default=0,
                     help="profile one prompt of this many tokens instead of decode steps")
     a = ap.parse_args()
@@ -44,7 +46,8 @@ def main():
     b = build(a.policy, wl, dev, dt, dt, int(parse_budget(a.budget) * scale), prof, 1024)
     if a.prefill:
         return prefill_profile(b.model, a.prefill, dev)
-    gd = GraphDecoder(b.model, 1024)
+    gd = GraphDecoder(b.model, 1024, chain=not a.no_chain)
+    print(f"chained step: {gd._chained}")
     tok = 1
     for _ in range(2):
         tok = int(gd.step(tok).argmax())
@@ -68,9 +71,11 @@ def main():
 
 def host_table(gd, tok, steps):
     """Host seconds per call of the decoder's pieces (wrapped with timers): a graph replay (the
-    launch), a wait on the device, a cold half (ColdStep.run), per token."""
+    launch), a wait on the device, a cold half (ColdStep.run), per token. Chained step: the
+    main thread's wait for the chain (join), and the service thread's flag waits and cold
+    halves (its native counters)."""
     from hybridinfer.graphs import GraphDecoder
-    acc = {"replay": [0.0, 0], "wait": [0.0, 0], "cold": [0.0, 0]}
+    acc = {"replay": [0.0, 0], "wait": [0.0, 0], "cold": [0.0, 0], "join": [0.0, 0]}
 
     def timed(fn, key):
         def run(*a):
@@ -83,6 +88,10 @@ def host_table(gd, tok, steps):
     gd._A = [timed(f, "replay") for f in gd._A]
     wait = GraphDecoder.__dict__["_wait"]                  # the staticmethod object
     GraphDecoder._wait = staticmethod(timed(wait.__func__, "wait"))
+    join = GraphDecoder.__dict__["_join_chain"]
+    GraphDecoder._join_chain = staticmethod(timed(join.__func__, "join"))
+    ch = gd._chain._c if gd._chain is not None else None
+    c0 = (ch.busy_s(), ch.wait_s(), ch.waits()) if ch else None
     for cs in gd._coldstep:
         if cs is not None:
             cs.run = timed(cs.run, "cold")
@@ -91,10 +100,15 @@ def host_table(gd, tok, steps):
         tok = int(gd.step(tok).argmax())
     wall = (time.perf_counter() - t) / steps
     GraphDecoder._wait = wait
+    GraphDecoder._join_chain = join
+    if ch:
+        n = ch.waits() - c0[2]
+        acc["chain cold"] = [ch.busy_s() - c0[0], n]
+        acc["chain flag"] = [ch.wait_s() - c0[1], n]
     print(f"host, per token ({wall * 1e3:.2f} ms wall):")
     for k, (s, n) in acc.items():
         if n:
-            print(f"  {k:7s} {n / steps:6.1f} calls  {s / steps * 1e3:7.3f} ms  {s / n * 1e6:7.1f} us/call")
+            print(f"  {k:10s} {n / steps:6.1f} calls  {s / steps * 1e3:7.3f} ms  {s / n * 1e6:7.1f} us/call")
 
 
 def prefill_profile(model, n, dev):

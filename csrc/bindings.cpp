@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "attention.h"
+#include "cold_chain.h"
 #include "cold_step.h"
 #include "ffn.h"
 #include "kernels.h"
@@ -109,6 +110,26 @@ void attend_one(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t kc, uintptr_t v
                  ptr<const float>(sin), scale, ptr<float>(y));
 }
 
+// A ColdChain over native ColdSteps (owned by the Python wrapper, kernels/cpu.py ColdChain).
+std::unique_ptr<hi::ColdChain> cold_chain(const std::vector<hi::ColdStep*>& steps,
+                                          const std::vector<uintptr_t>& ready,
+                                          const std::vector<uintptr_t>& done,
+                                          const std::vector<uintptr_t>& ys, int d, double timeout) {
+  const size_t n = steps.size();
+  if (ready.size() != n || done.size() != n || ys.size() != n)
+    throw py::value_error("cold_chain: per-link lists differ in length");
+  std::vector<hi::ColdLink> links(n);
+  for (size_t i = 0; i < n; ++i)
+    links[i] = hi::ColdLink{steps[i], ptr<int32_t>(ready[i]), ptr<int32_t>(done[i]),
+                            ptr<float>(ys[i]), d};
+  return std::make_unique<hi::ColdChain>(std::move(links), timeout);
+}
+
+bool wait_flag(uintptr_t flag, double timeout, bool reset) {
+  py::gil_scoped_release nogil;
+  return hi::wait_flag(ptr<int32_t>(flag), timeout, reset);
+}
+
 double read_sum(uintptr_t p, size_t n) {
   py::gil_scoped_release nogil;
   return hi::read_sum(ptr<const float>(p), n);
@@ -149,6 +170,18 @@ PYBIND11_MODULE(_C, m) {
         py::arg("sel"), py::arg("w"), py::arg("k"), py::arg("x"), py::arg("y"), py::arg("act"),
         py::arg("threshold"), py::arg("exact"), py::arg("slot_masks") = 0,
         py::arg("slot_stride") = 0);
+  py::class_<hi::ColdChain>(m, "ColdChain",
+                            "A decode step's cold halves, served by a host thread on device flags.")
+      .def("begin", [](hi::ColdChain& c) { py::gil_scoped_release nogil; c.begin(); })
+      .def("end", [](hi::ColdChain& c, bool cancel) { py::gil_scoped_release nogil; c.end(cancel); },
+           py::arg("cancel") = false)
+      .def("busy_s", &hi::ColdChain::busy_s)
+      .def("wait_s", &hi::ColdChain::wait_s)
+      .def("waits", &hi::ColdChain::waits);
+  m.def("cold_chain", &cold_chain, py::arg("steps"), py::arg("ready"), py::arg("done"),
+        py::arg("ys"), py::arg("d"), py::arg("timeout"));
+  m.def("wait_flag", &wait_flag, py::arg("flag"), py::arg("timeout"), py::arg("reset"),
+        "Spin until the int32 at flag is 1 (then store 0 when reset); False on timeout.");
   m.def("rms_norm", &rms_norm, py::arg("x"), py::arg("w"), py::arg("n"), py::arg("d"),
         py::arg("eps"), py::arg("y"), "y [n, d] = RMSNorm(x) * w (float32).");
   m.def("attend_one", &attend_one, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("kc"),

@@ -1,12 +1,7 @@
 #include "threadpool.h"
 
 #include <memory>
-#if defined(HI_HAVE_X86)
-#include <immintrin.h>
-#define HI_PAUSE() _mm_pause()
-#else
-#define HI_PAUSE() std::this_thread::yield()
-#endif
+#include "spin.h"
 
 namespace hi {
 
@@ -36,7 +31,7 @@ void ThreadPool::run(const std::function<void(int)>& fn) {
   fn(0);
   // Workers finish at about the same time as we do: spin, yielding now and then.
   for (int i = 0; pending_.load(std::memory_order_acquire) != 0; ++i) {
-    if (i < 4096) HI_PAUSE(); else std::this_thread::yield();
+    if (i < 4096) cpu_relax(); else std::this_thread::yield();
   }
 }
 
@@ -44,7 +39,7 @@ void ThreadPool::worker(int tid) {
   uint64_t seen = 0;
   for (;;) {
     // Spin ~tens of microseconds for the next job before sleeping on the condition variable.
-    for (int i = 0; i < 20000 && gen_.load(std::memory_order_acquire) == seen; ++i) HI_PAUSE();
+    for (int i = 0; i < 20000 && gen_.load(std::memory_order_acquire) == seen; ++i) cpu_relax();
     const std::function<void(int)>* job;
     {
       std::unique_lock<std::mutex> lk(mu_);

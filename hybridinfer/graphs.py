@@ -27,8 +27,19 @@ event recorded inside the graph (external) marks that point. Host, per layer: on
 cold rows, one wait on that event and ColdStep (masks per slot); without, nothing: the host
 replays the next layer at once.
 
+Chained step (the default where no layer needs a host decision mid-token: every MoE layer fused,
+no predictor on the CPU): the host does not stand between two layers at all. The device writes a
+host flag ready[l] once layer l's inputs for its cold half are on the host (a kernel after the
+D2H copies), and before layer l+1 adds the CPU half it waits on the device for done[l]
+(kernels.gpu.flag_signal / flag_await, captured into the graphs). The host enqueues every graph
+of the token back to back, while a native service thread (kernels.cpu.ColdChain) waits for each
+ready[l], runs ColdStep l and sets done[l]. Critical path per layer: GPU work -> flag -> CPU half
+-> flag -> GPU work; graph launches and Python run ahead of the device. HYBRIDINFER_NO_CHAIN=1
+or chain=False keep the per-layer host loop below.
+
 The same code runs without capture (graphs=False): on the cpu device that is how CI tests the
-logic against the plain decode path.
+logic against the plain decode path (chained: the calling thread plays the device, the service
+thread the host).
 
 Shapes: d hidden, E experts, k top-k, C cache capacity, H/KV heads, hd head dim, V vocab.
 """
@@ -45,7 +56,7 @@ import torch
 from .ffn import HybridFFN, HybridMoE, MoE, route
 from .model import KVCache, Transformer, apply_rope, linear, qkv_projections, rms_norm
 from .kernels.cpu import PackedLinear
-from .kernels.gpu import SyncCounter
+from .kernels.gpu import SyncCounter, flag_await, flag_signal
 from .predictor import host_active, predictor_device
 
 MAX_GROUPS = 64        # expert choices per layer captured as one graph each (else per expert)
@@ -92,12 +103,14 @@ def attn_step(hp, ya, yc, an_w, fn_w, eps: float, q, k, v, o, qb, kb, vb, ob, qk
 
 class GraphDecoder:
     def __init__(self, model: Transformer, capacity: int, graphs: bool | None = None,
-                 fuse: bool | None = None, select_on_device: bool | None = None):
+                 fuse: bool | None = None, select_on_device: bool | None = None,
+                 chain: bool | None = None):
         """graphs: capture CUDA graphs (default: on cuda). fuse: torch.compile segment A's
         arithmetic (attn_step; default: with graphs, unless HYBRIDINFER_NO_COMPILE=1); a failed
         compilation falls back to the plain function with a warning. select_on_device: MoE
         layers whose predictors are on the device (or absent) run as one segment, the experts
-        chosen on the device (default on, unless HYBRIDINFER_HOST_SELECT=1)."""
+        chosen on the device (default on, unless HYBRIDINFER_HOST_SELECT=1). chain: the chained
+        step where possible (default on, unless HYBRIDINFER_NO_CHAIN=1; see the module doc)."""
         self.m, cfg = model, model.cfg
         # the device as tensors report it (cuda:0, not cuda): compared with weights' devices
         self.dev, self.dt = model.blocks[0].attn.q.device, model.embed.dtype
@@ -152,6 +165,18 @@ class GraphDecoder:
                       if isinstance(f, HybridFFN) and f.cold is not None}
         self._grouped = [self.moe[l] and math.comb(len(self._fm[l]), k) <= MAX_GROUPS for l in range(L)]
         self._coldstep = [self._cold_step(l) for l in range(L)]
+        if chain is None:
+            chain = os.environ.get("HYBRIDINFER_NO_CHAIN", "") in ("", "0")
+        self._links = [l for l in range(L) if self._coldstep[l] is not None]
+        self._chained = bool(chain and self._links and not self._cpu_pred
+                             and all(self._fused[l] or not self.moe[l] for l in range(L)))
+        self.flags = host(2, L, dtype=torch.int32)      # [ready, done] per layer, host memory
+        self._chain = None
+        if self._chained:
+            from .kernels import cpu
+            self._chain = cpu.ColdChain([self._coldstep[l] for l in self._links],
+                                        [self.flags[0, l] for l in self._links],
+                                        [self.flags[1, l] for l in self._links])
         cuda = self.dev.type == "cuda"
         # (expert ids, ready). A fused layer records `ready` inside its graph once u, the choice
         # and the masks are on the host (external: an event record node; the host waits for that
@@ -257,6 +282,7 @@ class GraphDecoder:
                 torch.index_select(m.embed, 0, self.tok, out=self.x0)                  # [1, d]
             parts = (self.x0, *self._zeros)
         else:
+            self._await_cold(l - 1)
             self.ycpu_dev[l - 1].copy_(self.ycpu_host[l - 1], non_blocking=True)         # H2D
             parts = (self.h[l - 1], self.yacc[l - 1], self.ycpu_dev[l - 1])
         a, f = blk.attn, blk.ffn
@@ -271,8 +297,10 @@ class GraphDecoder:
         if self.moe[l]:
             self.ids_host[l].copy_(ids, non_blocking=True)
             self.w_host[l].copy_(w, non_blocking=True)
-        elif (l, -1) in self._gpu_pred:
-            self.seg_predict(l, (-1,))
+        else:
+            if (l, -1) in self._gpu_pred:
+                self.seg_predict(l, (-1,))
+            self._signal_cold(l)
         return uf, ids, w
 
     def seg_layer(self, l: int) -> None:
@@ -284,7 +312,10 @@ class GraphDecoder:
         if mask is not None:
             self._ps[l].masks(uf, ids, mask)
             self.mslot_host[l].copy_(mask, non_blocking=True)                          # D2H
-        self._mark(self._ev[l][1])
+        if self._chained:
+            self._signal_cold(l)
+        else:
+            self._mark(self._ev[l][1])
         self._hs[l].run(self.u[l], ids, w, mask, self.yacc[l])
 
     def seg_predict(self, l: int, g: tuple[int, ...]) -> None:
@@ -316,8 +347,19 @@ class GraphDecoder:
             else:
                 self.yacc[l].add_(part)
 
+    def _signal_cold(self, l: int) -> None:
+        """Chained: layer l's cold-half inputs are on the host (the copies above, in stream order)."""
+        if self._chained and self._coldstep[l] is not None:
+            flag_signal(self.flags[0, l], self.dev)
+
+    def _await_cold(self, l: int) -> None:
+        """Chained: wait (on the device) for layer l's CPU half in ycpu_host[l]."""
+        if self._chained and self._coldstep[l] is not None:
+            flag_await(self.flags[1, l], self.dev)
+
     def seg_final(self) -> None:
         L = self.m.cfg.num_layers
+        self._await_cold(L - 1)
         self.ycpu_dev[L - 1].copy_(self.ycpu_host[L - 1], non_blocking=True)
         x = (self.h[L - 1].float() + self.yacc[L - 1] + self.ycpu_dev[L - 1]).to(self.dt)
         xf = self.m.norm(x)
@@ -373,7 +415,47 @@ class GraphDecoder:
         if m.embed.device != self.dev:
             self.x0_host.copy_(m.embed[token])
             self.x0.copy_(self.x0_host, non_blocking=True)
-        for l in range(m.cfg.num_layers):
+        if self._chained:
+            self._step_chained()
+        else:
+            self._step_layers()
+            self._F()
+        cache.length = p + 1
+        if m.lm_head.device != self.dev:
+            self._wait(self._mark(self._ev_out))
+            return linear(self.xf_host, m.lm_head)[0].float()
+        return self.logits
+
+    def _step_chained(self) -> None:
+        """Every layer's graphs enqueued back to back; the chain serves the cold halves."""
+        self._chain.begin()
+        try:
+            for l in range(self.m.cfg.num_layers):
+                self._A[l]()
+                if not self._fused[l]:                  # a dense FFN layer: its hot half
+                    for call in self._plan(l, (-1,))[1]:
+                        call()
+            self._F()
+        except BaseException:
+            self._chain.end(cancel=True)
+            self._reset_flags()
+            raise
+        try:
+            self._join_chain(self._chain)
+        except Exception:
+            self._reset_flags()
+            raise
+
+    @staticmethod
+    def _join_chain(chain) -> None:
+        """Block the host until the chain served the token's cold halves (a host-device
+        synchronisation; counted)."""
+        chain.end()
+        SyncCounter.syncs += 1
+
+    def _step_layers(self) -> None:
+        """The per-layer host loop: replays, waits for the device, the cold halves in between."""
+        for l in range(self.m.cfg.num_layers):
             if self._fused[l]:                  # one replay; a wait only when there are cold rows
                 self._A[l]()
                 cs = self._coldstep[l]
@@ -408,12 +490,6 @@ class GraphDecoder:
                 if not synced:
                     self._wait(ready)                               # not the hot halves: overlap
                 cs.run()
-        self._F()
-        cache.length = p + 1
-        if m.lm_head.device != self.dev:
-            self._wait(self._mark(self._ev_out))
-            return linear(self.xf_host, m.lm_head)[0].float()
-        return self.logits
 
     # ---- capture ------------------------------------------------------------------------------
     def _segments(self):
@@ -438,8 +514,14 @@ class GraphDecoder:
         side.wait_stream(torch.cuda.current_stream(self.dev))
         with torch.inference_mode(), torch.cuda.stream(side):
             for _ in range(2):
-                for _, fn, args in segs:
-                    fn(*args)
+                if self._chain is not None:      # chained segments wait for the cold halves
+                    self._chain.begin()
+                try:
+                    for _, fn, args in segs:
+                        fn(*args)
+                finally:
+                    if self._chain is not None:
+                        self._chain.end()
         torch.cuda.current_stream(self.dev).wait_stream(side)
         torch.cuda.synchronize(self.dev)
         pool = None
@@ -452,8 +534,16 @@ class GraphDecoder:
                 self._graphs[key] = g
         self._clear()
 
+    def _reset_flags(self) -> None:
+        """Every flag back to 0 once the device is idle (after a failed chained step, and after
+        warm-ups that signalled with no one serving)."""
+        if self.dev.type == "cuda":
+            torch.cuda.synchronize(self.dev)
+        self.flags.zero_()
+
     def _clear(self) -> None:
         """The warm-ups wrote position 0: start clean."""
+        self._reset_flags()
         for t in self.cache.k + self.cache.v:
             t.zero_()
         self.cache.length = 0

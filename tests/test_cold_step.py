@@ -32,12 +32,7 @@ def test_cold_step_matches_reference(seed):
     ffns, neurons, masks, x, y, sel, w, g = _setup(seed)
     cs = cpu.ColdStep(ffns, neurons, masks, x, y, sel, w, "drelu")
     for step in range(4):                                   # buffers refilled in place per step
-        x.copy_(torch.randn(x.shape, generator=g))
-        sel.copy_(torch.randperm(len(ffns), generator=g)[:2])
-        w.copy_(torch.rand(2, generator=g))
-        for m in masks:
-            if m is not None:
-                m.copy_(torch.rand(m.shape, generator=g) < 0.4)
+        _fill((cs, ffns, neurons, masks, x, y, sel, w, g))
         cs.run()
         ref, bound, rows = torch.zeros(x.numel(), dtype=torch.float64), 0, 0
         chosen = []
@@ -109,3 +104,77 @@ def test_cold_step_slot_masks_equal_per_expert_masks():
         cpu.ColdStep(ffns, neurons, [None] * len(ffns), x, y2, sel, w, slot_masks=slot[:, :3].contiguous())
     with pytest.raises(ValueError, match="rows for 2 slots"):
         cpu.ColdStep(ffns, neurons, [None] * len(ffns), x, y2, sel, w, slot_masks=slot[:1].contiguous())
+
+
+def _chain_layers(seed, n=3):
+    """n layers' ColdSteps on their own buffers, and their int32 flags [2, n]."""
+    layers = []
+    for i in range(n):
+        ffns, neurons, masks, x, y, sel, w, g = _setup(seed * 7 + i)
+        layers.append((cpu.ColdStep(ffns, neurons, masks, x, y, sel, w, "drelu"),
+                       ffns, neurons, masks, x, y, sel, w, g))
+    return layers, torch.zeros(2, n, dtype=torch.int32)
+
+
+def _fill(layer):
+    _, ffns, _, masks, x, _, sel, w, g = layer
+    x.copy_(torch.randn(x.shape, generator=g))
+    sel.copy_(torch.randperm(len(ffns), generator=g)[:2])
+    w.copy_(torch.rand(2, generator=g))
+    for m in masks:
+        if m is not None:
+            m.copy_(torch.rand(m.shape, generator=g) < 0.4)
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_cold_chain_serves_layers_in_order(seed):
+    """The main thread plays the device: per layer it fills the inputs, sets ready, waits for
+    done (as the device does: reset on read); the chain's thread must have run that layer's
+    step by then with those inputs: y equals a plain ColdStep.run on the same buffers."""
+    layers, flags = _chain_layers(seed)
+    chain = cpu.ColdChain([lay[0] for lay in layers], list(flags[0]), list(flags[1]))
+    for token in range(3):
+        chain.begin()
+        for i, lay in enumerate(layers):
+            _fill(lay)
+            flags[0, i] = 1                                         # ready
+            assert cpu.wait_flag(flags[1, i], timeout=5.0)          # done, reset
+            got = lay[5].clone()
+            lay[0].run()                                            # the same step, again
+            assert torch.equal(got, lay[5]), f"token {token} layer {i}"
+        chain.end()
+        assert int(flags.abs().sum()) == 0                          # every flag consumed
+    assert cpu.ColdChain.waits >= 9 and cpu.ColdChain.busy_s > 0
+
+
+def test_cold_chain_error_unblocks_the_device_and_raises():
+    layers, flags = _chain_layers(3)
+    chain = cpu.ColdChain([lay[0] for lay in layers], list(flags[0]), list(flags[1]))
+    chain.begin()
+    _fill(layers[0])
+    layers[0][6].fill_(99)                                          # corrupt expert id
+    flags[0, 0] = 1
+    for i in range(3):          # the device is never stalled: done comes for every layer
+        assert cpu.wait_flag(flags[1, i], timeout=5.0)
+        assert torch.count_nonzero(layers[i][5]) == 0               # y zeroed
+    with pytest.raises(ValueError, match="out of range"):
+        chain.end()
+
+
+def test_cold_chain_timeout_and_cancel():
+    layers, flags = _chain_layers(4, n=2)
+    chain = cpu.ColdChain([lay[0] for lay in layers], list(flags[0]), list(flags[1]),
+                          timeout=0.05)
+    chain.begin()                                                   # no ready ever comes
+    with pytest.raises(RuntimeError, match="did not signal link 0"):
+        chain.end()
+    assert flags[1].tolist() == [1, 1]                              # the device would go on
+    flags.zero_()
+    chain2 = cpu.ColdChain([lay[0] for lay in layers], list(flags[0]), list(flags[1]))
+    chain2.begin()
+    chain2.end(cancel=True)                                         # returns, raises nothing
+    assert not cpu.wait_flag(flags[0, 0], timeout=0.01)             # nothing set ready
+    with pytest.raises(ValueError, match="one ready and one done"):
+        cpu.ColdChain([layers[0][0]], [flags[0, 0]], [])
+    with pytest.raises(ValueError, match="int32"):
+        cpu.ColdChain([layers[0][0]], [flags[0, 0].long()], [flags[1, 0]])

@@ -19,15 +19,21 @@ CASES = [("TurboSparseMixtralForCausalLM", "predictor", "mixed"),
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-@pytest.mark.parametrize("select_on_device", [True, False])
+@pytest.mark.parametrize("select_on_device,chain", [(True, True), (True, False), (False, True)])
 @pytest.mark.parametrize("arch,sparsity,placement", CASES)
 def test_graph_decoder_equals_plain_decode(tmp_path, arch, sparsity, placement, device,
-                                           select_on_device):
+                                           select_on_device, chain):
     """select_on_device: MoE layers as one segment each, the experts chosen on the device
-    (HotSlots, the predictors' slots, ColdStep's slot masks), or chosen by the host."""
+    (HotSlots, the predictors' slots, ColdStep's slot masks), or chosen by the host.
+    chain: the cold halves served by kernels.cpu.ColdChain's thread on device flags (where no
+    layer needs the host mid-token: MoE layers fused; on cpu this thread plays the device)."""
     gd = _check_against_plain(tmp_path, arch, sparsity, placement, device,
-                              select_on_device=select_on_device)
-    assert any(gd._fused) == (select_on_device and arch.startswith("TurboSparseMixtral"))
+                              select_on_device=select_on_device, chain=chain)
+    moe = arch.startswith("TurboSparseMixtral")
+    assert any(gd._fused) == (select_on_device and moe)
+    has_cold = placement != "all_gpu"
+    assert gd._chained == (chain and has_cold and (select_on_device or not moe))
+    assert int(gd.flags.abs().sum()) == 0                  # every flag consumed after a token
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
@@ -66,14 +72,14 @@ def test_graph_decoder_compiled_attention_step(tmp_path, gpu_fmt):
 
 
 def _check_against_plain(tmp_path, arch, sparsity, placement, device, fuse=None,
-                         select_on_device=None, **opts) -> GraphDecoder:
+                         select_on_device=None, chain=None, **opts) -> GraphDecoder:
     folder, _, _ = write_model(tmp_path / "m", arch, seed=51, sliding_window=5)
     from hybridinfer.config import ModelConfig
     hot = placements(ModelConfig.from_dir(folder), seed=52)[placement]
     llm = hybrid(folder, hot, torch.device(device), sparsity=sparsity, **opts)
     ids = random_ids(12, seed=53)
     ref_cache = llm.model.new_cache(16)
-    gd = GraphDecoder(llm.model, 16, fuse=fuse, select_on_device=select_on_device)
+    gd = GraphDecoder(llm.model, 16, fuse=fuse, select_on_device=select_on_device, chain=chain)
     with torch.inference_mode():
         ref = [prefill(llm.model, ids[:3], ref_cache)]
         ref += [decode_one_token(llm.model, t, ref_cache) for t in ids[3:]]

@@ -195,3 +195,46 @@ def test_fused_qkv_rows_are_views_and_compute_the_same():
         torch.testing.assert_close(a, b)
     with pytest.raises(ValueError, match="expected"):
         stacked_linears([(lambda: ws[0], 64), (lambda: torch.randn(8, 96), 8)], 64, "q4_0", "cpu")
+
+
+FLAGS_SCRIPT = textwrap.dedent("""
+    import os, threading, time, torch
+    from hybridinfer.kernels import cpu, triton_flags
+    cuda = os.environ.get("HI_TEST_DEVICE", "cpu") == "cuda"
+    f = torch.zeros(2, dtype=torch.int32, pin_memory=cuda)
+    ready, done = f[0], f[1]
+    triton_flags.signal(ready.data_ptr())                    # the device: inputs are ready
+    assert cpu.wait_flag(ready, timeout=10.0)                 # the host sees it, resets it
+    assert int(ready) == 0
+    def host():                                               # the host's answer, 50 ms later
+        time.sleep(0.05)
+        done.fill_(1)
+    th = threading.Thread(target=host)
+    t = time.perf_counter()
+    th.start()
+    triton_flags.await_(done.data_ptr())                      # the device waits for it
+    if cuda:
+        torch.cuda.synchronize()
+    th.join()
+    assert time.perf_counter() - t >= 0.05                    # it did wait
+    assert int(done) == 0                                     # and reset the flag
+    t = time.perf_counter()
+    triton_flags.await_(done.data_ptr(), 1000)                # never set: gives up
+    if cuda:
+        torch.cuda.synchronize()
+    assert time.perf_counter() - t < 5.0
+    print("ok")
+""")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_device_flags_signal_and_await(device):
+    """kernels/triton_flags.py: the device sets a host flag, and waits for the host's (then
+    resets it), the protocol of the chained decode step; a wait gives up after its limit."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "HI_TEST_DEVICE": device}
+    if device == "cpu":
+        env["TRITON_INTERPRET"] = "1"
+    out = subprocess.run([sys.executable, "-c", FLAGS_SCRIPT], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stdout + out.stderr[-3000:]

@@ -412,6 +412,7 @@ class ColdStep:
             nptr.append(nr.data_ptr())
             mptr.append(0 if m is None else m.data_ptr())
         self._keep = keep
+        self.y = y
         self._c = _call(_native().cold_step, fmts, d, n_colds, gates, ups, downs, nptr, mptr,
                         0 if sel is None else sel.data_ptr(), 0 if w is None else w.data_ptr(),
                         k, x.data_ptr(), y.data_ptr(), _act(act), float(threshold), bool(exact),
@@ -426,6 +427,66 @@ class ColdStep:
     def last_rows(self) -> int:
         """Cold rows the last run() computed (all chosen experts)."""
         return self._c.last_rows()
+
+
+def _flag(t: torch.Tensor, name: str) -> int:
+    """The address of a one-element int32 host tensor (a view into a flag array)."""
+    t = _tensor(t, name)
+    if t.dtype != torch.int32 or t.numel() != 1:
+        raise ValueError(f"{name}: expected one int32 element of host memory")
+    return t.data_ptr()
+
+
+class ColdChain:
+    """A decode step's cold halves served by a native host thread while the device runs ahead
+    (csrc/cold_chain.h): for link i, the device sets ready[i] = 1 once ColdStep i's inputs are
+    on the host; the thread resets it, runs the step and sets done[i] = 1, which the device
+    waits for (and resets) before it reads the step's y. begin() starts a token, end() waits
+    for all its links and raises the first error (RuntimeError / ValueError); after an error the
+    caller must bring the flags back to 0 once the device is idle.
+
+    steps: ColdStep [n]; ready, done: int32 one-element views of host memory [n] each
+    (page-locked where a GPU writes/reads them). Class-level totals for benchmarks: busy_s
+    (seconds inside the steps), waits (flags waited for), summed over every chain at end()."""
+
+    busy_s = 0.0
+    waits = 0
+
+    def __init__(self, steps, ready, done, timeout: float = 10.0):
+        steps, ready, done = list(steps), list(ready), list(done)
+        if not steps or not len(steps) == len(ready) == len(done):
+            raise ValueError("ColdChain: need one ready and one done flag per step")
+        if not all(isinstance(s, ColdStep) for s in steps):
+            raise ValueError("ColdChain: steps must be ColdStep objects")
+        d = steps[0].y.numel()
+        if any(s.y.numel() != d for s in steps):
+            raise ValueError("ColdChain: the steps differ in d_model")
+        self._keep = (steps, ready, done)
+        self._c = _call(_native().cold_chain, [s._c for s in steps],
+                        [_flag(t, "ready") for t in ready], [_flag(t, "done") for t in done],
+                        [s.y.data_ptr() for s in steps], d, float(timeout))
+        self._seen = (0.0, 0)
+
+    def begin(self) -> None:
+        self._c.begin()
+
+    def end(self, cancel: bool = False) -> None:
+        """Wait for the token's links (GIL released); cancel: stop waiting for flags the device
+        will not set (the rest get a zero y and done = 1); errors are then not raised."""
+        try:
+            self._c.end(bool(cancel))
+        finally:
+            busy, waits = self._c.busy_s(), self._c.waits()
+            ColdChain.busy_s += busy - self._seen[0]
+            ColdChain.waits += waits - self._seen[1]
+            self._seen = (busy, waits)
+
+
+def wait_flag(flag: torch.Tensor, timeout: float = 10.0, reset: bool = True) -> bool:
+    """Spin (GIL released) until the int32 host element `flag` is 1; then set it to 0 when
+    reset. False when `timeout` seconds pass first. The host side of a device's wait on a
+    ColdChain's done flag (the cpu device runs the segments on the calling thread)."""
+    return bool(_call(_native().wait_flag, _flag(flag, "flag"), float(timeout), bool(reset)))
 
 
 def read_sum(buf) -> float:

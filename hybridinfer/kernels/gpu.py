@@ -295,6 +295,28 @@ def _unpin(ts: list[torch.Tensor]) -> None:
         cudart.cudaHostUnregister(t.data_ptr())
 
 
+def flag_signal(flag: torch.Tensor, device: torch.device) -> None:
+    """`device` sets the host int32 `flag` (one element of page-locked memory) to 1, in stream
+    order (kernels/triton_flags.py); on the cpu device the calling thread stores it."""
+    if device.type == "cuda":
+        from . import triton_flags
+        triton_flags.signal(flag.data_ptr())
+    else:
+        flag.fill_(1)
+
+
+def flag_await(flag: torch.Tensor, device: torch.device, timeout: float = 60.0) -> None:
+    """`device` waits until the host int32 `flag` is 1, then resets it to 0 (on cuda: a kernel
+    in stream order, the host never blocks; on the cpu device the calling thread spins)."""
+    if device.type == "cuda":
+        from . import triton_flags
+        triton_flags.await_(flag.data_ptr())
+        return
+    from . import cpu
+    if not cpu.wait_flag(flag, timeout):
+        raise RuntimeError(f"flag_await: no signal within {timeout} s")
+
+
 class SyncCounter:
     """Counts the host-device synchronisations the runtime makes (reported by benchmarks)."""
     syncs = 0
