@@ -3,8 +3,9 @@
 //     (dynamic: a thread that hits slow memory simply claims fewer chunks);
 //   - each id is fused: gate dot, up dot, activation, then its down row is accumulated into the
 //     claiming thread's private y buffer [b, d];
-//   - after the parallel region the private buffers are summed into y (in parallel over columns
-//     when large). No thread ever writes memory another thread writes.
+//   - then the private buffers are summed into y: on the pool by the same job after a barrier,
+//     each thread one slice of columns (accumulate_chunks). No thread ever writes memory another
+//     thread writes.
 #include "ffn.h"
 
 #include <algorithm>
@@ -15,6 +16,7 @@
 #include <string>
 #include <vector>
 
+#include "spin.h"
 #include "threadpool.h"
 
 namespace hi {
@@ -133,11 +135,14 @@ constexpr size_t kSerialBytesWide = size_t(32) << 10;
 
 // Runs body(tid, chunk) over all chunks: with dynamic claiming on the pool, or on the calling
 // thread (tid 0) when the call reads fewer than the serial threshold of weights.
+inline bool on_caller(const ThreadPool& P, size_t bytes) {
+  return P.size() == 1 || bytes < (P.size() > 2 ? kSerialBytesWide : kSerialBytes);
+}
+
 template <class Body>
 void parallel_chunks(ThreadPool& P, const std::vector<Chunk>& chunks, const Body& body,
                      size_t bytes = kSerialBytes) {
-  const size_t serial = P.size() > 2 ? kSerialBytesWide : kSerialBytes;
-  if (bytes < serial || P.size() == 1) {
+  if (on_caller(P, bytes)) {
     for (const Chunk& c : chunks) body(0, c);
     return;
   }
@@ -165,21 +170,46 @@ inline float* acc_of(int tid, size_t n) {
   return s.y.data();
 }
 
-// y [n] = sum of the used private accumulators.
-void reduce_into(ThreadPool& P, float* y, size_t n) {
-  std::vector<const float*> parts;
-  for (int t = 0; t < P.size(); ++t) if (g_scr[size_t(t)].used) parts.push_back(g_scr[size_t(t)].y.data());
-  auto sum_range = [&](size_t lo, size_t hi) {
-    if (parts.empty()) { std::fill(y + lo, y + hi, 0.f); return; }
-    std::memcpy(y + lo, parts[0] + lo, (hi - lo) * sizeof(float));
-    for (size_t p = 1; p < parts.size(); ++p)
-      for (size_t i = lo; i < hi; ++i) y[i] += parts[p][i];
-  };
-  if (n * parts.size() < (size_t(1) << 18) || P.size() == 1) { sum_range(0, n); return; }
-  const size_t T = size_t(P.size()), step = (n + T - 1) / T;
+// y[lo, hi) = the sum of the used private accumulators of threads < T over those columns.
+void sum_parts(float* y, size_t lo, size_t hi, int T) {
+  bool first = true;
+  for (int t = 0; t < T; ++t) {
+    if (!g_scr[size_t(t)].used) continue;
+    const float* p = g_scr[size_t(t)].y.data();
+    if (first) std::memcpy(y + lo, p + lo, (hi - lo) * sizeof(float));
+    else for (size_t i = lo; i < hi; ++i) y[i] += p[i];
+    first = false;
+  }
+  if (first) std::fill(y + lo, y + hi, 0.f);
+}
+
+// parallel_chunks whose bodies add into the threads' private accumulators, then y [n] = their
+// sum. On the pool the same job sums after a barrier, thread t over one slice of columns
+// (16-float aligned): no second hand-off and no pass of one core over T accumulators in other
+// cores' caches (the decode step's cold half at 8 threads, d = 4096: 128 KiB of cross-core
+// reads). H100 machine, 8 threads, with the pool's lock-free wake: 96 cold rows 56 -> 47 us
+// (benchmarks/results/cold_step_latency_pool_ab.txt).
+template <class Body>
+void accumulate_chunks(ThreadPool& P, const std::vector<Chunk>& chunks, const Body& body,
+                       size_t bytes, float* y, size_t n) {
+  const int T = P.size();
+  if (on_caller(P, bytes)) {
+    for (const Chunk& c : chunks) body(0, c);
+    sum_parts(y, 0, n, T);
+    return;
+  }
+  std::atomic<size_t> next{0};
+  std::atomic<int> arrived{0};
+  const size_t step = ((n + size_t(T) - 1) / size_t(T) + 15) / 16 * 16;
   P.run([&](int tid) {
+    for (size_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < chunks.size();)
+      body(tid, chunks[c]);
+    arrived.fetch_add(1, std::memory_order_acq_rel);     // every accumulator is final after it
+    for (int i = 0; arrived.load(std::memory_order_acquire) < T; ++i) {
+      if (i < 4096) cpu_relax(); else std::this_thread::yield();
+    }
     const size_t lo = std::min(n, step * size_t(tid)), hi = std::min(n, lo + step);
-    if (lo < hi) sum_range(lo, hi);
+    if (lo < hi) sum_parts(y, lo, hi, T);
   });
 }
 
@@ -205,7 +235,7 @@ void ffn_sparse_multi(const FFNDesc* ffns, int E, const float* x, int b,
   size_t bytes = 0;                                   // at most, read per token batch
   for (int e = 0; e < E; ++e) bytes += size_t(k[e]) * 3 * row_bytes(ffns[e].fmt, d);
 
-  parallel_chunks(P, chunks, [&](int tid, const Chunk& c) {
+  accumulate_chunks(P, chunks, [&](int tid, const Chunk& c) {
     const FFNDesc& f = ffns[c.e];
     const size_t rb = row_bytes(f.fmt, d);
     const DotFn dot = K.dot[int(f.fmt)];
@@ -255,8 +285,7 @@ void ffn_sparse_multi(const FFNDesc* ffns, int E, const float* x, int b,
       if (np == kRows) { axpy(rows, np, s.coef.data(), b, acc, d); np = 0; }
     }
     if (np) axpy(rows, np, s.coef.data(), b, acc, d);
-  }, bytes);
-  reduce_into(P, y, size_t(b) * d);
+  }, bytes, y, size_t(b) * d);
 }
 
 void gate_up_sparse(const FFNDesc& f, const float* x, int b, const int32_t* ids, int64_t k,
@@ -303,7 +332,7 @@ void down_sparse(const FFNDesc& f, const float* a, int b, const int32_t* ids, in
   prepare_scratch(P.size(), b, d, true);
   const size_t rb = row_bytes(f.fmt, d);
   const AxpyFn axpy = K.axpy[int(f.fmt)];
-  parallel_chunks(P, make_chunks(&k, 1, P.size()), [&](int tid, const Chunk& c) {
+  accumulate_chunks(P, make_chunks(&k, 1, P.size()), [&](int tid, const Chunk& c) {
     Scratch& s = g_scr[size_t(tid)];
     float* acc = acc_of(tid, size_t(b) * d);
     const uint8_t* rows[kRows];
@@ -318,8 +347,7 @@ void down_sparse(const FFNDesc& f, const float* a, int b, const int32_t* ids, in
       if (np == kRows) { axpy(rows, np, s.coef.data(), b, acc, d); np = 0; }
     }
     if (np) axpy(rows, np, s.coef.data(), b, acc, d);
-  }, size_t(k) * rb);
-  reduce_into(P, y, size_t(b) * d);
+  }, size_t(k) * rb, y, size_t(b) * d);
 }
 
 void linear(Fmt fmt, int d, int n, const uint8_t* w, const float* x, int b, float* y) {

@@ -327,6 +327,29 @@ def test_threads_agree(fmt):
     assert torch.equal(cpu.ffn_sparse(ffn, x, ids, "silu"), outs[1])  # deterministic at 1 thread
 
 
+def test_decode_step_on_a_wide_pool():
+    """One token, two experts, few rows of d = 4096 on 8 threads (the GPU machine's cold half:
+    the pool's in-job barrier, then each thread sums one slice of columns): within the float64
+    bound, and equal to one thread's result within twice the bound."""
+    d, n = 4096, 512
+    ffns = [make_ffn("q4_0", d, n, seed=s) for s in (21, 22)]
+    x = torch.randn(1, d, generator=torch.Generator().manual_seed(23))
+    ids = [id_set("random", n, s)[:37] for s in (24, 25)]
+    scales = [0.7, 0.3]
+    ref = torch.zeros(1, d, dtype=torch.float64)
+    bound = torch.zeros(1, d, dtype=torch.float64)
+    for f, i, sc in zip(ffns, ids, scales):
+        r, b = reference(f, x, i, "drelu", scale=torch.tensor([sc], dtype=torch.float64))
+        ref, bound = ref + r, bound + b
+    outs = {}
+    for t in (8, 1):
+        cpu.set_num_threads(t)
+        outs[t] = cpu.ffn_sparse_multi(ffns, x, ids, [[s] for s in scales], "drelu")
+        assert_within(outs[t], ref, bound, f"{t} threads")
+    assert_within(outs[8], outs[1].double(), 2 * bound, "8 vs 1 threads")
+    cpu.set_num_threads(2)
+
+
 def test_dispatch_paths_agree_and_env_var():
     ffn = make_ffn("q4_0", 64, 37)
     x = torch.randn(2, 64, generator=torch.Generator().manual_seed(3))
