@@ -367,8 +367,12 @@ def config(fmt: str, d: int, n: int, device: torch.device | None = None) -> dict
     reads q4_0 rows as int16 halfwords. device is unused (kept for callers)."""
     if fmt == "q4_0":
         nb2 = triton.next_power_of_2(d // 32)
-        gu = dict(CHUNK=16, R=2 if n >= 4096 else 4, BK=min(nb2, 128), num_warps=4)
-        dn = dict(CHUNK=256 if n >= 8192 else 128, R=16, BK=min(nb2, 8), num_warps=4)
+        # n <= 1024 (a predictor's fc1 per slot): more programs (benchmarks/results/
+        # triton_sweep_h100.json: 6.8 -> 5.8 us for 2 slots of 1024 x 4096)
+        gu = dict(CHUNK=16 if n > 1024 else 8, R=4 if 1024 < n < 4096 else 2,
+                  BK=min(nb2, 128), num_warps=4)
+        # wide rows (a predictor's fc2^T, 14336 columns): 256-row chunks (12.9 -> 10.7 us)
+        dn = dict(CHUNK=256 if n >= 8192 or d >= 8192 else 128, R=16, BK=min(nb2, 8), num_warps=4)
     else:
         gu = dict(CHUNK=16, R=4, BK=min(triton.next_power_of_2(d), 4096), num_warps=8)
         dn = dict(CHUNK=64, R=8, BK=min(triton.next_power_of_2(d), 1024), num_warps=4)
