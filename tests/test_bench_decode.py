@@ -102,3 +102,47 @@ def test_harness_end_to_end_json(tmp_path, shape):
     assert cpu_sparse["bytes_cpu"] < cpu_dense["bytes_cpu"]        # sparse reads fewer FFN bytes
     if decode.plot.__module__ and png.exists():
         assert png.stat().st_size > 1000
+
+
+SAMPLE_SCRIPT = """
+import torch
+from hybridinfer.bench.synth_predictor import _sample_kernel
+k = _sample_kernel()
+N, E = 3000, 4
+g = torch.Generator().manual_seed(0)
+p = torch.rand(E, N, generator=g) * 0.4
+sel = torch.tensor([3, 1])
+s = torch.randn(2, N, generator=g)
+out = torch.zeros(2, N, dtype=torch.bool)
+ctr = torch.tensor([12345, 0], dtype=torch.int32)
+hits = torch.zeros(2, N)
+outs = []
+for i in range(20):
+    k[((N + 1023) // 1024, 2)](s, p, sel, out.view(torch.int8), ctr, N, BLOCK=1024)
+    outs.append(out.clone())
+    hits += out.float()
+assert ctr.tolist() == [12365, 0], ctr                  # one seed step a launch, tickets reset
+assert all(bool((outs[0] != o).any()) for o in outs[1:])    # fresh draws each launch
+ps = p[sel]
+assert abs(float(hits.mean() / 20) - float(ps.mean())) < 0.01
+# the neurons' firing follows their own probability: rare ones fire rarely
+lo, hi = ps < 0.05, ps > 0.35
+assert float(hits[lo].mean() / 20) < 0.06 and float(hits[hi].mean() / 20) > 0.33
+s[0, 5] = float("nan")                                   # the score is a real input
+k[((N + 1023) // 1024, 2)](s, p, sel, out.view(torch.int8), ctr, N, BLOCK=1024)
+assert not bool(out[0, 5])
+print("ok")
+"""
+
+
+def test_synth_slots_sample_kernel_under_the_interpreter():
+    """SynthSlots' one-kernel mask (CUDA path; Triton's interpreter here): per-neuron firing at
+    the chosen experts' probabilities, fresh draws per launch from a device counter the kernel
+    advances itself (CUDA-graph replays), and a dependency on the scores."""
+    import os
+    import subprocess
+    import sys
+    pytest.importorskip("triton")
+    out = subprocess.run([sys.executable, "-c", SAMPLE_SCRIPT], capture_output=True, text=True,
+                         env={**os.environ, "TRITON_INTERPRET": "1"}, timeout=300)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stdout + out.stderr[-3000:]

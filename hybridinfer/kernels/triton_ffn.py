@@ -266,7 +266,8 @@ def _gate_up_kernel(x_ptr, g_ptr, u_ptr, mask_ptr, a_ptr, lst_ptr, N, D, NB, RS,
 @triton.jit
 def _axpy_kernel(a_ptr, w_ptr, y_ptr, lst_ptr, N, D, NB, RS, sel_ptr, wtab, ntab, rw_ptr, AS, YS,
                  IS_Q4: tl.constexpr, CHUNK: tl.constexpr, R: tl.constexpr, BK: tl.constexpr,
-                 WORDS: tl.constexpr, SLOT: tl.constexpr, HAS_RW: tl.constexpr):
+                 WORDS: tl.constexpr, SLOT: tl.constexpr, HAS_RW: tl.constexpr,
+                 RELU_A: tl.constexpr = False):
     """y [D] f32 += sum_j a[j] * W[j]. Program (pc, pr): K tile pc (BK blocks or columns) of
     the rows [pr*CHUNK, (pr+1)*CHUNK). lst: int32 [grid0*grid1*CHUNK] scratch.
     q4_0: elementwise accumulators of the tile's shape [R, BK, 8] (one FMA per weight, no
@@ -274,7 +275,8 @@ def _axpy_kernel(a_ptr, w_ptr, y_ptr, lst_ptr, N, D, NB, RS, sel_ptr, wtab, ntab
     column per program.
     SLOT (grid axis 2 = slot s): expert sel[s]'s rows from the tables (wtab: row addresses,
     ntab: row counts), a at a_ptr + s*AS, y at y_ptr + s*YS (YS = 0: every slot into one y),
-    with HAS_RW the sums scaled by rw[s] (the router's weight of the slot's expert)."""
+    with HAS_RW the sums scaled by rw[s] (the router's weight of the slot's expert).
+    RELU_A: the coefficients are relu(a) (a predictor's hidden layer; one kernel less)."""
     pc = tl.program_id(0)
     pr = tl.program_id(1)
     rw = 1.0
@@ -288,7 +290,8 @@ def _axpy_kernel(a_ptr, w_ptr, y_ptr, lst_ptr, N, D, NB, RS, sel_ptr, wtab, ntab
             rw = tl.load(rw_ptr + s)
     offs = pr * CHUNK + tl.arange(0, CHUNK)
     inr = offs < N
-    live = inr & (tl.load(a_ptr + offs, mask=inr, other=0.0) != 0.0)
+    av = tl.load(a_ptr + offs, mask=inr, other=0.0)
+    live = inr & ((av > 0.0) if RELU_A else (av != 0.0))        # relu: rows with a <= 0 unread
     lst = lst_ptr + (pr * tl.num_programs(0) + pc) * CHUNK
     cnt = _compact(live, offs, lst)
     k0 = pc * BK
@@ -520,15 +523,17 @@ def down(fmt: str, d: int, w: torch.Tensor, a: torch.Tensor, y: torch.Tensor | N
 
 def down_slots(fmt: str, d: int, wt: RowTable, a: torch.Tensor, a_stride: int, y: torch.Tensor,
                y_stride: int, sel: torch.Tensor, rw: torch.Tensor | None = None,
-               cfg: dict | None = None) -> torch.Tensor:
+               cfg: dict | None = None, relu_a: bool = False) -> torch.Tensor:
     """Device-selected axpy: for slot s (e = sel[s]) y[s*y_stride : +d] += rw[s] * sum_j
     a[s*a_stride + j] * W_e[j] over expert e's rows with a != 0 (y_stride 0: every slot into one
-    y [d]; a_stride 0: one a for every slot; rw None: weight 1). y f32, zeroed by the caller."""
+    y [d]; a_stride 0: one a for every slot; rw None: weight 1). y f32, zeroed by the caller.
+    relu_a: relu(a) instead of a (rows with a <= 0 are not read)."""
     k = sel.numel()
     c, grid, lst, _ = _down_launch(fmt, d, wt.n_max, cfg, a.device, k)
     LAST["down_slots"] = _axpy_kernel[(*grid, k)](
         a, wt.like, y, lst, 0, d, d // 32, wt.rs, sel, wt.ptr, wt.cnt,
-        rw if rw is not None else a, a_stride, y_stride, SLOT=True, HAS_RW=rw is not None, **c)
+        rw if rw is not None else a, a_stride, y_stride, SLOT=True, HAS_RW=rw is not None,
+        RELU_A=relu_a, **c)
     return y
 
 
