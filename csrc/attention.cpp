@@ -60,15 +60,23 @@ void attend_group(const Kernels& K, const float* qr, const float* kc, const floa
 
 }  // namespace
 
-void rms_norm(const float* x, const float* w, int n, int d, float eps, float* y) {
+void rms_norm(const float* x, const float* add, const float* w, int n, int d, float eps,
+              float* sum, float* y) {
   if (n < 0 || d <= 0) throw std::invalid_argument("rms_norm: bad shape");
+  thread_local std::vector<float> row;
+  row.resize(size_t(d));
   for (int r = 0; r < n; ++r) {
     const float* xr = x + size_t(r) * d;
-    float* yr = y + size_t(r) * d;
+    const float* ar = add ? add + size_t(r) * d : nullptr;
+    float* sr = sum ? sum + size_t(r) * d : row.data();
     double ss = 0;
-    for (int j = 0; j < d; ++j) ss += double(xr[j]) * xr[j];
+    for (int j = 0; j < d; ++j) {
+      sr[j] = ar ? xr[j] + ar[j] : xr[j];
+      ss += double(sr[j]) * sr[j];
+    }
     const float inv = 1.f / std::sqrt(float(ss / d) + eps);
-    for (int j = 0; j < d; ++j) yr[j] = w[j] * (xr[j] * inv);
+    float* yr = y + size_t(r) * d;
+    for (int j = 0; j < d; ++j) yr[j] = w[j] * (sr[j] * inv);
   }
 }
 

@@ -8,8 +8,11 @@
 
 namespace hi {
 
-// y [n, d] = w * x / sqrt(mean(x^2) + eps), row by row (float32; the sum of squares in double).
-void rms_norm(const float* x, const float* w, int n, int d, float eps, float* y);
+// y [n, d] = w * s / sqrt(mean(s^2) + eps), row by row, with s = x + add (add may be null:
+// s = x); s is stored into sum when sum is not null (the residual stream of a decoder layer:
+// x + attention's output, then the FFN norm, in one pass). float32; the sum of squares in double.
+void rms_norm(const float* x, const float* add, const float* w, int n, int d, float eps,
+              float* sum, float* y);
 
 // One token's grouped-query attention, b = 1. q [H, hd], k / v [KV, hd] (the projections of the
 // new token); caches kc / vc [KV, cap, hd] (one layer of KVCache, batch 1). cos / sin [hd]: the

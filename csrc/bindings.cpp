@@ -96,9 +96,11 @@ std::unique_ptr<hi::ColdStep> cold_step(
                                         ptr<const uint8_t>(slot_masks), slot_stride);
 }
 
-void rms_norm(uintptr_t x, uintptr_t w, int n, int d, float eps, uintptr_t y) {
+void rms_norm(uintptr_t x, uintptr_t add, uintptr_t w, int n, int d, float eps, uintptr_t sum,
+              uintptr_t y) {
   py::gil_scoped_release nogil;
-  hi::rms_norm(ptr<const float>(x), ptr<const float>(w), n, d, eps, ptr<float>(y));
+  hi::rms_norm(ptr<const float>(x), ptr<const float>(add), ptr<const float>(w), n, d, eps,
+               ptr<float>(sum), ptr<float>(y));
 }
 
 void attend_one(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t kc, uintptr_t vc, int H, int KV,
@@ -182,8 +184,9 @@ PYBIND11_MODULE(_C, m) {
         py::arg("ys"), py::arg("d"), py::arg("timeout"));
   m.def("wait_flag", &wait_flag, py::arg("flag"), py::arg("timeout"), py::arg("reset"),
         "Spin until the int32 at flag is 1 (then store 0 when reset); False on timeout.");
-  m.def("rms_norm", &rms_norm, py::arg("x"), py::arg("w"), py::arg("n"), py::arg("d"),
-        py::arg("eps"), py::arg("y"), "y [n, d] = RMSNorm(x) * w (float32).");
+  m.def("rms_norm", &rms_norm, py::arg("x"), py::arg("add"), py::arg("w"), py::arg("n"),
+        py::arg("d"), py::arg("eps"), py::arg("sum"), py::arg("y"),
+        "y [n, d] = RMSNorm(x + add) * w (float32; add / sum may be 0; sum = x + add).");
   m.def("attend_one", &attend_one, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("kc"),
         py::arg("vc"), py::arg("H"), py::arg("KV"), py::arg("hd"), py::arg("cap"), py::arg("pos"),
         py::arg("lo"), py::arg("cos"), py::arg("sin"), py::arg("scale"), py::arg("y"),

@@ -120,6 +120,8 @@ class HybridFFN(nn.Module):
             from .kernels.gpu import pin_host
             pin_host(self, cold.gate, cold.up, cold.down_t)     # prefill streams them: async DMA
         self._cold_np = cold_ids.numpy()
+        # every neuron cold, in order (a CPU-only model): the mask's nonzeros are the row ids
+        self._cold_all = cold_ids.numel() == n_ff and bool(np.array_equal(self._cold_np, np.arange(n_ff)))
 
     def mode(self, n_tokens: int) -> str:
         """The sparsity for a batch: a large batch (prefill) touches nearly every neuron anyway,
@@ -131,7 +133,8 @@ class HybridFFN(nn.Module):
         if self.mode(x.shape[0]) != "predictor":
             return None
         dev = predictor_device(self.predictor, x.device)   # the placement may keep it on the CPU
-        return self.predictor.active(x if dev == x.device else x.to(dev)).any(dim=0)
+        m = self.predictor.active(x if dev == x.device else x.to(dev))
+        return m[0] if m.shape[0] == 1 else m.any(dim=0)
 
     def gpu_half(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
         if self.hot is None:
@@ -148,7 +151,8 @@ class HybridFFN(nn.Module):
         the kernels' pool is busy (measured: 50 us vs 10 ms under contention)."""
         if mask_cpu is None:
             return self._all_cold
-        return torch.from_numpy(np.flatnonzero(mask_cpu.numpy()[self._cold_np]).astype(np.int32))
+        m = mask_cpu.numpy()
+        return torch.from_numpy(np.flatnonzero(m if self._cold_all else m[self._cold_np]).astype(np.int32))
 
     def streams(self, n_tokens: int) -> bool:
         """Whether a batch of n_tokens computes the cold rows on the device (streamed there)."""

@@ -141,8 +141,13 @@ class Block(nn.Module):
         self.attn_norm, self.attn, self.ffn_norm, self.ffn = attn_norm, attn, ffn_norm, ffn
 
     def forward(self, x, layer, cache, cos, sin, mask):
-        x = x + self.attn(self.attn_norm(x), layer, cache, cos, sin, mask)
-        h = self.ffn_norm(x)
+        a = self.attn(self.attn_norm(x), layer, cache, cos, sin, mask)
+        n = self.ffn_norm
+        if _native_f32(x, a, n.weight) and x.is_contiguous() and a.is_contiguous():
+            x, h = cpu_kernels.rms_norm(a, n.weight, n.eps, residual=x)   # x + a and its norm
+        else:
+            x = x + a
+            h = n(x)
         return x + self.ffn(h.reshape(-1, h.shape[-1])).view_as(h)
 
 

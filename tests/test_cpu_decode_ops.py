@@ -87,6 +87,12 @@ def test_rms_norm_matches_float64(shape):
     w = torch.randn(shape[-1], generator=g)
     ref = w.double() * x.double() / (x.double().pow(2).mean(-1, keepdim=True) + 1e-5).sqrt()
     torch.testing.assert_close(cpu.rms_norm(x, w, 1e-5).double(), ref, rtol=1e-5, atol=1e-6)
+    r = torch.randn(shape, generator=g)                       # the residual form: (r + x, norm)
+    s64 = r.double() + x.double()
+    ref = w.double() * s64 / (s64.pow(2).mean(-1, keepdim=True) + 1e-5).sqrt()
+    s, y = cpu.rms_norm(x, w, 1e-5, residual=r)
+    assert torch.equal(s, r + x)
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-6)
 
 
 def test_model_cpu_decode_uses_native_ops_and_matches_torch(monkeypatch):

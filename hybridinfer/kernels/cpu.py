@@ -304,15 +304,21 @@ def _f32(t, name: str, numel: int | None = None) -> torch.Tensor:
     return t
 
 
-def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
     """y = w * x / sqrt(mean(x^2) + eps) over the last axis, natively (one call instead of ~7
-    torch ops). x [..., d] float32 contiguous, w [d] float32."""
+    torch ops). x [..., d] float32 contiguous, w [d] float32. With `residual` (like x): s =
+    residual + x is normalised instead and (s, y) returned (a decoder layer's residual add and
+    FFN norm in one pass)."""
     x = _f32(x, "x")
     d = x.shape[-1] if x.dim() else 0
     w = _f32(w, "w", d)
+    r = None if residual is None else _f32(residual, "residual", x.numel())
     y = torch.empty_like(x)
-    _native().rms_norm(x.data_ptr(), w.data_ptr(), x.numel() // max(d, 1), d, float(eps), y.data_ptr())
-    return y
+    s = None if r is None else torch.empty_like(x)
+    _native().rms_norm(x.data_ptr() if r is None else r.data_ptr(), 0 if r is None else x.data_ptr(),
+                       w.data_ptr(), x.numel() // max(d, 1), d, float(eps),
+                       0 if s is None else s.data_ptr(), y.data_ptr())
+    return y if r is None else (s, y)
 
 
 def attend_one(q, k, v, k_cache, v_cache, pos: int, cos, sin, lo: int = 0,
