@@ -31,6 +31,7 @@ def main():
     ap.add_argument("--policy", default="hybrid", help="a bench decode policy (hybrid, gpu-sparse, ...)")
     ap.add_argument("--host", action="store_true",
                     help="also the host's time per call: graph replays, waits, cold halves")
+    ap.add_argument("--capacity", type=int, default=1024, help="static KV cache positions")
     ap.add_argument("--no-chain", action="store_true",
                     help="the per-layer host loop instead of the chained step (graphs.py)")
     ap.add_argument("--prefill", type=int, default=0,
@@ -43,10 +44,10 @@ def main():
     wl = make_workload("M47", a.layers, 0)
     prof = synthetic_profile(wl)
     scale = a.layers / 32
-    b = build(a.policy, wl, dev, dt, dt, int(parse_budget(a.budget) * scale), prof, 1024)
+    b = build(a.policy, wl, dev, dt, dt, int(parse_budget(a.budget) * scale), prof, a.capacity)
     if a.prefill:
         return prefill_profile(b.model, a.prefill, dev)
-    gd = GraphDecoder(b.model, 1024, chain=not a.no_chain)
+    gd = GraphDecoder(b.model, a.capacity, chain=not a.no_chain)
     print(f"chained step: {gd._chained}")
     tok = 1
     for _ in range(2):

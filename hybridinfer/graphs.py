@@ -56,7 +56,7 @@ import torch
 from .ffn import HybridFFN, HybridMoE, MoE, route
 from .model import KVCache, Transformer, apply_rope, linear, qkv_projections, rms_norm
 from .kernels.cpu import PackedLinear
-from .kernels.gpu import SyncCounter, flag_await, flag_signal
+from .kernels.gpu import SyncCounter, attend_cached, flag_await, flag_signal
 from .predictor import host_active, predictor_device
 
 MAX_GROUPS = 64        # expert choices per layer captured as one graph each (else per expert)
@@ -68,7 +68,8 @@ def attn_step(hp, ya, yc, an_w, fn_w, eps: float, q, k, v, o, qb, kb, vb, ob, qk
     """Segment A's arithmetic for one token, a pure function of tensors (so torch.compile fuses
     its ~60 small kernels into a few, and one compilation serves every layer):
     x = hp + ya + yc (the previous layer's residual, GPU half, CPU half; [1, d], the halves in f32), attention over
-    the static cache K/V [1, KV, C, hd] (position pos [1], kpos = arange(C)), the FFN norm and,
+    the static cache K/V [1, KV, C, hd] (position pos [1], kpos = arange(C); kernels.gpu.attend_cached:
+    on cuda only the live positions are read), the FFN norm and,
     with a router [E, d], the expert choice. Writes h_out, u_out [1, d], zeroes yacc_out and
     (router) sets wfull_out [E] (f32: the weight of each chosen expert, 0 elsewhere).
     Returns u as float32 [1, d] and (router) ids [k], weights f32 [k] for the host copies.
@@ -81,14 +82,8 @@ def attn_step(hp, ya, yc, an_w, fn_w, eps: float, q, k, v, o, qb, kb, vb, ob, qk
     qq, kk = apply_rope(qq, cos, sin), apply_rope(kk, cos, sin)
     K.index_copy_(2, pos, kk)
     V.index_copy_(2, pos, vv)
-    ok = kpos <= pos                                                                   # [C]
-    if window:
-        ok = ok & (kpos > pos - window)
-    qg = qq.view(KV, H // KV, hd)
-    sc = torch.matmul(qg, K[0].transpose(1, 2)).float() / math.sqrt(hd)               # [KV, rep, C]
-    sc = sc.masked_fill(~ok, float("-inf"))
-    y = torch.matmul(torch.softmax(sc, dim=-1).to(x.dtype), V[0])                     # [KV, rep, hd]
-    h = x + linear(y.reshape(1, H * hd), o, ob)
+    y = attend_cached(qq, K, V, pos, kpos, window)                                   # [1, H*hd]
+    h = x + linear(y, o, ob)
     u = rms_norm(h, fn_w, eps)
     h_out.copy_(h)
     u_out.copy_(u)

@@ -142,6 +142,10 @@ SCRIPT = textwrap.dedent("""
             y = tk.down_slots(fmt, d, wt, at.to(dev), 0, torch.zeros(2, d, device=dev), d, sel2.to(dev))
             for s, e in enumerate(sel2.tolist()):
                 note("down-slots-shared-a", y[s], at.double() @ W[e])
+            y = tk.down_slots(fmt, d, wt, at.to(dev), 0, torch.zeros(2, d, device=dev), d,
+                              sel2.to(dev), relu_a=True)                 # a predictor's relu
+            for s, e in enumerate(sel2.tolist()):
+                note("down-slots-relu-a", y[s], at.double().clamp_min(0) @ W[e])
     print(worst)
     assert all(v < 1e-5 for v in worst.values()), worst
 """)
@@ -237,4 +241,43 @@ def test_device_flags_signal_and_await(device):
         env["TRITON_INTERPRET"] = "1"
     out = subprocess.run([sys.executable, "-c", FLAGS_SCRIPT], env=env, capture_output=True,
                          text=True, timeout=300)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stdout + out.stderr[-3000:]
+
+
+ATTN_SCRIPT = textwrap.dedent("""
+    import os, torch
+    from hybridinfer.kernels.triton_attention import decode_attention
+    dev = torch.device(os.environ.get("HI_TEST_DEVICE", "cpu"))
+    g = torch.Generator().manual_seed(5)
+    cases = [(8, 2, 32, 100, 0, 0), (8, 2, 32, 100, 57, 0), (32, 8, 128, 512, 300, 0),
+             (4, 4, 16, 40, 39, 5), (8, 2, 32, 1000, 999, 0), (8, 2, 32, 1000, 640, 100)]
+    for dt, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
+        for H, KV, hd, C, pos, win in cases:
+            q = torch.randn(H, hd, generator=g).to(dt)
+            k = torch.randn(KV, C, hd, generator=g).to(dt)
+            v = torch.randn(KV, C, hd, generator=g).to(dt)
+            y = decode_attention(q.to(dev), k.to(dev), v.to(dev), torch.tensor([pos], device=dev),
+                                 win, hd ** -0.5)
+            lo = max(0, pos - win + 1) if win else 0
+            qd, kd, vd = q.double().view(KV, H // KV, hd), k.double(), v.double()
+            sc = qd @ kd.transpose(1, 2) * hd ** -0.5
+            ok = torch.zeros(C, dtype=torch.bool)
+            ok[lo:pos + 1] = True
+            ref = (torch.softmax(sc.masked_fill(~ok, float("-inf")), -1) @ vd).reshape(H, hd)
+            err = float((y.double().cpu() - ref).abs().max() / ref.abs().max())
+            assert y.dtype == dt and err < tol, (dt, H, KV, hd, C, pos, win, err)
+    print("ok")
+""")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_decode_attention_matches_float64_reference(device):
+    """kernels/triton_attention.py: one token's GQA attention split over the live positions
+    (window or not, one slice or many, f32 and bf16 caches) against float64 softmax attention."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "HI_TEST_DEVICE": device}
+    if device == "cpu":
+        env["TRITON_INTERPRET"] = "1"
+    out = subprocess.run([sys.executable, "-c", ATTN_SCRIPT], env=env, capture_output=True,
+                         text=True, timeout=600)
     assert out.returncode == 0 and "ok" in out.stdout, out.stdout + out.stderr[-3000:]

@@ -9,6 +9,8 @@ which HotFFN.build repacks them into.
 """
 from __future__ import annotations
 
+import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -259,6 +261,43 @@ def _matvec_q4(w: torch.Tensor, x: torch.Tensor, d: int) -> torch.Tensor:
 @_matvec_q4.register_fake
 def _(w: torch.Tensor, x: torch.Tensor, d: int) -> torch.Tensor:
     return w.new_empty(w.shape[0], dtype=torch.float32)
+
+
+def attend_cached(q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, pos: torch.Tensor,
+                  kpos: torch.Tensor, window: int) -> torch.Tensor:
+    """One token's GQA attention over a static cache: q [1, H, 1, hd] (RoPE applied), K, V
+    [1, KV, C, hd] with this token's row written, pos int64 [1] (device), kpos = arange(C);
+    live positions (pos - window, pos] (window 0: [0, pos]). -> y [1, H * hd] in q's dtype.
+    CUDA: the position-split Triton kernels (kernels/triton_attention.py, a custom op so that
+    torch.compile and CUDA graphs take it whole), which read only the live positions; else (or
+    HYBRIDINFER_TORCH_ATTN=1) masked matmuls over all C positions."""
+    _, H, _, hd = q.shape
+    KV = K.shape[1]
+    if q.is_cuda and _triton() is not None and os.environ.get("HYBRIDINFER_TORCH_ATTN", "") in ("", "0"):
+        y = torch.ops.hybridinfer.decode_attn(q.reshape(H, hd), K[0], V[0], pos, int(window),
+                                              hd ** -0.5)
+        return y.reshape(1, H * hd)
+    ok = kpos <= pos                                                                   # [C]
+    if window:
+        ok = ok & (kpos > pos - window)
+    qg = q.view(KV, H // KV, hd)
+    sc = torch.matmul(qg, K[0].transpose(1, 2)).float() / math.sqrt(hd)               # [KV, rep, C]
+    sc = sc.masked_fill(~ok, float("-inf"))
+    y = torch.matmul(torch.softmax(sc, dim=-1).to(q.dtype), V[0])                     # [KV, rep, hd]
+    return y.reshape(1, H * hd)
+
+
+@torch.library.custom_op("hybridinfer::decode_attn", mutates_args=())
+def _decode_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor,
+                 window: int, scale: float) -> torch.Tensor:
+    """[H, hd] in q's dtype: triton_attention.decode_attention (q [H, hd], k, v [KV, C, hd])."""
+    from .triton_attention import decode_attention
+    return decode_attention(q.contiguous(), k.contiguous(), v.contiguous(), pos, window, scale)
+
+
+@_decode_attn.register_fake
+def _(q, k, v, pos, window, scale):
+    return q.new_empty(q.shape)
 
 
 # ---- host <-> device traffic of the hybrid split: pinned buffers, one sync per copy-out ---------
