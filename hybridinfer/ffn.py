@@ -120,6 +120,7 @@ class HybridFFN(nn.Module):
             from .kernels.gpu import pin_host
             pin_host(self, cold.gate, cold.up, cold.down_t)     # prefill streams them: async DMA
         self._cold_np = cold_ids.numpy()
+        self._step = None                   # _cpu_decode's ColdStep, made on first use
         # every neuron cold, in order (a CPU-only model): the mask's nonzeros are the row ids
         self._cold_all = cold_ids.numel() == n_ff and bool(np.array_equal(self._cold_np, np.arange(n_ff)))
 
@@ -174,6 +175,9 @@ class HybridFFN(nn.Module):
         the cold half in the CPU kernels meanwhile (GIL released); one H2D copy; the sum.
         cold_rows: the packed cold rows already on the device (prefetch_cold), for a streamed batch."""
         from .kernels import cpu, gpu
+        if (x.shape[0] == 1 and self.hot is None and self.cold is not None and self.dense_above >= 1
+                and x.device.type == "cpu" and x.dtype == torch.float32):
+            return self._cpu_decode(x)
         mask = self.predict(x)
         if self.cold is None:
             return self.gpu_half(x, mask)
@@ -189,6 +193,26 @@ class HybridFFN(nn.Module):
         y_cpu = gpu.to_device(y_cpu, x.device, x.dtype)
         return y_cpu if y is None else y + y_cpu
 
+    def _cpu_decode(self, x: torch.Tensor) -> torch.Tensor:
+        """One token of an FFN wholly on the CPU (no hot rows): x [1, d] float32 -> [1, d]. A
+        ColdStep bound once to this FFN's own buffers (x, the predicted mask, y) turns the mask
+        into row ids and computes them in one native call: on M7's 2-core decode the Python of
+        the general path (host copies, id lists, the kernel wrapper's checks) cost ~80 us a layer."""
+        from .kernels import cpu
+        if self._step is None:
+            d = self.cold.d_model
+            bx, by = torch.empty(d), torch.empty(d)
+            bm = torch.zeros(self.n_ff, dtype=torch.bool) if self.sparsity == "predictor" else None
+            self._bufs = (bx, bm, by)
+            self._step = cpu.ColdStep([self.cold], [self.cold_ids], [bm], bx, by,
+                                      act=self.activation, threshold=self.threshold,
+                                      exact=self.sparsity == "exact")
+        bx, bm, by = self._bufs
+        bx.copy_(x[0])
+        if bm is not None:
+            bm.copy_(self.predict(x))
+        self._step.run()
+        return by.clone().view(1, -1)
 
     def streamed_cold(self, x: torch.Tensor, rows: tuple | None = None,
                       rows_per_copy: int = 4096) -> torch.Tensor:

@@ -102,14 +102,18 @@ class Attention(nn.Module):
     def forward(self, x, layer, cache: KVCache, cos, sin, mask) -> torch.Tensor:
         """x [b, t, d] -> [b, t, d]; writes K/V at positions cache.length .. +t."""
         c, (b, t, _) = self.cfg, x.shape
-        q, k, v = self.project_qkv(x)
-        if t == 1 and b == 1 and _native_f32(q, cache.k[layer]):   # one native call
+        if t == 1 and b == 1 and _native_f32(x, cache.k[layer]) and x.is_contiguous():   # CPU decode
             pos = cache.length
             lo = max(0, pos + 1 - c.sliding_window) if c.sliding_window else 0
-            y = cpu_kernels.attend_one(q.reshape(-1).contiguous(), k.reshape(-1).contiguous(),
-                                       v.reshape(-1).contiguous(), cache.k[layer], cache.v[layer],
-                                       pos, cos[0], sin[0], lo)
+            if isinstance(self.qkv, cpu_kernels.PackedLinear) and self.qb is None:
+                qkv = (cpu_kernels.linear(x.view(-1), self.qkv), None, None)   # [q | k | v]
+            else:
+                qkv = (t_.reshape(-1).contiguous() for t_ in self.project_qkv(x))
+            y = cpu_kernels.attend_one(*qkv, cache.k[layer], cache.v[layer], pos, cos[0], sin[0], lo)
+            if isinstance(self.o, cpu_kernels.PackedLinear) and self.ob is None:
+                return cpu_kernels.linear(y, self.o).view(1, 1, -1)
             return linear(y.view(1, 1, -1), self.o, self.ob)
+        q, k, v = self.project_qkv(x)
         q = q.reshape(b, t, c.num_heads, c.head_dim).transpose(1, 2)
         k = k.reshape(b, t, c.num_kv_heads, c.head_dim).transpose(1, 2)
         v = v.reshape(b, t, c.num_kv_heads, c.head_dim).transpose(1, 2)

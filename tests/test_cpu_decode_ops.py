@@ -63,6 +63,9 @@ def test_attend_one_matches_float64(path, H, KV, hd, pos, lo, threads):
     torch.testing.assert_close(y.double(), y_ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(kc[0, :, pos].double(), k_ref, rtol=1e-6, atol=1e-6)
     assert torch.equal(vc[0, :, pos].double(), v_ref)
+    kc2, vc2 = before.clone(), vc.clone()                             # [q | k | v] stacked: the same
+    y2 = cpu.attend_one(torch.cat([q, k, v]), None, None, kc2, vc2, pos, cos, sin, lo)
+    assert torch.equal(y2, y) and torch.equal(kc2, kc) and torch.equal(vc2, vc)
     keep = torch.ones(cap, dtype=torch.bool)
     keep[pos] = False
     assert torch.equal(kc[0][:, keep], before[0][:, keep])          # only position pos written
@@ -143,3 +146,45 @@ def test_cpu_qkv_is_one_stacked_packed_linear():
         W = quant.unpack(part.weight, "q4_0", part.in_features).double()
         ref = W @ x.reshape(-1).double()
         torch.testing.assert_close(y.reshape(-1).double(), ref, rtol=0.02, atol=0.02 * float(ref.abs().max()))
+
+
+@pytest.mark.parametrize("sparsity", ["predictor", "dense", "exact"])
+def test_cpu_only_ffn_one_token_path(sparsity):
+    """HybridFFN with every row on the CPU, one float32 token: the bound ColdStep path equals the
+    kernel on the mask's ids (and the float64 FFN on them within the q4_0 tolerance); outputs of
+    successive calls are independent tensors."""
+    from hybridinfer import quant
+    from hybridinfer.ffn import HybridFFN, activate
+    g = torch.Generator().manual_seed(11)
+    n, d = 200, 128
+    w1, w3, w2 = torch.randn(n, d, generator=g), torch.randn(n, d, generator=g), torch.randn(d, n, generator=g)
+    cold = cpu.PackedFFN.from_weights(w1, w3, w2, "q4_0")
+
+    class Pred:
+        device = torch.device("cpu")
+        threshold = 0.0
+
+        def __init__(self):
+            self.masks = []
+
+        def active(self, x):
+            m = torch.rand(x.shape[0], n, generator=g) < 0.3
+            self.masks.append(m[0])
+            return m
+    pred = Pred()
+    f = HybridFFN(n, None, cold, torch.arange(n), "relu", 0.0, sparsity,
+                  pred if sparsity == "predictor" else None, torch.device("cpu"))
+    ys, refs = [], []
+    for _ in range(3):
+        x = torch.randn(1, d, generator=g)
+        ys.append(f(x))
+        ids = (torch.nonzero(pred.masks[-1]).flatten() if sparsity == "predictor"
+               else torch.arange(n)).to(torch.int32)
+        refs.append(cpu.ffn_sparse(cold, x[0], ids, "relu", exact=sparsity == "exact"))
+        W1, W3, W2t = (quant.unpack(t, "q4_0", d).double() for t in (cold.gate, cold.up, cold.down_t))
+        a = activate(W1[ids.long()] @ x[0].double(), W3[ids.long()] @ x[0].double(), "relu")
+        ref64 = a @ W2t[ids.long()]
+        torch.testing.assert_close(ys[-1][0].double(), ref64, rtol=0.05, atol=0.05 * float(ref64.abs().max()))
+    for y, r in zip(ys, refs):
+        assert y.shape == (1, d)
+        torch.testing.assert_close(y[0], r, rtol=1e-6, atol=1e-6)

@@ -326,8 +326,10 @@ def attend_one(q, k, v, k_cache, v_cache, pos: int, cos, sin, lo: int = 0,
     """One new token's attention (batch 1, float32), natively: RoPE on q and k (rotate-half, the
     row cos / sin [hd] of position pos), k and v written at position pos of the caches, then
     y[h] = softmax(q_h . K[lo..pos]^T * scale) V[lo..pos] with query head h reading KV head
-    h // (H / KV). q [H*hd], k / v [KV*hd]; k_cache / v_cache [1, KV, cap, hd] or [KV, cap, hd]
-    (written); scale defaults to hd**-0.5. Returns y [H*hd]."""
+    h // (H / KV). q [H*hd], k / v [KV*hd]; or k = v = None and q the three stacked [H*hd +
+    2*KV*hd] (the output of q, k, v stacked in one PackedLinear: no views to make). k_cache /
+    v_cache [1, KV, cap, hd] or [KV, cap, hd] (written); scale defaults to hd**-0.5. Returns
+    y [H*hd]."""
     kc, vc = _f32(k_cache, "k_cache"), _f32(v_cache, "v_cache")
     if kc.dim() == 4 and kc.shape[0] == 1:
         kc, vc = kc[0], vc[0]
@@ -336,15 +338,20 @@ def attend_one(q, k, v, k_cache, v_cache, pos: int, cos, sin, lo: int = 0,
                          f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
     KV, cap, hd = kc.shape
     cos, sin = _f32(cos, "cos", hd), _f32(sin, "sin", hd)
-    k, v = _f32(k, "k", KV * hd), _f32(v, "v", KV * hd)
     q = _f32(q, "q")
-    if q.numel() % (KV * hd):
-        raise ValueError(f"attend_one: q has {q.numel()} values, not a multiple of KV*hd = {KV * hd}")
-    H = q.numel() // hd
+    if k is None and v is None:                         # q holds [q | k | v]
+        nq = q.numel() - 2 * KV * hd
+        qp, kp, vp = q.data_ptr(), q.data_ptr() + 4 * nq, q.data_ptr() + 4 * (nq + KV * hd)
+    else:
+        k, v = _f32(k, "k", KV * hd), _f32(v, "v", KV * hd)
+        nq, qp, kp, vp = q.numel(), q.data_ptr(), k.data_ptr(), v.data_ptr()
+    if nq <= 0 or nq % (KV * hd):
+        raise ValueError(f"attend_one: q has {nq} values, not a multiple of KV*hd = {KV * hd}")
+    H = nq // hd
     if not 0 <= lo <= pos < cap:
         raise ValueError(f"attend_one: need 0 <= lo ({lo}) <= pos ({pos}) < capacity ({cap})")
     y = torch.empty(H * hd, dtype=torch.float32)
-    _call(_native().attend_one, q.data_ptr(), k.data_ptr(), v.data_ptr(), kc.data_ptr(),
+    _call(_native().attend_one, qp, kp, vp, kc.data_ptr(),
           vc.data_ptr(), H, KV, hd, cap, int(pos), int(lo), cos.data_ptr(), sin.data_ptr(),
           float(hd ** -0.5 if scale is None else scale), y.data_ptr())
     return y
