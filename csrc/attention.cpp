@@ -9,6 +9,7 @@
 #include <stdexcept>
 #include <vector>
 
+#include "ffn.h"
 #include "kernels.h"
 #include "threadpool.h"
 
@@ -114,6 +115,27 @@ void attend_one(const float* q, const float* k, const float* v, float* kc, float
   P.run([&](int) {
     for (int g; (g = next.fetch_add(1, std::memory_order_relaxed)) < KV;) group(g);
   });
+}
+
+AttnStep::AttnStep(const float* norm1, LinearDesc qkv, LinearDesc o, const float* norm2, float eps,
+                   float* kc, float* vc, int H, int KV, int hd, int cap)
+    : n1_(norm1), n2_(norm2), qkv_(qkv), o_(o), eps_(eps), kc_(kc), vc_(vc), H_(H), KV_(KV),
+      hd_(hd), cap_(cap), d_(qkv.d) {
+  if (qkv.n != (H + 2 * KV) * hd || o.d != H * hd || o.n != qkv.d || H <= 0 || KV <= 0)
+    throw std::invalid_argument("AttnStep: qkv must be [(H + 2 KV) hd, d] and o [d, H hd]");
+  s_.resize(size_t(d_)); xn_.resize(size_t(d_)); ao_.resize(size_t(d_));
+  qkvo_.resize(size_t(qkv.n)); y_.resize(size_t(H) * hd);
+}
+
+void AttnStep::run(const float* x, const float* add, int pos, int lo, const float* cos,
+                   const float* sin, float* x_out, float* h) {
+  rms_norm(x, add, n1_, 1, d_, eps_, s_.data(), xn_.data());
+  linear(qkv_.fmt, d_, qkv_.n, qkv_.w, xn_.data(), 1, qkvo_.data());
+  const float* q = qkvo_.data();
+  attend_one(q, q + size_t(H_) * hd_, q + size_t(H_ + KV_) * hd_, kc_, vc_, H_, KV_, hd_, cap_,
+             pos, lo, cos, sin, 1.f / std::sqrt(float(hd_)), y_.data());
+  linear(o_.fmt, o_.d, o_.n, o_.w, y_.data(), 1, ao_.data());
+  rms_norm(s_.data(), ao_.data(), n2_, 1, d_, eps_, x_out, h);
 }
 
 }  // namespace hi

@@ -5,6 +5,9 @@
 // table (dot for q.k, axpy for p.V), so the scalar reference and AVX2 share this driver.
 #pragma once
 #include <cstdint>
+#include <vector>
+
+#include "kernels.h"
 
 namespace hi {
 
@@ -24,5 +27,37 @@ void rms_norm(const float* x, const float* add, const float* w, int n, int d, fl
 void attend_one(const float* q, const float* k, const float* v, float* kc, float* vc, int H,
                 int KV, int hd, int cap, int pos, int lo, const float* cos, const float* sin,
                 float scale, float* y);
+
+// A dense linear layer's packed rows (ffn.h's linear): n rows of row_bytes(fmt, d) at w.
+struct LinearDesc {
+  Fmt fmt;
+  int d, n;
+  const uint8_t* w;
+};
+
+// One decoder layer's attention half for one token, bound once to its weights and its KV cache
+// (batch 1): run() is
+//   s = x (+ add);  y = attend_one(qkv(rms_norm(s) * norm1));  x_out = s + o(y);
+//   h = rms_norm(x_out) * norm2
+// qkv: q, k and v stacked ([H*hd + 2*KV*hd] rows); add: the previous layer's FFN output or
+// null. One call instead of four native calls and the Python between them (~140 us a layer
+// on the 2-core dev VM: wrappers, checks, views).
+class AttnStep {
+ public:
+  AttnStep(const float* norm1, LinearDesc qkv, LinearDesc o, const float* norm2, float eps,
+           float* kc, float* vc, int H, int KV, int hd, int cap);
+  void run(const float* x, const float* add, int pos, int lo, const float* cos, const float* sin,
+           float* x_out, float* h);
+
+ private:
+  const float* n1_;
+  const float* n2_;
+  LinearDesc qkv_, o_;
+  float eps_;
+  float* kc_;
+  float* vc_;
+  int H_, KV_, hd_, cap_, d_;
+  std::vector<float> s_, xn_, qkvo_, y_, ao_;   // scratch: [d], [d], [qkv rows], [H*hd], [d]
+};
 
 }  // namespace hi

@@ -132,6 +132,16 @@ bool wait_flag(uintptr_t flag, double timeout, bool reset) {
   return hi::wait_flag(ptr<int32_t>(flag), timeout, reset);
 }
 
+std::unique_ptr<hi::AttnStep> attn_step(uintptr_t norm1, int qkv_fmt, int d, int n_qkv,
+                                        uintptr_t qkv, int o_fmt, int d_o, uintptr_t o,
+                                        uintptr_t norm2, float eps, uintptr_t kc, uintptr_t vc,
+                                        int H, int KV, int hd, int cap) {
+  return std::make_unique<hi::AttnStep>(
+      ptr<const float>(norm1), hi::LinearDesc{hi::Fmt(qkv_fmt), d, n_qkv, ptr<const uint8_t>(qkv)},
+      hi::LinearDesc{hi::Fmt(o_fmt), d_o, d, ptr<const uint8_t>(o)}, ptr<const float>(norm2), eps,
+      ptr<float>(kc), ptr<float>(vc), H, KV, hd, cap);
+}
+
 double read_sum(uintptr_t p, size_t n) {
   py::gil_scoped_release nogil;
   return hi::read_sum(ptr<const float>(p), n);
@@ -191,6 +201,17 @@ PYBIND11_MODULE(_C, m) {
         py::arg("vc"), py::arg("H"), py::arg("KV"), py::arg("hd"), py::arg("cap"), py::arg("pos"),
         py::arg("lo"), py::arg("cos"), py::arg("sin"), py::arg("scale"), py::arg("y"),
         "One token's RoPE + KV-cache write + GQA attention (float32, see csrc/attention.h).");
+  py::class_<hi::AttnStep>(m, "AttnStep", "A layer's attention half for one token (csrc/attention.h).")
+      .def("run", [](hi::AttnStep& a, uintptr_t x, uintptr_t add, int pos, int lo, uintptr_t cos,
+                     uintptr_t sin, uintptr_t x_out, uintptr_t h) {
+             py::gil_scoped_release nogil;
+             a.run(ptr<const float>(x), ptr<const float>(add), pos, lo, ptr<const float>(cos),
+                   ptr<const float>(sin), ptr<float>(x_out), ptr<float>(h));
+           });
+  m.def("attn_step", &attn_step, py::arg("norm1"), py::arg("qkv_fmt"), py::arg("d"),
+        py::arg("n_qkv"), py::arg("qkv"), py::arg("o_fmt"), py::arg("d_o"), py::arg("o"),
+        py::arg("norm2"), py::arg("eps"), py::arg("kc"), py::arg("vc"), py::arg("H"),
+        py::arg("KV"), py::arg("hd"), py::arg("cap"));
   m.def("read_sum", &read_sum, py::arg("ptr"), py::arg("n"),
         "Sum of n float32 at ptr on the pool (the read-bandwidth probe).");
 }

@@ -142,9 +142,36 @@ class Attention(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg, attn_norm, attn, ffn_norm, ffn):
         super().__init__()
+        self.cfg = cfg
         self.attn_norm, self.attn, self.ffn_norm, self.ffn = attn_norm, attn, ffn_norm, ffn
+        self._step = (None, None)    # (the cache's buffers it is bound to, its AttnStep | None)
+
+    def cpu_step(self, x, layer, cache):
+        """The bound kernels.cpu.AttnStep for a one-token float32 step on the CPU with q, k, v
+        stacked in a PackedLinear and no biases (the attention half in one native call), else
+        None. Bound per cache (by its buffers' addresses and shape: no reference kept)."""
+        if x.numel() != x.shape[-1] or not _native_f32(x) or not x.is_contiguous():
+            return None
+        kc, vc = cache.k[layer], cache.v[layer]
+        key = (kc.data_ptr(), vc.data_ptr(), tuple(kc.shape), kc.dtype)
+        if self._step[0] == key:
+            return self._step[1]
+        a, n1, n2 = self.attn, self.attn_norm, self.ffn_norm
+        ok = (isinstance(a.qkv, cpu_kernels.PackedLinear) and isinstance(a.o, cpu_kernels.PackedLinear)
+              and a.qb is None and a.ob is None and n1.eps == n2.eps and kc.shape[0] == 1
+              and _native_f32(kc, vc, n1.weight, n2.weight))
+        step = cpu_kernels.AttnStep(n1.weight, a.qkv, a.o, n2.weight, n1.eps, kc, vc,
+                                    self.cfg.num_heads) if ok else None
+        self._step = (key, step)
+        return step
 
     def forward(self, x, layer, cache, cos, sin, mask):
+        step = self.cpu_step(x, layer, cache)
+        if step is not None:            # CPU decode: the attention half is one native call
+            pos, w = cache.length, self.cfg.sliding_window
+            x, h = step.run(x.view(-1), pos, max(0, pos + 1 - w) if w else 0, cos[0], sin[0])
+            x = x.view(1, 1, -1)
+            return x + self.ffn(h.view(1, -1)).view_as(x)
         a = self.attn(self.attn_norm(x), layer, cache, cos, sin, mask)
         n = self.ffn_norm
         if _native_f32(x, a, n.weight) and x.is_contiguous() and a.is_contiguous():

@@ -188,3 +188,31 @@ def test_cpu_only_ffn_one_token_path(sparsity):
     for y, r in zip(ys, refs):
         assert y.shape == (1, d)
         torch.testing.assert_close(y[0], r, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("window", [None, 4])
+def test_attn_step_equals_the_separate_calls(monkeypatch, window):
+    """A CPU model with packed q4_0 attention: one token's attention half through the bound
+    AttnStep (one native call) gives the logits of the same native ops called one by one, token
+    after token (sliding window included), and is rebound for a new cache."""
+    from dataclasses import replace
+    from hybridinfer import model as M
+    from hybridinfer.bench.workload import SynthCheckpoint, make_workload
+    wl = make_workload("T7", None, 0)
+    cfg = replace(wl.cfg, sliding_window=window)
+    m = M.build_model(cfg, SynthCheckpoint(cfg, 0, "cpu", torch.float32), torch.device("cpu"),
+                      torch.float32, with_predictors=False, cpu_linear_fmt="q4_0")
+    toks = [5, 9, 300, 2, 41, 7, 19]
+    out, used = {}, []
+    real = M.Block.cpu_step
+    for on in (True, False, True):
+        monkeypatch.setattr(M.Block, "cpu_step", lambda self, *a, on=on: (
+            used.append(1) or real(self, *a)) if on else None)
+        cache = m.new_cache(12)
+        m(torch.tensor([toks[:2]]), cache)
+        out.setdefault(on, []).append(
+            torch.stack([m(torch.tensor([[t]]), cache)[0, -1] for t in toks[2:]]))
+    assert all(s[1] is not None for s in (b._step for b in m.blocks))
+    assert len(used) == 2 * cfg.num_layers * (len(toks) - 2) + 2 * cfg.num_layers   # + prefill checks
+    torch.testing.assert_close(out[True][0], out[False][0], rtol=1e-5, atol=1e-5)
+    assert torch.equal(out[True][0], out[True][1])                                 # new cache: rebound

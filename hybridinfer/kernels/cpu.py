@@ -357,6 +357,48 @@ def attend_one(q, k, v, k_cache, v_cache, pos: int, cos, sin, lo: int = 0,
     return y
 
 
+class AttnStep:
+    """One decoder layer's attention half for one token (batch 1, float32), bound once to its
+    weights and KV cache (csrc/attention.h): run(x [d], pos, lo, cos [hd], sin [hd], add=None)
+    -> (x_out, h) with s = x (+ add), x_out = s + o(attention(rms_norm(s) * norm1)),
+    h = rms_norm(x_out) * norm2; attention as attend_one (RoPE, k / v written at pos). One
+    native call instead of four and the Python between them.
+    qkv: q, k, v stacked (stacked_linears); k_cache / v_cache [1, KV, cap, hd] float32."""
+
+    def __init__(self, norm1, qkv: PackedLinear, o: PackedLinear, norm2, eps: float,
+                 k_cache, v_cache, n_heads: int):
+        kc, vc = _f32(k_cache, "k_cache"), _f32(v_cache, "v_cache")
+        if kc.dim() != 4 or kc.shape[0] != 1 or tuple(vc.shape) != tuple(kc.shape):
+            raise ValueError(f"AttnStep: caches must be [1, KV, cap, hd], got {tuple(kc.shape)}, "
+                             f"{tuple(vc.shape)}")
+        _, KV, cap, hd = kc.shape
+        d = qkv.in_features
+        n1, n2 = _f32(norm1, "norm1", d), _f32(norm2, "norm2", d)
+        if not (isinstance(qkv, PackedLinear) and isinstance(o, PackedLinear)):
+            raise ValueError("AttnStep: qkv and o must be PackedLinear")
+        self._keep = (n1, n2, qkv, o, kc, vc)
+        self.d, self.hd, self.cap = d, hd, cap
+        self._a = _call(_native().attn_step, n1.data_ptr(), _FMT_CODE[qkv.fmt], d, qkv.out_features,
+                        qkv.weight.data_ptr(), _FMT_CODE[o.fmt], o.in_features, o.weight.data_ptr(),
+                        n2.data_ptr(), float(eps), kc.data_ptr(), vc.data_ptr(), int(n_heads), KV,
+                        hd, cap)
+
+    def run(self, x: torch.Tensor, pos: int, lo: int, cos: torch.Tensor, sin: torch.Tensor,
+            add: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        for t in (x, add, cos, sin):
+            if t is not None and (t.dtype != torch.float32 or not t.is_contiguous() or t.device.type != "cpu"):
+                raise ValueError("AttnStep.run: tensors must be contiguous float32 on the CPU")
+        if x.numel() != self.d or add is not None and add.numel() != self.d \
+                or cos.numel() != self.hd or sin.numel() != self.hd:
+            raise ValueError(f"AttnStep.run: x / add need {self.d} values, cos / sin {self.hd}")
+        if not 0 <= lo <= pos < self.cap:
+            raise ValueError(f"AttnStep.run: need 0 <= lo ({lo}) <= pos ({pos}) < capacity ({self.cap})")
+        x_out, h = torch.empty(self.d), torch.empty(self.d)
+        _call(self._a.run, x.data_ptr(), 0 if add is None else add.data_ptr(), int(pos), int(lo),
+              cos.data_ptr(), sin.data_ptr(), x_out.data_ptr(), h.data_ptr())
+        return x_out, h
+
+
 class ColdStep:
     """One layer's cold half per decode step, bound once to static host buffers (the CUDA-graph
     decoder's pinned copies): run() reads the router's choice and each chosen expert's mask and
