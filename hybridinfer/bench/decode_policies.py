@@ -98,12 +98,10 @@ def _hybrid_ffn(wl, key, hot_ids: np.ndarray, device, sparsity: str, pred_device
     cold_mask[ids] = False
     cold_ids = cold_mask.nonzero().flatten()
     hot = None
-    if ids.numel() == n:       # all rows: no gather copy
-        hot = HotFFN(FMT, d, f.gate.to(device), f.up.to(device), f.down_t.to(device),
-                     ids.to(torch.int32).to(device))
+    if ids.numel() == n:       # all rows: no gather copy (repacked on the CPU, then moved)
+        hot = HotFFN(FMT, d, f.gate, f.up, f.down_t, ids.to(torch.int32)).to(device)
     elif ids.numel():
-        hot = HotFFN(FMT, d, f.gate[ids].to(device), f.up[ids].to(device), f.down_t[ids].to(device),
-                     ids.to(torch.int32).to(device))
+        hot = HotFFN(FMT, d, f.gate[ids], f.up[ids], f.down_t[ids], ids.to(torch.int32)).to(device)
     cold = None
     if cold_ids.numel() == n:  # all rows cold: the workload's rows themselves, no copy
         cold = PackedFFN(FMT, d, n, f.gate, f.up, f.down_t)

@@ -60,10 +60,12 @@ class SynthPredictor(nn.Module):
         # fc1t's bytes read as fc1 rows [rank, rb(d)] (the same q4_0 blocks, rank*d values either
         # way; random weights, so only the byte count matters): a row-dot GEMV, as a real
         # predictor computes fc1 (its transpose as an axpy ran at ~0.12 of copy on the H100)
-        self.fc1 = ffn.fc1t.view(rank, -1).to(self.device)     # uint8 [rank, rb(d)]
-        self.fc2t = ffn.fc2t.to(self.device)      # uint8 [rank, rb(n_ff)]
-        if self.device.type == "cuda":            # the GPU row layout the Triton kernels read
+        self.fc1 = ffn.fc1t.view(rank, -1)        # uint8 [rank, rb(d)]
+        self.fc2t = ffn.fc2t                      # uint8 [rank, rb(n_ff)]
+        if self.device.type == "cuda":            # the GPU row layout the Triton kernels read,
+            # repacked on the CPU, moved once (a repack on the device leaves holes: HotFFN.to)
             self.fc1, self.fc2t = q4_rows_to_gpu(self.fc1), q4_rows_to_gpu(self.fc2t)
+        self.fc1, self.fc2t = self.fc1.to(self.device), self.fc2t.to(self.device)
         self.p = ffn.p.to(self.device)            # float32 [n_ff]
         self.threshold = 0.0
         if self.device.type == "cpu":

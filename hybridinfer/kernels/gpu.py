@@ -55,6 +55,16 @@ class HotFFN:
             for name in ("gate", "up", "down_t"):
                 object.__setattr__(self, name, q4_rows_to_gpu(getattr(self, name)))
 
+    def to(self, device) -> "HotFFN":
+        """The same rows on `device`, not repacked again. Build on the CPU, then move: a repack
+        on the device makes a transient copy of every matrix, and those holes fragmented a full
+        VRAM budget (M47 at 16 GiB: out of memory with 0.75 GB reserved but unallocated)."""
+        h = object.__new__(HotFFN)
+        for name in ("fmt", "d_model", "gate", "up", "down_t", "ids"):
+            v = getattr(self, name)
+            object.__setattr__(h, name, v.to(device) if isinstance(v, torch.Tensor) else v)
+        return h
+
     @property
     def n_hot(self) -> int:
         return int(self.ids.numel())
@@ -71,13 +81,13 @@ class HotFFN:
         ids = torch.as_tensor(ids, dtype=torch.long)
         d = w1.shape[1]
 
-        def rows(w):  # [n_hot, d] -> device, in fmt
+        def rows(w):  # [n_hot, d] in fmt (CPU; repacked there, moved once: HotFFN.to)
             if fmt in _FLOAT:
-                return w.to(_FLOAT[fmt]).contiguous().to(device)
-            return quant.pack(w, fmt).to(device)
+                return w.to(_FLOAT[fmt]).contiguous()
+            return quant.pack(w, fmt)
 
         h = cls(fmt, d, rows(w1[ids]), rows(w3[ids]), rows(w2[:, ids].t()),
-                ids.to(torch.int32).to(device))
+                ids.to(torch.int32)).to(device)
         expect = ffn_rows_bytes(h.n_hot, d, fmt)
         if h.nbytes != expect:  # the planner budgets with footprint: the two must agree exactly
             raise AssertionError(f"HotFFN holds {h.nbytes} bytes, footprint says {expect}")
@@ -214,8 +224,8 @@ class DeviceLinear(quant.PackedRows):
         """w [out, in] float (any device: packed where it is, then moved) -> on `device`."""
         if w.dim() != 2:
             raise ValueError(f"DeviceLinear.from_weight: expected w [out, in], got {tuple(w.shape)}")
-        rows = quant.pack(w, fmt, device=w.device).to(device)
-        return cls(fmt, w.shape[1], w.shape[0], q4_rows_to_gpu(rows))
+        rows = quant.pack(w, fmt, device=w.device)      # repacked where it is, moved once
+        return cls(fmt, w.shape[1], w.shape[0], q4_rows_to_gpu(rows).to(device))
 
 
 def stacked_linears(parts: list, in_features: int, fmt: str,
