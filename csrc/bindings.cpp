@@ -132,6 +132,13 @@ bool wait_flag(uintptr_t flag, double timeout, bool reset) {
   return hi::wait_flag(ptr<int32_t>(flag), timeout, reset);
 }
 
+void relu_mlp_t(int f1, int d, int r, uintptr_t w1, int f2, int n2, uintptr_t w2t, uintptr_t x,
+                uintptr_t h, uintptr_t y) {
+  py::gil_scoped_release nogil;
+  hi::relu_mlp_t(hi::Fmt(f1), d, r, ptr<const uint8_t>(w1), hi::Fmt(f2), n2,
+                 ptr<const uint8_t>(w2t), ptr<const float>(x), ptr<float>(h), ptr<float>(y));
+}
+
 std::unique_ptr<hi::AttnStep> attn_step(uintptr_t norm1, int qkv_fmt, int d, int n_qkv,
                                         uintptr_t qkv, int o_fmt, int d_o, uintptr_t o,
                                         uintptr_t norm2, float eps, uintptr_t kc, uintptr_t vc,
@@ -208,6 +215,9 @@ PYBIND11_MODULE(_C, m) {
              a.run(ptr<const float>(x), ptr<const float>(add), pos, lo, ptr<const float>(cos),
                    ptr<const float>(sin), ptr<float>(x_out), ptr<float>(h));
            });
+  m.def("relu_mlp_t", &relu_mlp_t, py::arg("f1"), py::arg("d"), py::arg("r"), py::arg("w1"),
+        py::arg("f2"), py::arg("n2"), py::arg("w2t"), py::arg("x"), py::arg("h"), py::arg("y"),
+        "y [n2] = sum_j relu(W1 x)_j W2t[j, :] (rows with a zero activation unread).");
   m.def("attn_step", &attn_step, py::arg("norm1"), py::arg("qkv_fmt"), py::arg("d"),
         py::arg("n_qkv"), py::arg("qkv"), py::arg("o_fmt"), py::arg("d_o"), py::arg("o"),
         py::arg("norm2"), py::arg("eps"), py::arg("kc"), py::arg("vc"), py::arg("H"),

@@ -392,6 +392,15 @@ void linear(Fmt fmt, int d, int n, const uint8_t* w, const float* x, int b, floa
   parallel_chunks(P, make_chunks(&rows, 1, P.size()), body, size_t(n) * rb);
 }
 
+void relu_mlp_t(Fmt f1, int d, int r, const uint8_t* w1, Fmt f2, int n2, const uint8_t* w2t,
+                const float* x, float* h, float* y) {
+  linear(f1, d, r, w1, x, 1, h);
+  for (int j = 0; j < r; ++j) h[j] = h[j] > 0.f ? h[j] : 0.f;
+  thread_local std::vector<int32_t> all;
+  if (int(all.size()) != r) { all.resize(size_t(r)); for (int j = 0; j < r; ++j) all[size_t(j)] = j; }
+  down_sparse(FFNDesc{f2, n2, r, nullptr, nullptr, w2t}, h, 1, all.data(), r, true, y);
+}
+
 double read_sum(const float* p, size_t n) {
   std::lock_guard<std::mutex> lk(pool_lock());
   ThreadPool& P = pool();

@@ -45,6 +45,14 @@ void down_sparse(const FFNDesc& f, const float* a, int b, const int32_t* ids, in
 // chunks claimed by the pool's threads; each row is read once for all b tokens.
 void linear(Fmt fmt, int d, int n, const uint8_t* w, const float* x, int b, float* y);
 
+// A low-rank relu MLP whose second layer is stored transposed (a predictor's scores, one
+// token): h [r] = relu(W1 x) (linear over W1's r rows), y [n2] = sum_j h_j * W2t[j, :] over the
+// rows with h_j > 0 (down_sparse with skip_zero: rows of zero activation are not read).
+// W1: [r, row_bytes(f1, d)], W2t: [r, row_bytes(f2, n2)]. One call instead of two and the
+// relu between them.
+void relu_mlp_t(Fmt f1, int d, int r, const uint8_t* w1, Fmt f2, int n2, const uint8_t* w2t,
+                const float* x, float* h, float* y);
+
 // Parallel sum of n floats on the pool (read-bandwidth probe).
 double read_sum(const float* p, size_t n);
 

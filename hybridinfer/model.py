@@ -169,7 +169,7 @@ class Block(nn.Module):
         step = self.cpu_step(x, layer, cache)
         if step is not None:            # CPU decode: the attention half is one native call
             pos, w = cache.length, self.cfg.sliding_window
-            x, h = step.run(x.view(-1), pos, max(0, pos + 1 - w) if w else 0, cos[0], sin[0])
+            x, h = step.run_trusted(x, pos, max(0, pos + 1 - w) if w else 0, cos[0], sin[0])
             x = x.view(1, 1, -1)
             return x + self.ffn(h.view(1, -1)).view_as(x)
         a = self.attn(self.attn_norm(x), layer, cache, cos, sin, mask)

@@ -216,3 +216,25 @@ def test_attn_step_equals_the_separate_calls(monkeypatch, window):
     assert len(used) == 2 * cfg.num_layers * (len(toks) - 2) + 2 * cfg.num_layers   # + prefill checks
     torch.testing.assert_close(out[True][0], out[False][0], rtol=1e-5, atol=1e-5)
     assert torch.equal(out[True][0], out[True][1])                                 # new cache: rebound
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("fmt", ["q4_0", "q8_0", "f32"])
+def test_relu_mlp_t_matches_float64(path, fmt):
+    """kernels.cpu.relu_mlp_t (fc1, relu, fc2 over W2^T's rows) against float64 on the
+    dequantised rows, with x quantised as the kernels do for block formats."""
+    from hybridinfer import quant
+    from test_kernels_cpu import x_effective
+    use_path(path)
+    g = torch.Generator().manual_seed(3)
+    d, r, n2 = 96, 70, 160
+    fc1 = cpu.PackedLinear.from_weight(torch.randn(r, d, generator=g), fmt)
+    fc2t = cpu.PackedLinear.from_weight(torch.randn(r, n2, generator=g), fmt)
+    x = torch.randn(d, generator=g)
+    W1 = quant.unpack(fc1.weight, fmt, d).double()
+    W2t = quant.unpack(fc2t.weight, fmt, n2).double()
+    h = (W1 @ x_effective(x, fmt)).clamp_min(0)
+    ref = h @ W2t
+    assert 0 < int((h > 0).sum()) < r                       # some rows skipped, some read
+    y = cpu.relu_mlp_t(x, fc1, fc2t)
+    torch.testing.assert_close(y.double(), ref, rtol=0.02, atol=0.02 * float(ref.abs().max()))

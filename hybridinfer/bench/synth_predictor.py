@@ -12,8 +12,8 @@ Where it runs:
   all of fc1^T has no zeros to skip): kernels/triton_ffn.matvec on cuda, kernels.cpu.linear on
   the CPU;
 - fc2 is the hot half's transposed axpy over fc2t (y = sum_j a_j * W^T[j], rows with a_j = 0
-  never read, so relu's zeros skip fc2 rows): triton_ffn.down on cuda (GPU q4_0 row layout),
-  kernels.cpu.down_sparse on the CPU;
+  never read, so relu's zeros skip fc2 rows): triton_ffn.down on cuda (GPU q4_0 row layout);
+  on the CPU fc1, relu and fc2 are one native call (kernels.cpu.relu_mlp_t);
 - a model on cuda whose predictor the planner left on the CPU: x is copied to the host (a sync,
   counted in SYNCS), the mask goes back to the device.
 Batches (prefill) dequantise the q4_0 rows (quant.unpack) and use a matmul.
@@ -36,11 +36,6 @@ class Counters:
     """Host time blocked in the predictor's own copies, and their number (read by the harness)."""
     sync_s = 0.0
     syncs = 0
-
-
-def _packed_view(w: torch.Tensor, cols: int) -> cpu_kernels.PackedFFN:
-    """W^T rows uint8 [rows, rb(cols)] as a PackedFFN whose down_t is W^T (gate/up unused)."""
-    return cpu_kernels.PackedFFN(FMT, cols, w.shape[0], w, w, w)
 
 
 def _gemv_t_cuda(wt: torch.Tensor, cols: int, a: torch.Tensor) -> torch.Tensor:
@@ -70,8 +65,7 @@ class SynthPredictor(nn.Module):
         self.threshold = 0.0
         if self.device.type == "cpu":
             self._fc1 = cpu_kernels.PackedLinear(FMT, d, rank, self.fc1)
-            self._fc2 = _packed_view(self.fc2t, self.n_ff)
-            self._all2 = torch.arange(rank, dtype=torch.int32)
+            self._fc2t = cpu_kernels.PackedLinear(FMT, self.n_ff, rank, self.fc2t)   # W2^T's rows
             self._rng = np.random.default_rng(seed % 2 ** 32)   # (seeds may be negative)
             # p in 16-bit fixed point: a neuron fires when a uniform 16-bit draw is below it
             # (probability p within 2^-16); the draws are the generator's raw 64-bit words cut
@@ -90,8 +84,7 @@ class SynthPredictor(nn.Module):
             h = torch.relu(triton_ffn.matvec(FMT, self.d, self.fc1, x[0].contiguous()))
             return _gemv_t_cuda(self.fc2t, self.n_ff, h)[None]
         if x.shape[0] == 1:
-            h = torch.relu(cpu_kernels.linear(x[0].contiguous(), self._fc1))
-            return cpu_kernels.down_sparse(self._fc2, h, self._all2, skip_zero=True)[None]
+            return cpu_kernels.relu_mlp_t(x[0].contiguous(), self._fc1, self._fc2t)[None]
         gguf = q4_rows_from_gpu if self.device.type == "cuda" else (lambda t: t)
         fc1 = quant.unpack(gguf(self.fc1), FMT, self.d)           # [rank, d]
         fc2t = quant.unpack(gguf(self.fc2t), FMT, self.n_ff)      # [rank, n_ff]

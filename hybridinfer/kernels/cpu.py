@@ -296,6 +296,21 @@ def linear(x, m: PackedLinear):
     return _out(y, one, was_np)
 
 
+def relu_mlp_t(x: torch.Tensor, fc1: PackedLinear, fc2t: PackedLinear) -> torch.Tensor:
+    """y [n2] = sum_j relu(fc1 x)_j * fc2t[j, :] in one native call (one token): a low-rank
+    predictor's scores with its second layer stored transposed (fc2t [r, n2] as packed rows);
+    rows whose activation is zero are not read. x [d] float32 contiguous."""
+    if not isinstance(fc1, PackedLinear) or not isinstance(fc2t, PackedLinear) \
+            or fc2t.out_features != fc1.out_features:
+        raise ValueError("relu_mlp_t: fc1 [r, d] and fc2t [r, n2] must be PackedLinear with the same r")
+    x = _f32(x, "x", fc1.in_features)
+    h, y = torch.empty(fc1.out_features), torch.empty(fc2t.in_features)
+    _call(_native().relu_mlp_t, _FMT_CODE[fc1.fmt], fc1.in_features, fc1.out_features,
+          fc1.weight.data_ptr(), _FMT_CODE[fc2t.fmt], fc2t.in_features, fc2t.weight.data_ptr(),
+          x.data_ptr(), h.data_ptr(), y.data_ptr())
+    return y
+
+
 def _f32(t, name: str, numel: int | None = None) -> torch.Tensor:
     t = _tensor(t, name)
     if t.dtype != torch.float32 or not t.is_contiguous() or numel is not None and t.numel() != numel:
@@ -393,9 +408,14 @@ class AttnStep:
             raise ValueError(f"AttnStep.run: x / add need {self.d} values, cos / sin {self.hd}")
         if not 0 <= lo <= pos < self.cap:
             raise ValueError(f"AttnStep.run: need 0 <= lo ({lo}) <= pos ({pos}) < capacity ({self.cap})")
+        return self.run_trusted(x, pos, lo, cos, sin, add)
+
+    def run_trusted(self, x, pos, lo, cos, sin, add=None):
+        """run() without its checks, for a caller that made the inputs itself (the model's
+        decode step: each check is microseconds of Python a layer on a small CPU)."""
         x_out, h = torch.empty(self.d), torch.empty(self.d)
-        _call(self._a.run, x.data_ptr(), 0 if add is None else add.data_ptr(), int(pos), int(lo),
-              cos.data_ptr(), sin.data_ptr(), x_out.data_ptr(), h.data_ptr())
+        self._a.run(x.data_ptr(), 0 if add is None else add.data_ptr(), pos, lo, cos.data_ptr(),
+                    sin.data_ptr(), x_out.data_ptr(), h.data_ptr())
         return x_out, h
 
 
