@@ -31,11 +31,11 @@ Chained step (the default where no layer needs a host decision mid-token: every 
 no predictor on the CPU): the host does not stand between two layers at all. The device writes a
 host flag ready[l] once layer l's inputs for its cold half are on the host (a kernel after the
 D2H copies), and before layer l+1 adds the CPU half it waits on the device for done[l]
-(kernels.gpu.flag_signal / flag_await, captured into the graphs). The host enqueues every graph
-of the token back to back, while a native service thread (kernels.cpu.ColdChain) waits for each
-ready[l], runs ColdStep l and sets done[l]. Critical path per layer: GPU work -> flag -> CPU half
--> flag -> GPU work; graph launches and Python run ahead of the device. HYBRIDINFER_NO_CHAIN=1
-or chain=False keep the per-layer host loop below.
+(kernels.gpu.flag_signal / flag_await, captured into the graphs). The whole token (every layer
+and the final merge) is ONE graph the host launches once, while a native service thread
+(kernels.cpu.ColdChain) waits for each ready[l], runs ColdStep l and sets done[l]. Critical path
+per layer: GPU work -> flag -> CPU half -> flag -> GPU work; no launch and no Python between
+layers. HYBRIDINFER_NO_CHAIN=1 or chain=False keep the per-layer host loop below.
 
 The same code runs without capture (graphs=False): on the cpu device that is how CI tests the
 logic against the plain decode path (chained: the calling thread plays the device, the service
@@ -422,15 +422,20 @@ class GraphDecoder:
         return self.logits
 
     def _step_chained(self) -> None:
-        """Every layer's graphs enqueued back to back; the chain serves the cold halves."""
+        """The token's GPU work enqueued at once (captured: ONE graph for every layer and the
+        final merge, one launch a token); the chain serves the cold halves."""
         self._chain.begin()
         try:
-            for l in range(self.m.cfg.num_layers):
-                self._A[l]()
-                if not self._fused[l]:                  # a dense FFN layer: its hot half
-                    for call in self._plan(l, (-1,))[1]:
-                        call()
-            self._F()
+            token = self._graphs.get(("T",))
+            if token is not None:
+                token.replay()
+            else:
+                for l in range(self.m.cfg.num_layers):
+                    self._A[l]()
+                    if not self._fused[l]:              # a dense FFN layer: its hot half
+                        for call in self._plan(l, (-1,))[1]:
+                            call()
+                self._F()
         except BaseException:
             self._chain.end(cancel=True)
             self._reset_flags()
@@ -503,7 +508,9 @@ class GraphDecoder:
 
     def _capture(self) -> None:
         """Warm up every segment on a side stream (Triton compiles, cuBLAS sets up), then capture
-        each into a graph; all graphs share one memory pool (they never run concurrently)."""
+        each into a graph; all graphs share one memory pool (they never run concurrently).
+        Chained: the segments, in token order, are ONE graph (no host step between layers: the
+        launches of ~32 graphs were a fifth of the host's time a token)."""
         segs = list(self._segments())
         side = torch.cuda.Stream(self.dev)
         side.wait_stream(torch.cuda.current_stream(self.dev))
@@ -521,12 +528,19 @@ class GraphDecoder:
         torch.cuda.synchronize(self.dev)
         pool = None
         with torch.inference_mode():
-            for key, fn, args in segs:
+            if self._chained:                   # _segments yields them in token order
                 g = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(g, pool=pool):
-                    fn(*args)
-                pool = g.pool() if pool is None else pool
-                self._graphs[key] = g
+                with torch.cuda.graph(g):
+                    for _, fn, args in segs:
+                        fn(*args)
+                self._graphs[("T",)] = g
+            else:
+                for key, fn, args in segs:
+                    g = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(g, pool=pool):
+                        fn(*args)
+                    pool = g.pool() if pool is None else pool
+                    self._graphs[key] = g
         self._clear()
 
     def _reset_flags(self) -> None:
