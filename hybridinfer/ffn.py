@@ -121,6 +121,7 @@ class HybridFFN(nn.Module):
             pin_host(self, cold.gate, cold.up, cold.down_t)     # prefill streams them: async DMA
         self._cold_np = cold_ids.numpy()
         self._step = None                   # _cpu_decode's ColdStep, made on first use
+        self._cpu_only = hot is None and cold is not None and dense_above >= 1
         # every neuron cold, in order (a CPU-only model): the mask's nonzeros are the row ids
         self._cold_all = cold_ids.numel() == n_ff and bool(np.array_equal(self._cold_np, np.arange(n_ff)))
 
@@ -174,10 +175,9 @@ class HybridFFN(nn.Module):
         one D2H copy of x and the mask (the only sync); the hot half launched (async on a GPU);
         the cold half in the CPU kernels meanwhile (GIL released); one H2D copy; the sum.
         cold_rows: the packed cold rows already on the device (prefetch_cold), for a streamed batch."""
-        from .kernels import cpu, gpu
-        if (x.shape[0] == 1 and self.hot is None and self.cold is not None and self.dense_above >= 1
-                and x.device.type == "cpu" and x.dtype == torch.float32):
+        if self._cpu_only and x.shape[0] == 1 and x.dtype == torch.float32 and x.device.type == "cpu":
             return self._cpu_decode(x)
+        from .kernels import cpu, gpu
         mask = self.predict(x)
         if self.cold is None:
             return self.gpu_half(x, mask)
@@ -207,10 +207,12 @@ class HybridFFN(nn.Module):
             self._step = cpu.ColdStep([self.cold], [self.cold_ids], [bm], bx, by,
                                       act=self.activation, threshold=self.threshold,
                                       exact=self.sparsity == "exact")
+            # a predictor computing on the CPU is called directly (predict()'s checks skipped)
+            self._pred_here = bm is not None and predictor_device(self.predictor, x.device) == x.device
         bx, bm, by = self._bufs
         bx.copy_(x[0])
         if bm is not None:
-            bm.copy_(self.predict(x))
+            bm.copy_(self.predictor.active(x)[0] if self._pred_here else self.predict(x))
         self._step.run()
         return by.clone().view(1, -1)
 

@@ -150,10 +150,11 @@ class Block(nn.Module):
         """The bound kernels.cpu.AttnStep for a one-token float32 step on the CPU with q, k, v
         stacked in a PackedLinear and no biases (the attention half in one native call), else
         None. Bound per cache (by its buffers' addresses and shape: no reference kept)."""
-        if x.numel() != x.shape[-1] or not _native_f32(x) or not x.is_contiguous():
+        if x.dtype != torch.float32 or x.numel() != x.shape[-1] or x.device.type != "cpu" \
+                or not x.is_contiguous():
             return None
         kc, vc = cache.k[layer], cache.v[layer]
-        key = (kc.data_ptr(), vc.data_ptr(), tuple(kc.shape), kc.dtype)
+        key = (kc.data_ptr(), vc.data_ptr(), kc.shape, kc.dtype)
         if self._step[0] == key:
             return self._step[1]
         a, n1, n2 = self.attn, self.attn_norm, self.ffn_norm

@@ -84,7 +84,7 @@ class SynthPredictor(nn.Module):
             h = torch.relu(triton_ffn.matvec(FMT, self.d, self.fc1, x[0].contiguous()))
             return _gemv_t_cuda(self.fc2t, self.n_ff, h)[None]
         if x.shape[0] == 1:
-            return cpu_kernels.relu_mlp_t(x[0].contiguous(), self._fc1, self._fc2t)[None]
+            return cpu_kernels.relu_mlp_t(x.reshape(-1), self._fc1, self._fc2t)[None]
         gguf = q4_rows_from_gpu if self.device.type == "cuda" else (lambda t: t)
         fc1 = quant.unpack(gguf(self.fc1), FMT, self.d)           # [rank, d]
         fc2t = quant.unpack(gguf(self.fc2t), FMT, self.n_ff)      # [rank, n_ff]
