@@ -177,6 +177,10 @@ class _Timers:
         self._wrap(cpu_k.ColdStep, "run", "cpu", "ffn")        # the graph decoder's cold halves
         self._wrap(cpu_k, "down_sparse", "cpu")
         self._wrap(cpu_k, "linear", "cpu", "linear")
+        # a CPU model's decode step: the attention half (its linears, attention, norms) in one
+        # call, and the benchmark predictor's fc1 + fc2 (counted under "predictor")
+        self._wrap(cpu_k.AttnStep, "run_trusted", "cpu", "linear")
+        self._wrap(cpu_k, "relu_mlp_t", "cpu")
         self._wrap_predictor()
         self._wrap(gpu_k, "to_host", "sync")
         self._wrap(gpu_k, "to_device", "sync")
