@@ -198,23 +198,34 @@ class HybridFFN(nn.Module):
         ColdStep bound once to this FFN's own buffers (x, the predicted mask, y) turns the mask
         into row ids and computes them in one native call: on M7's 2-core decode the Python of
         the general path (host copies, id lists, the kernel wrapper's checks) cost ~80 us a layer."""
-        from .kernels import cpu
+        bx, _, by = self.cpu_bound()
+        bx.copy_(x[0])
+        self.run_bound()
+        return by.clone().view(1, -1)
+
+    def cpu_bound(self) -> tuple:
+        """(x [d], mask [n_ff] | None, y [d]): the float32 buffers run_bound() reads and writes,
+        made (with the ColdStep bound to them) on first use. CPU-only FFNs (no hot rows)."""
         if self._step is None:
+            from .kernels import cpu
             d = self.cold.d_model
             bx, by = torch.empty(d), torch.empty(d)
             bm = torch.zeros(self.n_ff, dtype=torch.bool) if self.sparsity == "predictor" else None
-            self._bufs = (bx, bm, by)
+            self._bufs, self._bx1 = (bx, bm, by), bx.view(1, -1)
             self._step = cpu.ColdStep([self.cold], [self.cold_ids], [bm], bx, by,
                                       act=self.activation, threshold=self.threshold,
                                       exact=self.sparsity == "exact")
             # a predictor computing on the CPU is called directly (predict()'s checks skipped)
-            self._pred_here = bm is not None and predictor_device(self.predictor, x.device) == x.device
-        bx, bm, by = self._bufs
-        bx.copy_(x[0])
+            self._pred_here = bm is not None and predictor_device(self.predictor, bx.device) == bx.device
+        return self._bufs
+
+    def run_bound(self) -> None:
+        """One token from the bound x buffer into the bound y buffer (cpu_bound: the caller
+        wrote x): the mask, then the cold rows it selects, in one native call."""
+        bm = self._bufs[1]
         if bm is not None:
-            bm.copy_(self.predictor.active(x)[0] if self._pred_here else self.predict(x))
+            bm.copy_(self.predictor.active(self._bx1)[0] if self._pred_here else self.predict(self._bx1))
         self._step.run()
-        return by.clone().view(1, -1)
 
     def streamed_cold(self, x: torch.Tensor, rows: tuple | None = None,
                       rows_per_copy: int = 4096) -> torch.Tensor:

@@ -153,6 +153,10 @@ class Block(nn.Module):
         if x.dtype != torch.float32 or x.numel() != x.shape[-1] or x.device.type != "cpu" \
                 or not x.is_contiguous():
             return None
+        return self.bind_step(layer, cache)
+
+    def bind_step(self, layer, cache):
+        """cpu_step's AttnStep for this cache (no check of the input)."""
         kc, vc = cache.k[layer], cache.v[layer]
         key = (kc.data_ptr(), vc.data_ptr(), kc.shape, kc.dtype)
         if self._step[0] == key:
@@ -212,12 +216,57 @@ class Transformer(nn.Module):
             ok &= kpos > qpos - self.cfg.sliding_window
         return ok
 
+    def _cpu_plan(self, cache: KVCache):
+        """A float32 CPU model whose every layer has a bound AttnStep and a CPU-only HybridFFN:
+        per layer (the AttnStep's native run, the FFN, x_out [d], the pointers it reads and
+        writes), bound once per cache (keyed by its buffers' addresses); else None."""
+        from .ffn import HybridFFN
+        key = (cache.capacity, tuple(k.data_ptr() for k in cache.k), tuple(v.data_ptr() for v in cache.v))
+        if getattr(self, "_plan", (None, None))[0] == key:
+            return self._plan[1]
+        plan = None
+        if self.embed.dtype == torch.float32 and self.device.type == "cpu" and self.embed.is_contiguous() \
+                and all(isinstance(b.ffn, HybridFFN) and b.ffn._cpu_only for b in self.blocks):
+            steps = [b.bind_step(i, cache) for i, b in enumerate(self.blocks)]
+            if all(s is not None for s in steps):
+                plan = []
+                for s, b in zip(steps, self.blocks):
+                    bx, _, by = b.ffn.cpu_bound()
+                    xo = torch.empty(self.cfg.hidden_size)
+                    plan.append((s._a.run, b.ffn, xo, xo.data_ptr(), bx.data_ptr(), by))
+        self._plan = (key, plan)
+        return plan
+
+    def _decode_cpu(self, plan, token: int, start: int) -> torch.Tensor:
+        """One token through the bound plan -> the last hidden state [1, 1, d] (before the norm).
+        Per layer two native calls (the attention half into x_out and the FFN's x, then the
+        FFN) and the predictor: the previous FFN's output is the next attention half's `add`."""
+        d, hd, w = self.cfg.hidden_size, self.cfg.head_dim, self.cfg.sliding_window
+        lo = max(0, start + 1 - w) if w else 0
+        cp = self.cos.data_ptr() + 4 * start * hd
+        sp = self.sin.data_ptr() + 4 * start * hd
+        xp, yp, y = self.embed.data_ptr() + 4 * token * d, 0, None
+        for run, ffn, xo, xop, hp, y in plan:
+            run(xp, yp, start, lo, cp, sp, xop, hp)
+            ffn.run_bound()
+            xp, yp = xop, y.data_ptr()
+        return (xo + y).view(1, 1, -1)
+
     def forward(self, tokens: torch.Tensor, cache: KVCache, last_only: bool = False) -> torch.Tensor:
         """tokens [b, t] at positions cache.length.. -> logits [b, t or 1, V] float32."""
         b, t = tokens.shape
         start = cache.length
         if start + t > cache.capacity:
             raise HybridInferError(f"context full: {start + t} positions, cache holds {cache.capacity}")
+        if b * t == 1 and tokens.device.type == "cpu":
+            plan = self._cpu_plan(cache)
+            if plan is not None:            # CPU decode: two native calls a layer, no torch ops
+                tok = int(tokens[0, 0])
+                if not 0 <= tok < self.cfg.vocab_size:
+                    raise HybridInferError(f"token id {tok} outside the vocabulary ({self.cfg.vocab_size})")
+                x = self._decode_cpu(plan, tok, start)
+                cache.length = start + 1
+                return linear(self.norm(x), self.lm_head).float()
         cos, sin = self.cos[start:start + t], self.sin[start:start + t]
         mask = self._mask(start, t)
         x = F.embedding(tokens.to(self.embed.device), self.embed).to(self.device)

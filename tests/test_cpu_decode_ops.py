@@ -238,3 +238,27 @@ def test_relu_mlp_t_matches_float64(path, fmt):
     assert 0 < int((h > 0).sum()) < r                       # some rows skipped, some read
     y = cpu.relu_mlp_t(x, fc1, fc2t)
     torch.testing.assert_close(y.double(), ref, rtol=0.02, atol=0.02 * float(ref.abs().max()))
+
+
+@pytest.mark.parametrize("policy", ["cpu-dense", "cpu-sparse"])
+def test_model_cpu_plan_equals_the_block_path(monkeypatch, policy):
+    """A CPU-only hybrid model (the benchmark's cpu-dense / cpu-sparse on T7): one-token decode
+    through the bound plan (Transformer._cpu_plan: two native calls a layer) gives the logits of
+    the Block-by-Block path, token after token (two builds from one seed: the same masks)."""
+    from hybridinfer import model as M
+    from hybridinfer.bench.decode_policies import build
+    from hybridinfer.bench.workload import make_workload
+    toks = [3, 40, 7, 300, 12, 5]
+    out = {}
+    for on in (True, False):
+        wl = make_workload("T7", None, 0)
+        m = build(policy, wl, torch.device("cpu"), torch.float32, torch.float32).model
+        if not on:
+            monkeypatch.setattr(m, "_cpu_plan", lambda cache: None)
+        cache = m.new_cache(16)
+        m(torch.tensor([toks[:2]]), cache)
+        out[on] = torch.stack([m(torch.tensor([[t]]), cache)[0, -1] for t in toks[2:]])
+        assert cache.length == len(toks)
+        if on:
+            assert m._plan[1] is not None and len(m._plan[1]) == wl.cfg.num_layers
+    torch.testing.assert_close(out[True], out[False], rtol=1e-5, atol=1e-5)
