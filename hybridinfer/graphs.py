@@ -398,9 +398,10 @@ class GraphDecoder:
     @torch.inference_mode()
     def step(self, token: int) -> torch.Tensor:
         """Logits [V] (float32) for `token` at position cache.length; advances the cache.
-        Host-device synchronisations per layer: a fused MoE layer 1 (when it has cold rows);
-        otherwise MoE 1 (expert ids) + 1 (masks, when there are cold rows); dense FFN 1 (when
-        there are cold rows)."""
+        Host-device synchronisations per layer: chained, none on the main thread (one wait for
+        the whole token) and one flag wait of the service thread per layer with cold rows;
+        otherwise a fused MoE layer 1 (when it has cold rows), MoE 1 (expert ids) + 1 (masks,
+        when there are cold rows), dense FFN 1 (when there are cold rows)."""
         m, cache = self.m, self.cache
         p = cache.length
         if p >= self.C:
