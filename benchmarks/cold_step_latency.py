@@ -1,4 +1,4 @@
-"""How long the decode step's cold half (kernels.cpu.ColdStep.run) takes for the few rows a layer
+"""How long the decode step's cold half (kernels.cpu_step.ColdStep.run) takes for the few rows a layer
 has at large VRAM budgets, where it sits on the critical path between two layers' GPU work:
 
     python3 benchmarks/cold_step_latency.py [--threads 1 2 4 8] [--rows 32 128 512 2048] [--json FILE]
@@ -15,7 +15,7 @@ import time
 import numpy as np
 import torch
 
-from hybridinfer.kernels import cpu
+from hybridinfer.kernels import cpu, cpu_step
 from hybridinfer.quant import row_bytes
 
 D, E, K = 4096, 8, 2
@@ -52,7 +52,7 @@ def main():
             ffns.append(cpu.PackedFFN("q4_0", D, a.n_cold, packed_rows(a.n_cold, gen),
                                       packed_rows(a.n_cold, gen), packed_rows(a.n_cold, gen)))
             neurons.append(torch.from_numpy(np.sort(rng.choice(n_ff, a.n_cold, replace=False))))
-        layers.append((ffns, neurons, cpu.ColdStep(ffns, neurons, [None] * E, x, y, sel, w, "relu",
+        layers.append((ffns, neurons, cpu_step.ColdStep(ffns, neurons, [None] * E, x, y, sel, w, "relu",
                                                    slot_masks=masks)))
     rb3 = 3 * row_bytes(D, "q4_0")
     out = []

@@ -207,12 +207,12 @@ class HybridFFN(nn.Module):
         """(x [d], mask [n_ff] | None, y [d]): the float32 buffers run_bound() reads and writes,
         made (with the ColdStep bound to them) on first use. CPU-only FFNs (no hot rows)."""
         if self._step is None:
-            from .kernels import cpu
+            from .kernels import cpu_step
             d = self.cold.d_model
             bx, by = torch.empty(d), torch.empty(d)
             bm = torch.zeros(self.n_ff, dtype=torch.bool) if self.sparsity == "predictor" else None
             self._bufs, self._bx1 = (bx, bm, by), bx.view(1, -1)
-            self._step = cpu.ColdStep([self.cold], [self.cold_ids], [bm], bx, by,
+            self._step = cpu_step.ColdStep([self.cold], [self.cold_ids], [bm], bx, by,
                                       act=self.activation, threshold=self.threshold,
                                       exact=self.sparsity == "exact")
             # a predictor computing on the CPU is called directly (predict()'s checks skipped)

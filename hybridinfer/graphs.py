@@ -13,7 +13,7 @@ are captured once and replayed:
   F         the last merge, final norm, lm_head
 
 Host, per layer: replay A; (MoE) one sync for the expert ids; replay P[g]; replay H[g] (async);
-one sync for the masks; one native call (kernels.cpu.ColdStep, bound to the pinned buffers) turns
+one sync for the masks; one native call (kernels.cpu_step.ColdStep, bound to the pinned buffers) turns
 the masks into cold-row ids and runs the CPU kernel over them (GIL released) into a pinned buffer
 that A[l+1] copies to the device (H2D inside the graph). When the choices are too many to capture
 (C(E, k) > MAX_GROUPS), P and H are captured per expert instead. Buffers are static; the KV cache
@@ -33,7 +33,7 @@ host flag ready[l] once layer l's inputs for its cold half are on the host (a ke
 D2H copies), and before layer l+1 adds the CPU half it waits on the device for done[l]
 (kernels.gpu.flag_signal / flag_await, captured into the graphs). The whole token (every layer
 and the final merge) is ONE graph the host launches once, while a native service thread
-(kernels.cpu.ColdChain) waits for each ready[l], runs ColdStep l and sets done[l]. Critical path
+(kernels.cpu_step.ColdChain) waits for each ready[l], runs ColdStep l and sets done[l]. Critical path
 per layer: GPU work -> flag -> CPU half -> flag -> GPU work; no launch and no Python between
 layers. HYBRIDINFER_NO_CHAIN=1 or chain=False keep the per-layer host loop below.
 
@@ -168,8 +168,8 @@ class GraphDecoder:
         self.flags = host(2, L, dtype=torch.int32)      # [ready, done] per layer, host memory
         self._chain = None
         if self._chained:
-            from .kernels import cpu
-            self._chain = cpu.ColdChain([self._coldstep[l] for l in self._links],
+            from .kernels import cpu_step
+            self._chain = cpu_step.ColdChain([self._coldstep[l] for l in self._links],
                                         [self.flags[0, l] for l in self._links],
                                         [self.flags[1, l] for l in self._links])
         cuda = self.dev.type == "cuda"
@@ -252,7 +252,7 @@ class GraphDecoder:
 
     def _cold_step(self, l: int):
         """The native per-step cold half of layer l, bound to its pinned buffers (None: no cold rows)."""
-        from .kernels import cpu
+        from .kernels import cpu_step
         ffns = self._fm[l]
         cold = {e: f for e, f in ffns.items() if (l, e) in self._cold}
         if not cold:
@@ -263,7 +263,7 @@ class GraphDecoder:
                  else (None, None, None) for e in keys]
         ffn, neurons, masks = zip(*items)
         sel, w = (self.ids_host[l], self.w_host[l]) if self.moe[l] else (None, None)
-        return cpu.ColdStep(ffn, neurons, masks, self.u_host[l][0], self.ycpu_host[l][0], sel, w,
+        return cpu_step.ColdStep(ffn, neurons, masks, self.u_host[l][0], self.ycpu_host[l][0], sel, w,
                             f0.activation, f0.threshold, exact=f0.sparsity == "exact",
                             slot_masks=self.mslot_host.get(l))
 

@@ -16,6 +16,7 @@ from .config import ModelConfig
 from .errors import HybridInferError
 from .ffn import DenseFFN, MoE
 from .kernels import cpu as cpu_kernels
+from .kernels import cpu_step
 from .kernels import gpu as gpu_kernels
 from .linear import linear  # noqa: F401 - the dispatch point (re-exported for graphs.py)
 from .predictor import Predictor
@@ -147,7 +148,7 @@ class Block(nn.Module):
         self._step = (None, None)    # (the cache's buffers it is bound to, its AttnStep | None)
 
     def cpu_step(self, x, layer, cache):
-        """The bound kernels.cpu.AttnStep for a one-token float32 step on the CPU with q, k, v
+        """The bound kernels.cpu_step.AttnStep for a one-token float32 step on the CPU with q, k, v
         stacked in a PackedLinear and no biases (the attention half in one native call), else
         None. Bound per cache (by its buffers' addresses and shape: no reference kept)."""
         if x.dtype != torch.float32 or x.numel() != x.shape[-1] or x.device.type != "cpu" \
@@ -165,7 +166,7 @@ class Block(nn.Module):
         ok = (isinstance(a.qkv, cpu_kernels.PackedLinear) and isinstance(a.o, cpu_kernels.PackedLinear)
               and a.qb is None and a.ob is None and n1.eps == n2.eps and kc.shape[0] == 1
               and _native_f32(kc, vc, n1.weight, n2.weight))
-        step = cpu_kernels.AttnStep(n1.weight, a.qkv, a.o, n2.weight, n1.eps, kc, vc,
+        step = cpu_step.AttnStep(n1.weight, a.qkv, a.o, n2.weight, n1.eps, kc, vc,
                                     self.cfg.num_heads) if ok else None
         self._step = (key, step)
         return step

@@ -1,11 +1,11 @@
-"""kernels.cpu.ColdStep: the decode step's native cold half (router choice + masks -> cold-row ids
+"""kernels.cpu_step.ColdStep: the decode step's native cold half (router choice + masks -> cold-row ids
 -> fused CPU FFNs), against the float64 reference of test_kernels_cpu on fresh random inputs."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from hybridinfer.kernels import cpu
+from hybridinfer.kernels import cpu, cpu_step
 from test_kernels_cpu import assert_within, make_ffn, reference
 
 
@@ -30,7 +30,7 @@ def _setup(seed, E=4, n_ff=96, d=64, k=2):
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_cold_step_matches_reference(seed):
     ffns, neurons, masks, x, y, sel, w, g = _setup(seed)
-    cs = cpu.ColdStep(ffns, neurons, masks, x, y, sel, w, "drelu")
+    cs = cpu_step.ColdStep(ffns, neurons, masks, x, y, sel, w, "drelu")
     for step in range(4):                                   # buffers refilled in place per step
         _fill((cs, ffns, neurons, masks, x, y, sel, w, g))
         cs.run()
@@ -54,7 +54,7 @@ def test_cold_step_matches_reference(seed):
 def test_cold_step_dense_layer_without_masks():
     ffns, neurons, _, x, y, _, _, g = _setup(4)
     x.copy_(torch.randn(x.shape, generator=g))
-    cs = cpu.ColdStep(ffns[:1], neurons[:1], [None], x, y)    # no router, every cold row
+    cs = cpu_step.ColdStep(ffns[:1], neurons[:1], [None], x, y)    # no router, every cold row
     cs.run()
     ref, bound = reference(ffns[0], x[None], torch.arange(ffns[0].n_ff), "drelu")
     assert cs.last_rows == ffns[0].n_ff
@@ -64,12 +64,12 @@ def test_cold_step_dense_layer_without_masks():
 def test_cold_step_errors_are_one_line():
     ffns, neurons, masks, x, y, sel, w, _ = _setup(5)
     with pytest.raises(ValueError, match="exactly one FFN"):
-        cpu.ColdStep(ffns, neurons, masks, x, y)
+        cpu_step.ColdStep(ffns, neurons, masks, x, y)
     with pytest.raises(ValueError, match="outside the mask"):
-        cpu.ColdStep(ffns, neurons, [m[:3] if m is not None else None for m in masks], x, y, sel, w)
+        cpu_step.ColdStep(ffns, neurons, [m[:3] if m is not None else None for m in masks], x, y, sel, w)
     with pytest.raises(ValueError, match="float32"):
-        cpu.ColdStep(ffns, neurons, masks, x.double(), y, sel, w)
-    cs = cpu.ColdStep(ffns, neurons, masks, x, y, sel, w)
+        cpu_step.ColdStep(ffns, neurons, masks, x.double(), y, sel, w)
+    cs = cpu_step.ColdStep(ffns, neurons, masks, x, y, sel, w)
     sel.fill_(len(ffns))                                         # a corrupt router buffer
     with pytest.raises(ValueError, match="out of range"):
         cs.run()
@@ -82,8 +82,8 @@ def test_cold_step_slot_masks_equal_per_expert_masks():
     k, n_ff = sel.numel(), masks[0].numel()
     slot = torch.zeros(k, n_ff, dtype=torch.bool)
     y2 = torch.zeros_like(y)
-    per_expert = cpu.ColdStep(ffns, neurons, masks, x, y, sel, w, "drelu")
-    per_slot = cpu.ColdStep(ffns, neurons, [None] * len(ffns), x, y2, sel, w, "drelu",
+    per_expert = cpu_step.ColdStep(ffns, neurons, masks, x, y, sel, w, "drelu")
+    per_slot = cpu_step.ColdStep(ffns, neurons, [None] * len(ffns), x, y2, sel, w, "drelu",
                             slot_masks=slot)
     for _ in range(4):
         x.copy_(torch.randn(x.shape, generator=g))
@@ -99,11 +99,11 @@ def test_cold_step_slot_masks_equal_per_expert_masks():
         assert per_slot.last_rows == per_expert.last_rows
         assert torch.equal(y, y2)
     with pytest.raises(ValueError, match="replaces the per-expert masks"):
-        cpu.ColdStep(ffns, neurons, masks, x, y2, sel, w, slot_masks=slot)
+        cpu_step.ColdStep(ffns, neurons, masks, x, y2, sel, w, slot_masks=slot)
     with pytest.raises(ValueError, match="outside the slot masks"):
-        cpu.ColdStep(ffns, neurons, [None] * len(ffns), x, y2, sel, w, slot_masks=slot[:, :3].contiguous())
+        cpu_step.ColdStep(ffns, neurons, [None] * len(ffns), x, y2, sel, w, slot_masks=slot[:, :3].contiguous())
     with pytest.raises(ValueError, match="rows for 2 slots"):
-        cpu.ColdStep(ffns, neurons, [None] * len(ffns), x, y2, sel, w, slot_masks=slot[:1].contiguous())
+        cpu_step.ColdStep(ffns, neurons, [None] * len(ffns), x, y2, sel, w, slot_masks=slot[:1].contiguous())
 
 
 def _chain_layers(seed, n=3):
@@ -111,7 +111,7 @@ def _chain_layers(seed, n=3):
     layers = []
     for i in range(n):
         ffns, neurons, masks, x, y, sel, w, g = _setup(seed * 7 + i)
-        layers.append((cpu.ColdStep(ffns, neurons, masks, x, y, sel, w, "drelu"),
+        layers.append((cpu_step.ColdStep(ffns, neurons, masks, x, y, sel, w, "drelu"),
                        ffns, neurons, masks, x, y, sel, w, g))
     return layers, torch.zeros(2, n, dtype=torch.int32)
 
@@ -132,30 +132,30 @@ def test_cold_chain_serves_layers_in_order(seed):
     done (as the device does: reset on read); the chain's thread must have run that layer's
     step by then with those inputs: y equals a plain ColdStep.run on the same buffers."""
     layers, flags = _chain_layers(seed)
-    chain = cpu.ColdChain([lay[0] for lay in layers], list(flags[0]), list(flags[1]))
+    chain = cpu_step.ColdChain([lay[0] for lay in layers], list(flags[0]), list(flags[1]))
     for token in range(3):
         chain.begin()
         for i, lay in enumerate(layers):
             _fill(lay)
             flags[0, i] = 1                                         # ready
-            assert cpu.wait_flag(flags[1, i], timeout=5.0)          # done, reset
+            assert cpu_step.wait_flag(flags[1, i], timeout=5.0)          # done, reset
             got = lay[5].clone()
             lay[0].run()                                            # the same step, again
             assert torch.equal(got, lay[5]), f"token {token} layer {i}"
         chain.end()
         assert int(flags.abs().sum()) == 0                          # every flag consumed
-    assert cpu.ColdChain.waits >= 9 and cpu.ColdChain.busy_s > 0
+    assert cpu_step.ColdChain.waits >= 9 and cpu_step.ColdChain.busy_s > 0
 
 
 def test_cold_chain_error_unblocks_the_device_and_raises():
     layers, flags = _chain_layers(3)
-    chain = cpu.ColdChain([lay[0] for lay in layers], list(flags[0]), list(flags[1]))
+    chain = cpu_step.ColdChain([lay[0] for lay in layers], list(flags[0]), list(flags[1]))
     chain.begin()
     _fill(layers[0])
     layers[0][6].fill_(99)                                          # corrupt expert id
     flags[0, 0] = 1
     for i in range(3):          # the device is never stalled: done comes for every layer
-        assert cpu.wait_flag(flags[1, i], timeout=5.0)
+        assert cpu_step.wait_flag(flags[1, i], timeout=5.0)
         assert torch.count_nonzero(layers[i][5]) == 0               # y zeroed
     with pytest.raises(ValueError, match="out of range"):
         chain.end()
@@ -163,18 +163,18 @@ def test_cold_chain_error_unblocks_the_device_and_raises():
 
 def test_cold_chain_timeout_and_cancel():
     layers, flags = _chain_layers(4, n=2)
-    chain = cpu.ColdChain([lay[0] for lay in layers], list(flags[0]), list(flags[1]),
+    chain = cpu_step.ColdChain([lay[0] for lay in layers], list(flags[0]), list(flags[1]),
                           timeout=0.05)
     chain.begin()                                                   # no ready ever comes
     with pytest.raises(RuntimeError, match="did not signal link 0"):
         chain.end()
     assert flags[1].tolist() == [1, 1]                              # the device would go on
     flags.zero_()
-    chain2 = cpu.ColdChain([lay[0] for lay in layers], list(flags[0]), list(flags[1]))
+    chain2 = cpu_step.ColdChain([lay[0] for lay in layers], list(flags[0]), list(flags[1]))
     chain2.begin()
     chain2.end(cancel=True)                                         # returns, raises nothing
-    assert not cpu.wait_flag(flags[0, 0], timeout=0.01)             # nothing set ready
+    assert not cpu_step.wait_flag(flags[0, 0], timeout=0.01)             # nothing set ready
     with pytest.raises(ValueError, match="one ready and one done"):
-        cpu.ColdChain([layers[0][0]], [flags[0, 0]], [])
+        cpu_step.ColdChain([layers[0][0]], [flags[0, 0]], [])
     with pytest.raises(ValueError, match="int32"):
-        cpu.ColdChain([layers[0][0]], [flags[0, 0].long()], [flags[1, 0]])
+        cpu_step.ColdChain([layers[0][0]], [flags[0, 0].long()], [flags[1, 0]])

@@ -25,7 +25,7 @@ def test_graph_decoder_equals_plain_decode(tmp_path, arch, sparsity, placement, 
                                            select_on_device, chain):
     """select_on_device: MoE layers as one segment each, the experts chosen on the device
     (HotSlots, the predictors' slots, ColdStep's slot masks), or chosen by the host.
-    chain: the cold halves served by kernels.cpu.ColdChain's thread on device flags (where no
+    chain: the cold halves served by kernels.cpu_step.ColdChain's thread on device flags (where no
     layer needs the host mid-token: MoE layers fused; on cpu this thread plays the device)."""
     gd = _check_against_plain(tmp_path, arch, sparsity, placement, device,
                               select_on_device=select_on_device, chain=chain)

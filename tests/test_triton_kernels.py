@@ -203,12 +203,12 @@ def test_fused_qkv_rows_are_views_and_compute_the_same():
 
 FLAGS_SCRIPT = textwrap.dedent("""
     import os, threading, time, torch
-    from hybridinfer.kernels import cpu, triton_flags
+    from hybridinfer.kernels import cpu_step, triton_flags
     cuda = os.environ.get("HI_TEST_DEVICE", "cpu") == "cuda"
     f = torch.zeros(2, dtype=torch.int32, pin_memory=cuda)
     ready, done = f[0], f[1]
     triton_flags.signal(ready.data_ptr())                    # the device: inputs are ready
-    assert cpu.wait_flag(ready, timeout=10.0)                 # the host sees it, resets it
+    assert cpu_step.wait_flag(ready, timeout=10.0)                 # the host sees it, resets it
     assert int(ready) == 0
     def host():                                               # the host's answer, 50 ms later
         time.sleep(0.05)

@@ -27,6 +27,7 @@ import torch
 
 from ..generate import decode_one_token
 from ..kernels import cpu as cpu_k
+from ..kernels import cpu_step
 from ..kernels import gpu as gpu_k
 from . import machine
 from .synth_predictor import Counters, SynthPredictor
@@ -174,12 +175,12 @@ class _Timers:
     def __enter__(self):
         self._undo = []
         self._wrap(cpu_k, "ffn_sparse_multi", "cpu", "ffn")
-        self._wrap(cpu_k.ColdStep, "run", "cpu", "ffn")        # the graph decoder's cold halves
+        self._wrap(cpu_step.ColdStep, "run", "cpu", "ffn")        # the graph decoder's cold halves
         self._wrap(cpu_k, "down_sparse", "cpu")
         self._wrap(cpu_k, "linear", "cpu", "linear")
         # a CPU model's decode step: the attention half (its linears, attention, norms) in one
         # call, and the benchmark predictor's fc1 + fc2 (counted under "predictor")
-        self._wrap(cpu_k.AttnStep, "run_trusted", "cpu", "linear")
+        self._wrap(cpu_step.AttnStep, "run_trusted", "cpu", "linear")
         self._wrap(cpu_k, "relu_mlp_t", "cpu")
         self._wrap_predictor()
         self._wrap(gpu_k, "to_host", "sync")
@@ -188,7 +189,7 @@ class _Timers:
         for name in ("_wait", "_join_chain"):     # the decoder's host waits (staticmethods)
             self._wrap_static(GraphDecoder, name, "sync")
         self._s0 = (gpu_k.SyncCounter.syncs, Counters.sync_s, Counters.syncs,
-                    cpu_k.ColdChain.busy_s, cpu_k.ColdChain.waits)
+                    cpu_step.ColdChain.busy_s, cpu_step.ColdChain.waits)
         if self.device.type == "cuda":
             for blk in self.model.blocks:
                 if hasattr(blk.ffn, "route"):
@@ -213,8 +214,8 @@ class _Timers:
                 setattr(mod, name, orig)
         self.syncs += gpu_k.SyncCounter.syncs - self._s0[0] + Counters.syncs - self._s0[2]
         self.sync += Counters.sync_s - self._s0[1]
-        self.chain_cpu = cpu_k.ColdChain.busy_s - self._s0[3]
-        self.syncs += cpu_k.ColdChain.waits - self._s0[4]
+        self.chain_cpu = cpu_step.ColdChain.busy_s - self._s0[3]
+        self.syncs += cpu_step.ColdChain.waits - self._s0[4]
 
 
 def _intervals_union(iv: list[tuple[float, float]]) -> float:

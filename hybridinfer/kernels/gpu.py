@@ -361,8 +361,8 @@ def flag_await(flag: torch.Tensor, device: torch.device, timeout: float = 60.0) 
         from . import triton_flags
         triton_flags.await_(flag.data_ptr())
         return
-    from . import cpu
-    if not cpu.wait_flag(flag, timeout):
+    from . import cpu_step
+    if not cpu_step.wait_flag(flag, timeout):
         raise RuntimeError(f"flag_await: no signal within {timeout} s")
 
 

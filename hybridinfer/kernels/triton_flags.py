@@ -1,4 +1,4 @@
-"""Device <-> host flags for the chained decode step (graphs.py, kernels.cpu.ColdChain).
+"""Device <-> host flags for the chained decode step (graphs.py, kernels.cpu_step.ColdChain).
 
 A flag is one int32 in page-locked host memory, passed by address. On the device:
   signal(addr):   *addr = 1              (after the copies the host will read, in stream order)
