@@ -52,8 +52,8 @@ def main():
             ffns.append(cpu.PackedFFN("q4_0", D, a.n_cold, packed_rows(a.n_cold, gen),
                                       packed_rows(a.n_cold, gen), packed_rows(a.n_cold, gen)))
             neurons.append(torch.from_numpy(np.sort(rng.choice(n_ff, a.n_cold, replace=False))))
-        layers.append((ffns, neurons, cpu_step.ColdStep(ffns, neurons, [None] * E, x, y, sel, w, "relu",
-                                                   slot_masks=masks)))
+        layers.append((ffns, neurons, cpu_step.ColdStep(ffns, neurons, [None] * E, x, y, sel, w,
+                                                        "relu", slot_masks=masks)))
     rb3 = 3 * row_bytes(D, "q4_0")
     out = []
     print(f"{'threads':>7} {'rows':>6} {'us/call':>9} {'GB/s':>7}")

@@ -213,8 +213,8 @@ class HybridFFN(nn.Module):
             bm = torch.zeros(self.n_ff, dtype=torch.bool) if self.sparsity == "predictor" else None
             self._bufs, self._bx1 = (bx, bm, by), bx.view(1, -1)
             self._step = cpu_step.ColdStep([self.cold], [self.cold_ids], [bm], bx, by,
-                                      act=self.activation, threshold=self.threshold,
-                                      exact=self.sparsity == "exact")
+                                           act=self.activation, threshold=self.threshold,
+                                           exact=self.sparsity == "exact")
             # a predictor computing on the CPU is called directly (predict()'s checks skipped)
             self._pred_here = bm is not None and predictor_device(self.predictor, bx.device) == bx.device
         return self._bufs

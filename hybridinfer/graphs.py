@@ -13,11 +13,12 @@ are captured once and replayed:
   F         the last merge, final norm, lm_head
 
 Host, per layer: replay A; (MoE) one sync for the expert ids; replay P[g]; replay H[g] (async);
-one sync for the masks; one native call (kernels.cpu_step.ColdStep, bound to the pinned buffers) turns
-the masks into cold-row ids and runs the CPU kernel over them (GIL released) into a pinned buffer
+one sync for the masks; one native call (kernels.cpu_step.ColdStep, bound to the pinned buffers)
+turns the masks into cold-row ids and runs the CPU kernel over them (GIL released) into a pinned buffer
 that A[l+1] copies to the device (H2D inside the graph). When the choices are too many to capture
 (C(E, k) > MAX_GROUPS), P and H are captured per expert instead. Buffers are static; the KV cache
-is a static [capacity] cache and attention reads all of it under a position mask.
+is a static [capacity] cache; attention reads its live positions (kernels.gpu.attend_cached: the
+Triton kernels on cuda; masked matmuls over all of it elsewhere).
 
 Fused MoE layers (select_on_device, the default where every predictor is on the device): the
 experts are chosen on the device, so A, the chosen experts' predictors and hot halves are ONE
@@ -33,8 +34,8 @@ host flag ready[l] once layer l's inputs for its cold half are on the host (a ke
 D2H copies), and before layer l+1 adds the CPU half it waits on the device for done[l]
 (kernels.gpu.flag_signal / flag_await, captured into the graphs). The whole token (every layer
 and the final merge) is ONE graph the host launches once, while a native service thread
-(kernels.cpu_step.ColdChain) waits for each ready[l], runs ColdStep l and sets done[l]. Critical path
-per layer: GPU work -> flag -> CPU half -> flag -> GPU work; no launch and no Python between
+(kernels.cpu_step.ColdChain) waits for each ready[l], runs ColdStep l and sets done[l]. Critical
+path per layer: GPU work -> flag -> CPU half -> flag -> GPU work; no launch and no Python between
 layers. HYBRIDINFER_NO_CHAIN=1 or chain=False keep the per-layer host loop below.
 
 The same code runs without capture (graphs=False): on the cpu device that is how CI tests the
@@ -170,8 +171,8 @@ class GraphDecoder:
         if self._chained:
             from .kernels import cpu_step
             self._chain = cpu_step.ColdChain([self._coldstep[l] for l in self._links],
-                                        [self.flags[0, l] for l in self._links],
-                                        [self.flags[1, l] for l in self._links])
+                                             [self.flags[0, l] for l in self._links],
+                                             [self.flags[1, l] for l in self._links])
         cuda = self.dev.type == "cuda"
         # (expert ids, ready). A fused layer records `ready` inside its graph once u, the choice
         # and the masks are on the host (external: an event record node; the host waits for that
@@ -263,9 +264,9 @@ class GraphDecoder:
                  else (None, None, None) for e in keys]
         ffn, neurons, masks = zip(*items)
         sel, w = (self.ids_host[l], self.w_host[l]) if self.moe[l] else (None, None)
-        return cpu_step.ColdStep(ffn, neurons, masks, self.u_host[l][0], self.ycpu_host[l][0], sel, w,
-                            f0.activation, f0.threshold, exact=f0.sparsity == "exact",
-                            slot_masks=self.mslot_host.get(l))
+        return cpu_step.ColdStep(ffn, neurons, masks, self.u_host[l][0], self.ycpu_host[l][0], sel,
+                                 w, f0.activation, f0.threshold, exact=f0.sparsity == "exact",
+                                 slot_masks=self.mslot_host.get(l))
 
     # ---- the segments (plain functions of the static buffers) ---------------------------------
     def seg_attn(self, l: int):

@@ -167,7 +167,7 @@ class Block(nn.Module):
               and a.qb is None and a.ob is None and n1.eps == n2.eps and kc.shape[0] == 1
               and _native_f32(kc, vc, n1.weight, n2.weight))
         step = cpu_step.AttnStep(n1.weight, a.qkv, a.o, n2.weight, n1.eps, kc, vc,
-                                    self.cfg.num_heads) if ok else None
+                                 self.cfg.num_heads) if ok else None
         self._step = (key, step)
         return step
 
