@@ -20,8 +20,8 @@ SHAPES = [("q/o", 4096, 4096), ("k/v", 1024, 4096), ("lm_head", 57024, 4096), ("
 CALLS = 50
 
 
-def timed(fn, reps: int = 20) -> float:
-    """Seconds per call: CALLS calls in one graph, median of reps replays."""
+def timed(fn, reps: int = 20, calls: int = CALLS) -> float:
+    """Seconds per call: `calls` calls in one graph, median of reps replays."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -30,7 +30,7 @@ def timed(fn, reps: int = 20) -> float:
     torch.cuda.current_stream().wait_stream(s)
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        for _ in range(CALLS):
+        for _ in range(calls):
             fn()
     out = []
     for _ in range(reps):
@@ -39,7 +39,7 @@ def timed(fn, reps: int = 20) -> float:
         g.replay()
         b.record()
         b.synchronize()
-        out.append(a.elapsed_time(b) / 1e3 / CALLS)
+        out.append(a.elapsed_time(b) / 1e3 / calls)
     return sorted(out)[len(out) // 2]
 
 

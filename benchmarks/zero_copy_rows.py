@@ -6,9 +6,9 @@ rows an expert and ~10 MB of active cold rows a layer). GPU machine:
 
     python3 benchmarks/zero_copy_rows.py [--json FILE]
 
-Prints microseconds per call (a CUDA graph of 10 calls, median of replays) and the GB/s of the
-active rows' bytes (gate + up + down), next to the CPU cold half's rate in decode (~21 GB/s at
-8 threads, decode_M47_h100_v11: 0.34 GB in 16 ms a token at 8 GiB).
+Prints microseconds per call (triton_matvec.timed: a CUDA graph of 10 calls, median of
+replays) and the GB/s of the active rows' bytes (gate + up + down), next to the CPU cold half's
+rate in decode (~21 GB/s at 8 threads, decode_M47_h100_v11: 0.34 GB in 16 ms a token at 8 GiB).
 """
 import argparse
 import json
@@ -18,6 +18,7 @@ import torch
 from hybridinfer import quant
 from hybridinfer.kernels import triton_ffn as tk
 from hybridinfer.kernels.gpu import q4_rows_to_gpu
+from triton_matvec import timed
 
 D, K = 4096, 2
 N = 12000 if torch.cuda.is_available() else 64
@@ -28,28 +29,6 @@ def table(mats, dev, like, rs):
     return tk.RowTable(torch.tensor([m.data_ptr() for m in mats], dtype=torch.int64, device=dev),
                        torch.tensor([m.shape[0] for m in mats], dtype=torch.int32, device=dev),
                        N, like, rs, tuple(mats))
-
-
-def timed(fn, reps=15, calls=10):
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(calls):
-            fn()
-    out = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        out.append(a.elapsed_time(b) / 1e3 / calls)
-    return sorted(out)[len(out) // 2]
 
 
 def main():
@@ -87,7 +66,7 @@ def main():
             def call():
                 tk.gate_up_slots("q4_0", D, gt, ut, ids, x, "silu", 0.0, mask, sel, act)   # silu: every masked row read in full
                 tk.down_slots("q4_0", D, dt, act, N, y, 0, sel, w)
-            s = timed(call) if cuda else (call(), 1.0)[1]
+            s = timed(call, reps=15, calls=10) if cuda else (call(), 1.0)[1]
             y.zero_()
             call()
             outs[name] = y.clone()

@@ -70,9 +70,7 @@ void ColdChain::end(bool cancel) {
   }
   if (cancel) cancel_.store(true);
   // the token's device work takes milliseconds: spin briefly, then yield
-  for (uint32_t i = 0; served_.load(std::memory_order_acquire) != want; ++i) {
-    if (i < 4096) cpu_relax(); else std::this_thread::yield();
-  }
+  spin_until([&] { return served_.load(std::memory_order_acquire) == want; });
   std::exception_ptr e;
   {
     std::lock_guard<std::mutex> lk(mu_);

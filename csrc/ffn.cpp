@@ -205,9 +205,7 @@ void accumulate_chunks(ThreadPool& P, const std::vector<Chunk>& chunks, const Bo
     for (size_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < chunks.size();)
       body(tid, chunks[c]);
     arrived.fetch_add(1, std::memory_order_acq_rel);     // every accumulator is final after it
-    for (int i = 0; arrived.load(std::memory_order_acquire) < T; ++i) {
-      if (i < 4096) cpu_relax(); else std::this_thread::yield();
-    }
+    spin_until([&] { return arrived.load(std::memory_order_acquire) >= T; });
     const size_t lo = std::min(n, step * size_t(tid)), hi = std::min(n, lo + step);
     if (lo < hi) sum_parts(y, lo, hi, T);
   });

@@ -34,9 +34,7 @@ void ThreadPool::run(const std::function<void(int)>& fn) {
   cv_.notify_all();
   fn(0);
   // Workers finish at about the same time as we do: spin, yielding now and then.
-  for (int i = 0; pending_.load(std::memory_order_acquire) != 0; ++i) {
-    if (i < 4096) cpu_relax(); else std::this_thread::yield();
-  }
+  spin_until([&] { return pending_.load(std::memory_order_acquire) == 0; });
 }
 
 void ThreadPool::worker(int tid) {

@@ -197,6 +197,7 @@ class GraphDecoder:
                 self._attn = attn_step
             self._clear()
         self._graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
+        self._segs = list(self._segments())     # (key, segment, args); chained: in token order
         if self.graphs:
             self._capture()
         self._A = [self._call(("A", l), self.seg_layer if self._fused[l] else self.seg_attn, l)
@@ -431,13 +432,9 @@ class GraphDecoder:
             token = self._graphs.get(("T",))
             if token is not None:
                 token.replay()
-            else:
-                for l in range(self.m.cfg.num_layers):
-                    self._A[l]()
-                    if not self._fused[l]:              # a dense FFN layer: its hot half
-                        for call in self._plan(l, (-1,))[1]:
-                            call()
-                self._F()
+            else:                                       # uncaptured: the same segments, in order
+                for _, fn, args in self._segs:
+                    fn(*args)
         except BaseException:
             self._chain.end(cancel=True)
             self._reset_flags()
@@ -513,7 +510,7 @@ class GraphDecoder:
         each into a graph; all graphs share one memory pool (they never run concurrently).
         Chained: the segments, in token order, are ONE graph (no host step between layers: the
         launches of ~32 graphs were a fifth of the host's time a token)."""
-        segs = list(self._segments())
+        segs = self._segs
         side = torch.cuda.Stream(self.dev)
         side.wait_stream(torch.cuda.current_stream(self.dev))
         with torch.inference_mode(), torch.cuda.stream(side):

@@ -360,25 +360,23 @@ def build_model(cfg: ModelConfig, ckpt: Checkpoint, device: torch.device, dtype:
                (a + "k_proj.weight", (cfg.num_kv_heads * hd, d)),
                (a + "v_proj.weight", (cfg.num_kv_heads * hd, d))]
         w = {"o": lin(a + "o_proj.weight", (d, cfg.num_heads * hd))}
+        # q, k, v stacked in one packed matrix, each a view of its rows: one GEMV on the GPU side,
+        # one native call on the CPU (M7 on 2 cores: k and v alone ran at ~17 GB/s, q at ~19,
+        # each call paying its own start)
+        getters = [(lambda n=n, s=s: ckpt.get(n, s), s[0]) for n, s in qkv]
+        views = None
         if isinstance(w["o"], gpu_kernels.DeviceLinear) and d % quant.QK == 0:
-            # q, k, v stacked in one packed matrix (one GEMV), each a view of its rows
-            w["qkv"], views = gpu_kernels.stacked_linears(
-                [(lambda n=n, s=s: ckpt.get(n, s), s[0]) for n, s in qkv], d, gpu_linear_fmt, device)
-            for n, _ in qkv:
-                ckpt.release(n)
+            w["qkv"], views = gpu_kernels.stacked_linears(getters, d, gpu_linear_fmt, device)
             placed["attention"] = placed.get("attention", 0) + w["qkv"].nbytes
-            w.update(zip("qkv", views))
         elif isinstance(w["o"], cpu_kernels.PackedLinear):
-            # the same for the CPU kernels: one native call reads q, k and v (M7 on 2 cores: k
-            # and v alone ran at ~17 GB/s, q at ~19, each call paying its own start)
             fmt = "f32" if cpu_linear_fmt in quant.BLOCK_FORMATS and d % quant.QK else cpu_linear_fmt
-            w["qkv"], views = cpu_kernels.stacked_linears(
-                [(lambda n=n, s=s: ckpt.get(n, s), s[0]) for n, s in qkv], d, fmt)
+            w["qkv"], views = cpu_kernels.stacked_linears(getters, d, fmt)
+        if views is None:
+            w.update((key, lin(n, s)) for key, (n, s) in zip("qkv", qkv))
+        else:
             for n, _ in qkv:
                 ckpt.release(n)
             w.update(zip("qkv", views))
-        else:
-            w.update((key, lin(n, s)) for key, (n, s) in zip("qkv", qkv))
         if cfg.attention_bias:
             w.update(qb=get(a + "q_proj.bias", (cfg.num_heads * hd,)),
                      kb=get(a + "k_proj.bias", (cfg.num_kv_heads * hd,)),

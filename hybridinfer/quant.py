@@ -128,3 +128,22 @@ class PackedRows:
     @property
     def nbytes(self) -> int:
         return self.weight.numel()
+
+    @classmethod
+    def stacked(cls, parts: list, in_features: int, fmt: str, whole: torch.Tensor, pack) -> tuple:
+        """Linear layers on the same input (attention's q, k, v) as ONE layer of this kind whose
+        rows are theirs stacked, each part a view of its rows (one kernel call reads all three).
+        parts: (get, out_features) with get() the float weight [out, in_features]; whole: the
+        uint8 [sum out, row_bytes] allocation; pack(w) -> w's packed rows. The parts are fetched
+        and packed one at a time into `whole` (transient copies of the others fragmented a full
+        VRAM budget). -> (the whole layer, [the parts' views])."""
+        views, r = [], 0
+        for get, n in parts:
+            w = get()
+            if tuple(w.shape) != (n, in_features):
+                raise ValueError(f"stacked_linears: expected [{n}, {in_features}], got {tuple(w.shape)}")
+            whole[r:r + n] = pack(w)
+            del w
+            views.append(cls(fmt, in_features, n, whole[r:r + n]))
+            r += n
+        return cls(fmt, in_features, r, whole), views

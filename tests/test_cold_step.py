@@ -133,6 +133,7 @@ def test_cold_chain_serves_layers_in_order(seed):
     step by then with those inputs: y equals a plain ColdStep.run on the same buffers."""
     layers, flags = _chain_layers(seed)
     chain = cpu_step.ColdChain([lay[0] for lay in layers], list(flags[0]), list(flags[1]))
+    waits0, busy0 = cpu_step.ColdChain.waits, cpu_step.ColdChain.busy_s     # class-wide totals
     for token in range(3):
         chain.begin()
         for i, lay in enumerate(layers):
@@ -144,7 +145,7 @@ def test_cold_chain_serves_layers_in_order(seed):
             assert torch.equal(got, lay[5]), f"token {token} layer {i}"
         chain.end()
         assert int(flags.abs().sum()) == 0                          # every flag consumed
-    assert cpu_step.ColdChain.waits >= 9 and cpu_step.ColdChain.busy_s > 0
+    assert cpu_step.ColdChain.waits - waits0 == 9 and cpu_step.ColdChain.busy_s > busy0
 
 
 def test_cold_chain_error_unblocks_the_device_and_raises():

@@ -151,15 +151,23 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-def test_triton_hot_ffn_matches_float64_reference(device):
+def run_kernel_script(script: str, device: str, timeout: int) -> str:
+    """Run a test script in a fresh interpreter on `device` (cpu: Triton's interpreter runs the
+    kernels on CPU tensors; TRITON_INTERPRET must be set before triton is imported); assert it
+    exited cleanly and return its stdout."""
     pytest.importorskip("triton")
     env = {**os.environ, "HI_TEST_DEVICE": device}
     if device == "cpu":
-        env["TRITON_INTERPRET"] = "1"      # the interpreter runs the kernels on CPU tensors
-    out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True,
-                         timeout=900)
+        env["TRITON_INTERPRET"] = "1"
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                         timeout=timeout)
     assert out.returncode == 0, out.stdout + out.stderr[-3000:]
+    return out.stdout
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_triton_hot_ffn_matches_float64_reference(device):
+    run_kernel_script(SCRIPT, device, 900)
 
 
 def test_q4_gpu_row_layout_is_a_permutation_of_the_gguf_bytes():
@@ -235,13 +243,7 @@ FLAGS_SCRIPT = textwrap.dedent("""
 def test_device_flags_signal_and_await(device):
     """kernels/triton_flags.py: the device sets a host flag, and waits for the host's (then
     resets it), the protocol of the chained decode step; a wait gives up after its limit."""
-    pytest.importorskip("triton")
-    env = {**os.environ, "HI_TEST_DEVICE": device}
-    if device == "cpu":
-        env["TRITON_INTERPRET"] = "1"
-    out = subprocess.run([sys.executable, "-c", FLAGS_SCRIPT], env=env, capture_output=True,
-                         text=True, timeout=300)
-    assert out.returncode == 0 and "ok" in out.stdout, out.stdout + out.stderr[-3000:]
+    assert "ok" in run_kernel_script(FLAGS_SCRIPT, device, 300)
 
 
 ATTN_SCRIPT = textwrap.dedent("""
@@ -274,10 +276,4 @@ ATTN_SCRIPT = textwrap.dedent("""
 def test_decode_attention_matches_float64_reference(device):
     """kernels/triton_attention.py: one token's GQA attention split over the live positions
     (window or not, one slice or many, f32 and bf16 caches) against float64 softmax attention."""
-    pytest.importorskip("triton")
-    env = {**os.environ, "HI_TEST_DEVICE": device}
-    if device == "cpu":
-        env["TRITON_INTERPRET"] = "1"
-    out = subprocess.run([sys.executable, "-c", ATTN_SCRIPT], env=env, capture_output=True,
-                         text=True, timeout=600)
-    assert out.returncode == 0 and "ok" in out.stdout, out.stdout + out.stderr[-3000:]
+    assert "ok" in run_kernel_script(ATTN_SCRIPT, device, 600)

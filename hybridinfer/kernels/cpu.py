@@ -266,22 +266,11 @@ class PackedLinear(quant.PackedRows):
 
 
 def stacked_linears(parts: list, in_features: int, fmt: str) -> tuple[PackedLinear, list[PackedLinear]]:
-    """Linear layers on the same input (attention's q, k, v) packed into ONE PackedLinear whose
-    rows are theirs stacked, each part a view of its rows: one native call (one pool hand-off,
-    one ramp of the row streams) instead of three. parts: (get, out_features) with get() the
-    float weight [out, in_features], fetched and packed one at a time into the one allocation."""
-    rb = quant.row_bytes(in_features, fmt)
-    whole = alloc_weights(sum(n for _, n in parts), rb)
-    views, r = [], 0
-    for get, n in parts:
-        w = _tensor(get(), "w")
-        if tuple(w.shape) != (n, in_features):
-            raise ValueError(f"stacked_linears: expected [{n}, {in_features}], got {tuple(w.shape)}")
-        whole[r:r + n] = quant.pack(w, fmt)
-        del w
-        views.append(PackedLinear(fmt, in_features, n, whole[r:r + n]))
-        r += n
-    return PackedLinear(fmt, in_features, r, whole), views
+    """q, k, v in ONE PackedLinear, each a view of its rows (quant.PackedRows.stacked): one
+    native call (one pool hand-off, one ramp of the row streams) instead of three."""
+    whole = alloc_weights(sum(n for _, n in parts), quant.row_bytes(in_features, fmt))
+    return PackedLinear.stacked(parts, in_features, fmt, whole,
+                                lambda w: quant.pack(_tensor(w, "w"), fmt))
 
 
 def linear(x, m: PackedLinear):

@@ -230,24 +230,13 @@ class DeviceLinear(quant.PackedRows):
 
 def stacked_linears(parts: list, in_features: int, fmt: str,
                     device) -> tuple[DeviceLinear, list[DeviceLinear]]:
-    """Linear layers on the same input (attention's q, k, v) packed into ONE DeviceLinear whose
-    rows are theirs stacked, each part a view of its rows: one GEMV launch reads all three (k
-    and v alone are too few rows to fill the GPU: 0.15 of its copy bandwidth at 1024 x 4096).
-    parts: (get, out_features) with get() the float weight [out, in_features] (host or device),
-    fetched and packed one at a time into the one allocation (transient copies of the others
-    fragmented a full VRAM budget)."""
-    rb = quant.row_bytes(in_features, fmt)
-    whole = torch.empty(sum(n for _, n in parts), rb, dtype=torch.uint8, device=device)
-    views, r = [], 0
-    for get, n in parts:
-        w = get()
-        if tuple(w.shape) != (n, in_features):
-            raise ValueError(f"stacked_linears: expected [{n}, {in_features}], got {tuple(w.shape)}")
-        whole[r:r + n] = DeviceLinear.from_weight(w, fmt, device).weight
-        del w
-        views.append(DeviceLinear(fmt, in_features, n, whole[r:r + n]))
-        r += n
-    return DeviceLinear(fmt, in_features, r, whole), views
+    """q, k, v in ONE DeviceLinear, each a view of its rows (quant.PackedRows.stacked): one GEMV
+    launch reads all three (k and v alone are too few rows to fill the GPU: 0.15 of its copy
+    bandwidth at 1024 x 4096). get() may return a host or device weight."""
+    whole = torch.empty(sum(n for _, n in parts), quant.row_bytes(in_features, fmt),
+                        dtype=torch.uint8, device=device)
+    return DeviceLinear.stacked(parts, in_features, fmt, whole,
+                                lambda w: DeviceLinear.from_weight(w, fmt, device).weight)
 
 
 def device_linear(x: torch.Tensor, m: DeviceLinear) -> torch.Tensor:
