@@ -17,6 +17,12 @@ def ffn_rows_bytes(n_rows: int, d_model: int, fmt: str) -> int:
     return n_rows * (3 * row_bytes(d_model, fmt) + ID_BYTES)
 
 
+def warm_ids_bytes(n_warm: int) -> int:
+    """n_warm warm neurons (rows in page-locked host memory the GPU reads over PCIe): only their
+    int32 neuron ids live on the GPU, for the kernels' mask lookup."""
+    return n_warm * ID_BYTES
+
+
 def dense_bytes(numel: int, dtype_bytes: int = 2) -> int:
     """Norms, attention, router, predictors, embeddings kept unquantised (f16/bf16 by default)."""
     return numel * dtype_bytes

@@ -11,6 +11,10 @@ Objective (PowerInfer's): maximise the weight bytes read per token that are serv
     rate times the expert's routing rate), 3 rows (gate, up, down^T) each time. An FFN's hot set
     is a top-frequency prefix of its neurons. Neurons are grouped (consecutive in frequency order)
     so the MILP has <= ~4k group variables.
+  - Warm tier (pcie_share > 0): after each FFN's hot prefix, the next neurons in frequency
+    order until their frequency mass reaches pcie_share of the FFN's non-hot mass stay in the
+    cold rows (page-locked host memory) but the GPU reads them over PCIe during decode; only
+    their int32 ids take VRAM (footprint.warm_ids_bytes), reserved for every neuron up front.
   - Sync constraint (the paper's): an FFN gets no GPU neurons, or enough that the expected bytes
     they serve per token save at least one synchronisation: sync_s / (1/cpu_bw - 1/gpu_bw)
     = 10 us / (1/100 GB/s - 1/3 TB/s) ~ 1.03 MB per token by default, or the whole FFN.
@@ -34,7 +38,8 @@ import numpy as np
 from .atomic import write_text
 from .config import ModelConfig
 from .errors import HybridInferError
-from .footprint import attention_bytes, dense_bytes, ffn_rows_bytes, kv_cache_bytes, linear_bytes, linear_fmt
+from .footprint import (attention_bytes, dense_bytes, ffn_rows_bytes, kv_cache_bytes, linear_bytes, linear_fmt,
+                        warm_ids_bytes)
 from .profile import NeuronProfile, ffn_keys, model_identity
 from .quant import row_bytes
 
@@ -46,9 +51,29 @@ MIN_ACTIVE_BYTES = int(SYNC_S / (1 / CPU_BW - 1 / GPU_BW))   # ~1.03 MB per toke
 UNIFORM_FIRE = 0.1         # with no profile: every neuron fires on 10% of the tokens reaching it
 MAX_GROUPS = 4096          # group variables in the MILP at most (simplex pivots ~ groups taken)
 AUTO_MARGIN = (512 << 20, 0.05)   # "auto" leaves max(512 MiB, 5% of free VRAM) for the allocator, scratch
+PCIE_SHARE_CUDA = 0.6      # the runtime's default warm share on a CUDA device (0 elsewhere)
 
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def default_pcie_share(device_type: str) -> float:
+    """The warm tier's share when none is given: PCIE_SHARE_CUDA on a CUDA device, else 0 (no
+    GPU reads host memory)."""
+    return PCIE_SHARE_CUDA if device_type == "cuda" else 0.0
+
+
+def _encode_ids(ids: dict[tuple[int, int], np.ndarray]) -> dict[str, str]:
+    return {f"{k[0]},{k[1]}": base64.b64encode(np.asarray(v, "<i4").tobytes()).decode()
+            for k, v in sorted(ids.items())}
+
+
+def _decode_ids(d: dict[str, str]) -> dict[tuple[int, int], np.ndarray]:
+    out = {}
+    for k, v in d.items():
+        layer, e = (int(x) for x in k.split(","))
+        out[(layer, e)] = np.frombuffer(base64.b64decode(v, validate=True), "<i4").astype(np.int32)
+    return out
 
 
 def parse_budget(text: str, free_vram: int | None = None, total_vram: int | None = None) -> int:
@@ -99,15 +124,20 @@ class Placement:
     components: dict[str, int] = field(default_factory=dict)   # GPU bytes by component
     stats: dict[str, float] = field(default_factory=dict)      # expected bytes per token, shares
     solver: str = ""
+    # (layer, expert|-1) -> sorted unique int32 ids of the warm neurons (disjoint from hot): rows
+    # in page-locked host memory (the cold rows' first ones) the GPU reads over PCIe in decode
+    warm: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)
 
     def hot_count(self) -> int:
         return sum(len(v) for v in self.hot.values())
 
+    def warm_count(self) -> int:
+        return sum(len(v) for v in self.warm.values())
+
     def to_json(self) -> str:
         d = asdict(self)
-        d["hot_encoding"] = "base64 of int32 little-endian neuron ids"
-        d["hot"] = {f"{k[0]},{k[1]}": base64.b64encode(np.asarray(v, "<i4").tobytes()).decode()
-                    for k, v in sorted(self.hot.items())}
+        d["hot_encoding"] = "base64 of int32 little-endian neuron ids (hot and warm)"
+        d["hot"], d["warm"] = _encode_ids(self.hot), _encode_ids(self.warm)
         return json.dumps(d, indent=1)
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -124,11 +154,8 @@ class Placement:
             if d.get("schema_version") != SCHEMA_VERSION:
                 raise HybridInferError(f"{path} has placement schema {d.get('schema_version')}; "
                                        f"this hybridinfer reads {SCHEMA_VERSION}")
-            hot = {}
-            for k, v in d.pop("hot").items():
-                layer, e = (int(x) for x in k.split(","))
-                hot[(layer, e)] = np.frombuffer(base64.b64decode(v, validate=True), "<i4").astype(np.int32)
-            p = Placement(**d, hot=hot)
+            hot, warm = _decode_ids(d.pop("hot")), _decode_ids(d.pop("warm", {}))   # no "warm": older files
+            p = Placement(**d, hot=hot, warm=warm)
         except HybridInferError:
             raise
         except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
@@ -166,6 +193,7 @@ def gpu_component_bytes(cfg: ModelConfig, p: Placement) -> dict[str, int]:
           "predictors": p.predictors_on_gpu}
     out = {k: (v if on[k] else 0) for k, v in f.items()}
     out["ffn_hot"] = sum(ffn_rows_bytes(len(v), cfg.hidden_size, p.fmt) for v in p.hot.values())
+    out["ffn_warm_ids"] = warm_ids_bytes(p.warm_count())
     return out
 
 
@@ -320,8 +348,12 @@ def _objective(pb: _Problem, taken: set, counts: np.ndarray) -> float:
 
 def plan(cfg: ModelConfig, profile: NeuronProfile | None, budget_bytes: int, context: int | None = None,
          fmt: str = "f16", solver: str = "milp", predictor_numel: int = 0, group_size: int | None = None,
-         min_active_bytes: int = MIN_ACTIVE_BYTES, time_limit: float = 8.0) -> Placement:
-    """The placement for a VRAM budget (bytes). profile None: uniform frequencies (UNIFORM_FIRE)."""
+         min_active_bytes: int = MIN_ACTIVE_BYTES, time_limit: float = 8.0,
+         pcie_share: float = 0.0) -> Placement:
+    """The placement for a VRAM budget (bytes). profile None: uniform frequencies (UNIFORM_FIRE).
+    pcie_share: share of each FFN's non-hot frequency mass made warm (_warm_counts); 0: none."""
+    if not 0.0 <= pcie_share <= 1.0:    # also rejects NaN
+        raise HybridInferError(f"pcie share {pcie_share} is outside 0..1")
     if budget_bytes < 0:
         raise HybridInferError(f"VRAM budget {budget_bytes} is negative")
     if fmt not in GPU_FORMATS:
@@ -340,15 +372,21 @@ def plan(cfg: ModelConfig, profile: NeuronProfile | None, budget_bytes: int, con
     core = fixed["attention"] + fixed["norms"] + fixed["router"] + fixed["kv_cache"]
     used = solver
     taken, counts = set(), np.zeros(len(pb.keys), dtype=np.int64)
+    # warm ids for every neuron at worst, reserved before solving (the warm set follows the hot
+    # one); a budget without room for them gets no warm tier
+    reserve = warm_ids_bytes(sum(len(o) for o in pb.order)) if pcie_share > 0 else 0
+    if core + reserve > budget_bytes:
+        reserve, pcie_share = 0, 0.0
     if core <= budget_bytes:
         gs = _groups(pb, group_size)
+        room = budget_bytes - core - reserve
         t0 = time.perf_counter()
-        out = _solve_greedy(pb, budget_bytes - core, gs)
+        out = _solve_greedy(pb, room, gs)
         if solver == "milp" and _all_placed(pb, *out):
             used = "greedy (everything worth placing fits: optimal)"
         elif solver == "milp":   # keep the greedy answer when HiGHS runs out of time with a worse one
             left = max(1.0, time_limit - (time.perf_counter() - t0))
-            m = _solve_milp(pb, budget_bytes - core, gs, left)
+            m = _solve_milp(pb, room, gs, left)
             if m is None or _objective(pb, *m) < _objective(pb, *out) * (1 - 1e-9):
                 used = "greedy (milp found no better solution in time)"
             else:
@@ -356,16 +394,33 @@ def plan(cfg: ModelConfig, profile: NeuronProfile | None, budget_bytes: int, con
         taken, counts = out
     on = core <= budget_bytes
     hot = {k: np.sort(pb.order[j][:counts[j]]).astype(np.int32) for j, k in enumerate(pb.keys)}
+    warm_n = _warm_counts(pb, counts, pcie_share)
+    warm = {k: np.sort(pb.order[j][counts[j]:counts[j] + warm_n[j]]).astype(np.int32)
+            for j, k in enumerate(pb.keys) if warm_n[j]}
     p = Placement(SCHEMA_VERSION, model_identity(cfg), int(budget_bytes), 0, context, fmt,
                   attention_on_gpu=on, embeddings_on_gpu="embeddings" in taken,
                   lm_head_on_gpu="lm_head" in taken or (cfg.tie_word_embeddings and "embeddings" in taken),
                   kv_on_gpu=on, predictors_on_gpu="predictors" in taken, hot=hot,
-                  predictor_numel=int(predictor_numel), solver=used)
+                  predictor_numel=int(predictor_numel), solver=used, warm=warm)
     comp = gpu_component_bytes(cfg, p)
     total = sum(comp.values())
     if total > budget_bytes:   # cannot happen by construction; never hand out a plan that overruns
         raise HybridInferError(f"internal: plan uses {total} B of a {budget_bytes} B budget")
-    return _with_totals(p, comp, _stats(cfg, pb, fixed, p, counts))
+    return _with_totals(p, comp, _stats(cfg, pb, fixed, p, counts, warm_n, pcie_share))
+
+
+def _warm_counts(pb: _Problem, counts: np.ndarray, pcie_share: float) -> np.ndarray:
+    """Per FFN, how many neurons after the hot prefix (frequency order) are warm: the smallest
+    prefix of the rest whose frequency mass reaches pcie_share of the rest's (0 when that is 0)."""
+    out = np.zeros(len(pb.keys), dtype=np.int64)
+    if pcie_share <= 0:
+        return out
+    for j, fs in enumerate(pb.freq):
+        cum = np.cumsum(fs[counts[j]:])
+        if cum.size and cum[-1] > 0:
+            # cum[-1] is the mass itself (not fs.sum()): share 1 then reaches it exactly
+            out[j] = min(cum.size, int(np.searchsorted(cum, pcie_share * cum[-1], side="left")) + 1)
+    return out
 
 
 def _with_totals(p: Placement, comp: dict[str, int], stats: dict[str, float]) -> Placement:
@@ -373,8 +428,9 @@ def _with_totals(p: Placement, comp: dict[str, int], stats: dict[str, float]) ->
     return replace(p, gpu_bytes=sum(comp.values()), components=comp, stats=stats)
 
 
-def _stats(cfg, pb: _Problem, fixed, p: Placement, counts) -> dict[str, float]:
-    """Expected weight bytes read per token on each side (profile frequencies; KV reads excluded)."""
+def _stats(cfg, pb: _Problem, fixed, p: Placement, counts, warm_n, pcie_share: float) -> dict[str, float]:
+    """Expected weight bytes read per token on each side (profile frequencies; KV reads excluded);
+    the warm rows' reads (over PCIe, by the GPU) count on neither side but their own."""
     share = cfg.experts_per_token / cfg.num_experts if cfg.is_moe else 1.0
     core = fixed["attention"] + fixed["norms"] + fixed["router"]
     parts = [(core, p.attention_on_gpu), (fixed["lm_head"] or fixed["embeddings"], p.lm_head_on_gpu),
@@ -382,16 +438,21 @@ def _stats(cfg, pb: _Problem, fixed, p: Placement, counts) -> dict[str, float]:
              (fixed["predictors"] * share, p.predictors_on_gpu)]
     gpu = sum(b for b, on in parts if on)
     cpu = sum(b for b, on in parts if not on)
+    pcie = 0.0
     for j, fs in enumerate(pb.freq):
         g = float(fs[:counts[j]].sum()) * pb.read
+        w = float(fs[counts[j]:counts[j] + warm_n[j]].sum()) * pb.read
         gpu += g
-        cpu += float(fs.sum()) * pb.read - g
+        pcie += w
+        cpu += float(fs.sum()) * pb.read - g - w
     ffn_all = sum(float(fs.sum()) for fs in pb.freq) * pb.read
     ffn_gpu = sum(float(fs[:counts[j]].sum()) for j, fs in enumerate(pb.freq)) * pb.read
-    return {"gpu_bytes_per_token": gpu, "cpu_bytes_per_token": cpu,
-            "gpu_share_of_active_bytes": gpu / max(gpu + cpu, 1e-9),
+    return {"gpu_bytes_per_token": gpu, "cpu_bytes_per_token": cpu, "pcie_bytes_per_token": pcie,
+            "gpu_share_of_active_bytes": gpu / max(gpu + cpu + pcie, 1e-9),
             "ffn_gpu_share_of_active_bytes": ffn_gpu / max(ffn_all, 1e-9),
-            "hot_neurons": float(sum(counts)), "ffns_with_hot_neurons": float((counts > 0).sum())}
+            "hot_neurons": float(sum(counts)), "ffns_with_hot_neurons": float((counts > 0).sum()),
+            "pcie_share": float(pcie_share), "warm_neurons": float(sum(warm_n)),
+            "ffns_with_warm_neurons": float((np.asarray(warm_n) > 0).sum())}
 
 
 def summary(p: Placement) -> str:
@@ -409,7 +470,11 @@ def summary(p: Placement) -> str:
               f"expected share of activated weight bytes on the GPU: {s['gpu_share_of_active_bytes']:.1%} "
               f"(FFN neurons alone: {s['ffn_gpu_share_of_active_bytes']:.1%})",
               f"expected bytes per token: GPU {human_bytes(s['gpu_bytes_per_token'])}, "
-              f"CPU {human_bytes(s['cpu_bytes_per_token'])}"]
+              f"CPU {human_bytes(s['cpu_bytes_per_token'])}"
+              + (f", over PCIe {human_bytes(s['pcie_bytes_per_token'])}" if p.warm else "")]
+    if p.warm:
+        lines.append(f"warm neurons:  {p.warm_count():,} in {len(p.warm)} FFNs (host rows the GPU reads "
+                     f"over PCIe: {s.get('pcie_share', 0):.0%} of each FFN's non-hot activity)")
     return "\n".join(lines)
 
 

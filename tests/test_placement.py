@@ -201,3 +201,90 @@ def test_47b_scale_solves_fast():
     p = plan(cfg, prof, 16 * GiB, context=4096, fmt="q4_0", predictor_numel=4_900_000_000 // 8)
     assert time.perf_counter() - t <= 10.0
     assert p.solver == "milp" and p.gpu_bytes <= 16 * GiB and p.hot_count() > 0
+
+
+def skewed_profile(cfg: ModelConfig, seed=0, tokens=4000) -> NeuronProfile:
+    """Zipf-like firing counts (a few neurons fire on most tokens), shuffled over the ids."""
+    g = torch.Generator().manual_seed(seed)
+    cols = cfg.num_experts if cfg.is_moe else 1
+    reached = torch.randint(tokens // 4, tokens, (cfg.num_layers, cols), generator=g)
+    counts = {}
+    for layer, e in ffn_keys(cfg):
+        n = int(reached[layer, max(e, 0)])
+        f = 1.0 / torch.arange(1, cfg.intermediate_size + 1, dtype=torch.float64) ** 1.2
+        counts[(layer, e)] = (f[torch.randperm(cfg.intermediate_size, generator=g)] * n).long()
+    return NeuronProfile(SCHEMA_VERSION, model_identity(cfg), "synthetic", tokens, counts, reached)
+
+
+@pytest.mark.parametrize("solver", ["milp", "greedy"])
+def test_warm_tier_is_the_next_frequency_prefix(solver):
+    from hybridinfer.footprint import warm_ids_bytes
+
+    cfg = tiny_cfg()
+    prof = skewed_profile(cfg, seed=5)
+    n_all = cfg.num_layers * cfg.num_experts * cfg.intermediate_size
+    core = core_bytes(cfg, 512)
+    base_kw = dict(context=512, solver=solver, min_active_bytes=0, group_size=4, predictor_numel=2000)
+    for extra in (0, warm_ids_bytes(n_all) - 1, warm_ids_bytes(n_all) + 30 * KiB, 300 * KiB, 10 * MiB):
+        for share in (0.0, 0.3, 0.6, 1.0):
+            budget = core + extra
+            p = plan(cfg, prof, budget, pcie_share=share, **base_kw)
+            comp = gpu_component_bytes(cfg, p)
+            assert p.gpu_bytes == sum(comp.values()) <= budget
+            assert comp["ffn_warm_ids"] == 4 * p.warm_count()
+            if share == 0 or extra < warm_ids_bytes(n_all):   # no room for the ids: no warm tier
+                assert p.warm == {} and p.stats["pcie_bytes_per_token"] == 0
+                continue
+            # the hot rows had the budget less the ids of every neuron
+            assert p.gpu_bytes - comp["ffn_warm_ids"] <= budget - warm_ids_bytes(n_all)
+            read = 3 * cfg.hidden_size * 2
+            pcie = 0.0
+            for k, hot in p.hot.items():
+                warm = p.warm.get(k, np.zeros(0, np.int32))
+                assert warm.dtype == np.int32 and np.all(np.diff(warm) > 0)
+                assert not np.intersect1d(hot, warm).size
+                f = prof.token_frequency(*k).double().numpy()
+                rest = np.setdiff1d(np.arange(len(f)), hot)
+                if len(warm):     # every warm neuron fires at least as often as every other non-hot one
+                    other = np.setdiff1d(rest, warm)
+                    assert len(other) == 0 or f[warm].min() >= f[other].max() - 1e-12
+                mass, wm = f[rest].sum(), f[warm].sum()
+                assert wm >= share * mass * (1 - 1e-9)           # reaches the share ...
+                if len(warm):                                     # ... and is the smallest such prefix
+                    assert wm - f[warm].min() < share * mass * (1 + 1e-9)
+                pcie += wm * read
+            assert p.stats["pcie_bytes_per_token"] == pytest.approx(pcie)
+            assert p.stats["warm_neurons"] == p.warm_count()
+            assert (p.warm_count() > 0) == (p.hot_count() < n_all)   # all hot: nothing left to be warm
+    # the CPU's share excludes what the GPU reads over PCIe; the totals stay the same
+    a = plan(cfg, prof, core + 300 * KiB, pcie_share=0.0, **base_kw)
+    b = plan(cfg, prof, core + 300 * KiB + warm_ids_bytes(n_all), pcie_share=0.5, **base_kw)
+    assert a.hot_count() == b.hot_count()
+    assert b.stats["cpu_bytes_per_token"] + b.stats["pcie_bytes_per_token"] == pytest.approx(
+        a.stats["cpu_bytes_per_token"])
+    assert "warm neurons" in summary(b) and "warm neurons" not in summary(a)
+    for bad in (-0.1, 1.5, float("nan")):
+        with pytest.raises(HybridInferError, match="pcie share"):
+            plan(cfg, prof, core, pcie_share=bad)
+
+
+def test_placement_file_with_warm_and_without(tmp_path):
+    import json
+
+    cfg = tiny_cfg()
+    p = plan(cfg, skewed_profile(cfg), core_bytes(cfg, 512) + 400 * KiB, context=512, min_active_bytes=0,
+             pcie_share=0.6)
+    assert p.warm_count() > 0
+    back = Placement.load(p.save(tmp_path / "p.json"))
+    assert back.warm.keys() == p.warm.keys()
+    assert all(np.array_equal(back.warm[k], v) and back.warm[k].dtype == np.int32 for k, v in p.warm.items())
+    assert all(np.array_equal(back.hot[k], v) for k, v in p.hot.items()) and back.stats == p.stats
+    # a file written before the warm tier (no "warm", no ffn_warm_ids) still loads, with none
+    d = json.loads(p.to_json())
+    del d["warm"]
+    d["components"].pop("ffn_warm_ids")
+    (tmp_path / "old.json").write_text(json.dumps(d))
+    old = Placement.load(tmp_path / "old.json")
+    assert old.warm == {} and old.warm_count() == 0
+    assert all(np.array_equal(old.hot[k], v) for k, v in p.hot.items())
+    assert gpu_component_bytes(cfg, old)["ffn_warm_ids"] == 0
