@@ -58,10 +58,32 @@ def hot_key(layer: int, expert: int | None) -> tuple[int, int]:
     return (layer, -1 if expert is None else expert)
 
 
+def split_rows(n_ff: int, hot_ids, warm_ids=(), what: str = "") -> tuple[np.ndarray, np.ndarray, int]:
+    """One FFN's neurons split by tier -> (hot_ids int64 [n_hot] sorted, cold_ids int64 [n_cold]:
+    the warm ids first (sorted), then the other cold ids (sorted), n_warm). The cold PackedFFN's
+    rows follow cold_ids, so its rows [0, n_warm) are the warm tier (read over PCIe by the GPU in
+    decode). hot_ids / warm_ids: sorted, unique, in 0..n_ff-1 and disjoint (HybridInferError)."""
+    hot = np.asarray(hot_ids, dtype=np.int64).reshape(-1)
+    warm = np.asarray(warm_ids, dtype=np.int64).reshape(-1)
+    for name, ids in (("hot", hot), ("warm", warm)):
+        if ids.size and (ids.min() < 0 or ids.max() >= n_ff or np.any(np.diff(ids) <= 0)):
+            raise HybridInferError(f"placement: {name} ids{what} must be sorted, unique and in 0..{n_ff - 1}")
+    tier = np.zeros(n_ff, np.int8)          # 0 cold, 1 hot, 2 warm
+    tier[hot] = 1
+    if np.any(tier[warm] == 1):
+        raise HybridInferError(f"placement: warm ids{what} overlap the hot ones")
+    tier[warm] = 2
+    return hot, np.concatenate([warm, np.flatnonzero(tier == 0)]), int(warm.size)
+
+
 def build_hybrid(cfg: ModelConfig, ckpt: Checkpoint, device: torch.device, dtype: torch.dtype,
                  hot: Mapping[tuple[int, int], np.ndarray], options: RuntimeOptions,
-                 places: dict[str, bool] | None = None) -> Transformer:
-    """hot[(layer, expert or -1)] = sorted neuron ids kept on the GPU side (missing: none)."""
+                 places: dict[str, bool] | None = None,
+                 warm: Mapping[tuple[int, int], np.ndarray] | None = None) -> Transformer:
+    """hot[(layer, expert or -1)] = sorted neuron ids kept on the GPU side (missing: none);
+    warm[...] = sorted ids of the cold rows the GPU reads over PCIe in decode (split_rows: the
+    cold rows' first ones; missing: none)."""
+    warm = warm or {}
     options = options.validate()
     gpu_fmt = options.resolved_gpu_fmt(dtype)
     stream_above = options.stream_above
@@ -72,13 +94,10 @@ def build_hybrid(cfg: ModelConfig, ckpt: Checkpoint, device: torch.device, dtype
         w1, w3, w2 = fetch("gate"), fetch("up"), fetch("down")
         n_ff = w1.shape[0]
         cpu_fmt = options.cpu_fmt if options.cpu_fmt != "auto" else _FMT_OF.get(w1.dtype, "f32")
-        hot_ids = np.asarray(hot.get(hot_key(layer, expert), ()), dtype=np.int64)
-        if hot_ids.size and (hot_ids.min() < 0 or hot_ids.max() >= n_ff or np.any(np.diff(hot_ids) <= 0)):
-            raise HybridInferError(f"placement: hot ids of layer {layer} expert {expert} must be "
-                                   f"sorted, unique and in 0..{n_ff - 1}")
-        cold_mask = np.ones(n_ff, bool)
-        cold_mask[hot_ids] = False
-        cold_ids = torch.from_numpy(np.nonzero(cold_mask)[0])
+        key = hot_key(layer, expert)
+        hot_ids, cold_np, n_warm = split_rows(n_ff, hot.get(key, ()), warm.get(key, ()),
+                                              f" of layer {layer} expert {expert}")
+        cold_ids = torch.from_numpy(cold_np)
         hot_ffn = HotFFN.build(w1, w3, w2, hot_ids, gpu_fmt, device) if hot_ids.size else None
         cold = None
         if cold_ids.numel():
@@ -90,7 +109,8 @@ def build_hybrid(cfg: ModelConfig, ckpt: Checkpoint, device: torch.device, dtype
                 f"no predictor for layer {layer}{'' if expert is None else f' expert {expert}'}: use "
                 "--sparsity exact, or train predictors with `hybridinfer train-predictors`")
         return HybridFFN(n_ff, hot_ffn, cold, cold_ids, cfg.activation, cfg.act_threshold,
-                         options.sparsity, predictor, device, options.dense_above, stream_above)
+                         options.sparsity, predictor, device, options.dense_above, stream_above,
+                         n_warm=n_warm)
 
     # a quantised CPU format: the attention projections and lm_head the CPU holds are packed in
     # it too (the C++ kernels read them, as llama.cpp does), not left to torch's float matmul
@@ -123,7 +143,7 @@ def build_from_placement(cfg: ModelConfig, ckpt: Checkpoint, device: torch.devic
     if placement.fmt != options.resolved_gpu_fmt(dtype):
         raise HybridInferError(f"the placement budgets hot rows in {placement.fmt}, the runtime "
                                f"would store {options.resolved_gpu_fmt(dtype)}")
-    model = build_hybrid(cfg, ckpt, device, dtype, placement.hot, options, places)
+    model = build_hybrid(cfg, ckpt, device, dtype, placement.hot, options, places, warm=placement.warm)
     model.placement = placement
     if device.type == "cuda":      # on the cpu device the "GPU side" shares the host's memory
         want = gpu_component_bytes(cfg, placement)

@@ -96,11 +96,17 @@ class HybridFFN(nn.Module):
     sparsity: dense (every neuron), exact (all gates, down only where a != 0: lossless),
     predictor (only neurons the predictor calls active; a batch computes the union of its
     tokens' predicted sets).
+
+    n_warm: the first n_warm cold rows (build.split_rows puts them first) are the warm tier: rows
+    in page-locked host memory that the GPU reads directly over PCIe. Only the graph decoder's
+    fused layers (graphs.py) hand rows [0, n_warm) to the GPU; every other path (prefill
+    streaming, batches, the CPU kernels, this class's own forward) computes ALL cold rows, the
+    warm ones included.
     """
 
     def __init__(self, n_ff: int, hot, cold, cold_ids: torch.Tensor, activation: str,
                  threshold: float, sparsity: str, predictor: Predictor | None, device,
-                 dense_above: int = 16, stream_above: int | None = None):
+                 dense_above: int = 16, stream_above: int | None = None, *, n_warm: int = 0):
         super().__init__()
         if sparsity not in SPARSITY_MODES:
             raise ValueError(f"unknown sparsity {sparsity!r}")
@@ -108,6 +114,9 @@ class HybridFFN(nn.Module):
             raise ValueError("sparsity 'predictor' needs a predictor for every FFN")
         self.n_ff, self.hot, self.cold = n_ff, hot, cold          # HotFFN | None, PackedFFN | None
         self.cold_ids = cold_ids            # int64 [n_cold] neuron id of each cold row (CPU)
+        if not 0 <= n_warm <= (cold.n_ff if cold is not None else 0):
+            raise ValueError(f"n_warm {n_warm} is more than the {0 if cold is None else cold.n_ff} cold rows")
+        self.n_warm = n_warm                # cold rows [0, n_warm): the warm tier (graph decode only)
         self.hot_ids = hot.ids.long() if hot is not None else None   # [n_hot] (device)
         self.activation, self.threshold, self.sparsity = activation, threshold, sparsity
         self.predictor = predictor

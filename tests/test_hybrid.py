@@ -204,3 +204,87 @@ def test_cpu_predictors_are_packed_q8_0_with_a_quantised_cpu_format(tmp_path):
     ids = random_ids(6, seed=44)
     assert torch.isfinite(packed.logits(ids)).all()
     assert decode_logits(packed, ids).isfinite().all()
+
+
+def test_split_rows_orders_warm_first_and_validates():
+    from hybridinfer.build import split_rows
+
+    rng = np.random.default_rng(7)
+    for _ in range(20):
+        n = int(rng.integers(1, 300))
+        perm = rng.permutation(n)
+        a, b = sorted(rng.integers(0, n + 1, 2))
+        hot, warm = np.sort(perm[:a]), np.sort(perm[a:b])
+        h, cold, n_warm = split_rows(n, hot.astype(np.int32), warm.astype(np.int32))
+        rest = np.setdiff1d(np.arange(n), np.concatenate([hot, warm]))
+        assert h.dtype == cold.dtype == np.int64 and np.array_equal(h, hot)
+        assert n_warm == len(warm) and np.array_equal(cold, np.concatenate([warm, rest]))
+        assert np.array_equal(np.sort(np.concatenate([h, cold])), np.arange(n))   # a partition
+    h, cold, n_warm = split_rows(5, [], [])
+    assert h.size == 0 and np.array_equal(cold, np.arange(5)) and n_warm == 0
+    for hot, warm, msg in [([1, 2], [2, 3], "overlap"), ([], [3, 1], "warm ids.*sorted, unique"),
+                           ([], [1, 1], "warm ids"), ([], [4, 9], "warm ids.*in 0..7"), ([-1], [], "hot ids"),
+                           ([0, 8], [], "hot ids.*in 0..7")]:
+        with pytest.raises(HybridInferError, match=msg):
+            split_rows(8, hot, warm)
+
+
+@pytest.mark.parametrize("arch,extra", MODELS[:3], ids=[m[0] for m in MODELS[:3]])
+def test_warm_rows_first_in_the_cold_rows_same_outputs(tmp_path, arch, extra):
+    """A build with warm ids has the same cold rows, reordered warm-first, and the same outputs as
+    the build without (on the cpu device every path computes the warm rows with the cold ones)."""
+    folder, _, _ = write_model(tmp_path / "m", arch, seed=51, **extra)
+    dense = hybridinfer.load(folder, device="cpu", sparsity="dense")
+    ids = random_ids(9, seed=52)
+    ref = dense.logits(ids)
+    rng = np.random.default_rng(53)
+    hot, warm = {}, {}
+    n = dense.config.intermediate_size
+    for k in placements(dense.config, seed=54)["random"]:
+        perm = rng.permutation(n)
+        a, b = sorted(rng.integers(0, n, 2))
+        hot[k], warm[k] = np.sort(perm[:a]), np.sort(perm[a:b + 1])     # at least one warm row
+    for fmt in ("auto", "q8_0"):
+        plain = hybrid(folder, hot, sparsity="exact", cpu_fmt=fmt)
+        cfg = ModelConfig.from_dir(folder)
+        net = build_hybrid(cfg, Checkpoint(folder), torch.device("cpu"), torch.float32, hot,
+                           RuntimeOptions(sparsity="exact", cpu_fmt=fmt), warm=warm)
+        llm = LLM(net, Tokenizer(folder), folder)
+        pairs = [(blk.ffn.experts if hasattr(blk.ffn, "experts") else [blk.ffn],
+                  blk2.ffn.experts if hasattr(blk2.ffn, "experts") else [blk2.ffn])
+                 for blk, blk2 in zip(llm.model.blocks, plain.model.blocks)]
+        for layer, (fw, fp) in enumerate(pairs):
+            for e, (a, b) in enumerate(zip(fw, fp)):
+                k = (layer, e if cfg.is_moe else -1)
+                assert a.n_warm == len(warm[k]) and b.n_warm == 0
+                cold_w = a.cold_ids.numpy()
+                assert np.array_equal(cold_w[:a.n_warm], warm[k])
+                assert np.array_equal(cold_w[a.n_warm:], b.cold_ids.numpy()[~np.isin(b.cold_ids.numpy(), warm[k])])
+                row_of = np.searchsorted(b.cold_ids.numpy(), cold_w)     # the plain build's row of each
+                for t in ("gate", "up", "down_t"):
+                    assert torch.equal(getattr(a.cold, t), getattr(b.cold, t)[torch.from_numpy(row_of)])
+        tol = 1e-4 if fmt == "auto" else 1e-5      # q8_0: the same rounded rows, vs the plain build
+        base = ref if fmt == "auto" else plain.logits(ids)
+        err = float((llm.logits(ids) - base).abs().max() / base.abs().max())
+        assert err <= tol, (fmt, err)
+        base_dec = ref[2:] if fmt == "auto" else decode_logits(plain, ids)
+        err = float((decode_logits(llm, ids) - base_dec).abs().max() / base_dec.abs().max())
+        assert err <= tol, (fmt, "decode", err)
+
+
+def test_load_with_pcie_share_builds_the_plans_warm_rows(tmp_path):
+    """The loader's pcie_share reaches the plan and the build (cpu device: explicit share)."""
+    folder, _, _ = write_model(tmp_path / "m", "TurboSparseMixtralForCausalLM", seed=61)
+    ids = random_ids(7, seed=62)
+    kw = dict(device="cpu", sparsity="exact", vram_budget="250KB", context=64)   # some FFN rows hot
+    a = hybridinfer.load(folder, **kw)                     # cpu device: default share 0
+    b = hybridinfer.load(folder, pcie_share=0.6, **kw)
+    assert a.model.placement.warm == {} and b.model.placement.warm_count() > 0
+    assert 0 < b.model.placement.hot_count() < 8 * 128
+    warm = b.model.placement.warm
+    got = {(layer, e): f.n_warm for layer, blk in enumerate(b.model.blocks) for e, f in enumerate(blk.ffn.experts)}
+    assert got == {k: len(warm.get(k, ())) for k in got}
+    ref = a.logits(ids)
+    assert float((b.logits(ids) - ref).abs().max() / ref.abs().max()) <= 1e-4
+    with pytest.raises(HybridInferError, match="pcie share"):
+        hybridinfer.load(folder, pcie_share=1.5, **kw)

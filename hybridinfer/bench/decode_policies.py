@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..build import STREAM_ABOVE_CUDA
+from ..build import STREAM_ABOVE_CUDA, split_rows
 from ..ffn import HybridFFN, HybridMoE
 from ..footprint import ffn_rows_bytes, linear_fmt
 from ..kernels.cpu import PackedFFN
@@ -63,16 +63,17 @@ def layer_ffn_bytes(wl: Workload) -> int:
     return max(c.num_experts, 1) * ffn_rows_bytes(c.intermediate_size, c.hidden_size, FMT)
 
 
-def plan_hybrid(wl: Workload, profile, budget: int, context: int, dtype) -> Placement:
+def plan_hybrid(wl: Workload, profile, budget: int, context: int, dtype, pcie_share: float = 0.0) -> Placement:
     """The planner at `budget` less MARGIN; the embedding table (which the runtime always keeps
-    on the device, the planner only when it pays) is taken out of the budget when not planned."""
+    on the device, the planner only when it pays) is taken out of the budget when not planned.
+    pcie_share: the planner's warm tier (placement.plan)."""
     cfg = wl.cfg
     b = max(0, budget - MARGIN)
-    p = plan(cfg, profile, b, context=context, fmt=FMT, predictor_numel=wl.predictor_bytes // 2)
+    kw = dict(context=context, fmt=FMT, predictor_numel=wl.predictor_bytes // 2, pcie_share=pcie_share)
+    p = plan(cfg, profile, b, **kw)
     if not p.embeddings_on_gpu:
         emb = cfg.vocab_size * cfg.hidden_size * _elt(dtype)
-        p = plan(cfg, profile, max(0, b - emb), context=context, fmt=FMT,
-                 predictor_numel=wl.predictor_bytes // 2)
+        p = plan(cfg, profile, max(0, b - emb), **kw)
     return p
 
 
@@ -90,20 +91,19 @@ def _model(wl: Workload, device, dtype, factory) -> Transformer:
                        gpu_linear_fmt=linear_fmt(FMT), **kw)
 
 
-def _hybrid_ffn(wl, key, hot_ids: np.ndarray, device, sparsity: str, pred_device):
+def _hybrid_ffn(wl, key, hot_ids: np.ndarray, device, sparsity: str, pred_device, warm_ids=()):
+    """warm_ids: cold rows the GPU reads over PCIe in graph decode (build.split_rows: first)."""
     cfg, f = wl.cfg, wl.ffns[key]
     n, d = cfg.intermediate_size, cfg.hidden_size
-    ids = torch.from_numpy(np.asarray(hot_ids, np.int64))
-    cold_mask = torch.ones(n, dtype=torch.bool)
-    cold_mask[ids] = False
-    cold_ids = cold_mask.nonzero().flatten()
+    hot_np, cold_np, n_warm = split_rows(n, hot_ids, warm_ids, f" of {key}")
+    ids, cold_ids = torch.from_numpy(hot_np), torch.from_numpy(cold_np)
     hot = None
     if ids.numel() == n:       # all rows: no gather copy (repacked on the CPU, then moved)
         hot = HotFFN(FMT, d, f.gate, f.up, f.down_t, ids.to(torch.int32)).to(device)
     elif ids.numel():
         hot = HotFFN(FMT, d, f.gate[ids], f.up[ids], f.down_t[ids], ids.to(torch.int32)).to(device)
     cold = None
-    if cold_ids.numel() == n:  # all rows cold: the workload's rows themselves, no copy
+    if cold_ids.numel() == n and not n_warm:  # all rows cold, in order: the workload's rows, no copy
         cold = PackedFFN(FMT, d, n, f.gate, f.up, f.down_t)
     elif cold_ids.numel():
         cold = PackedFFN(FMT, d, cold_ids.numel(), f.gate[cold_ids], f.up[cold_ids], f.down_t[cold_ids])
@@ -112,17 +112,19 @@ def _hybrid_ffn(wl, key, hot_ids: np.ndarray, device, sparsity: str, pred_device
         pred = SynthPredictor(f, d, wl.rank, pred_device, seed=wl.seed * 7919 + key[0] * 64 + key[1])
     stream = STREAM_ABOVE_CUDA if torch.device(device).type == "cuda" else None   # the runtime's default
     return HybridFFN(n, hot, cold, cold_ids, cfg.activation, cfg.act_threshold, sparsity, pred, device,
-                     stream_above=stream)
+                     stream_above=stream, n_warm=n_warm)
 
 
-def build_hybrid(wl: Workload, hot: dict, device, dtype, predictors_on_gpu: bool) -> Transformer:
-    """hot[(layer, expert|-1)] = neuron ids on the GPU side; predictor mode everywhere."""
+def build_hybrid(wl: Workload, hot: dict, device, dtype, predictors_on_gpu: bool,
+                 warm: dict | None = None) -> Transformer:
+    """hot[(layer, expert|-1)] = neuron ids on the GPU side; warm[...] = cold rows the GPU reads
+    over PCIe in graph decode; predictor mode everywhere."""
     pdev = torch.device(device) if predictors_on_gpu else torch.device("cpu")
-    empty = np.zeros(0, np.int64)
+    empty, warm = np.zeros(0, np.int64), warm or {}
 
     def factory(layer, expert, fetch, predictor):
         k = _keys(layer, expert)
-        return _hybrid_ffn(wl, k, hot.get(k, empty), device, "predictor", pdev)
+        return _hybrid_ffn(wl, k, hot.get(k, empty), device, "predictor", pdev, warm.get(k, empty))
     return _model(wl, device, dtype, factory)
 
 
@@ -138,15 +140,16 @@ def build_dense(wl: Workload, gpu_layers: int, device, dtype) -> Transformer:
 
 
 def build(name: str, wl: Workload, device, dtype, cpu_dtype, budget: int | None = None,
-          profile=None, context: int = 4096) -> Built:
+          profile=None, context: int = 4096, pcie_share: float = 0.0) -> Built:
+    """pcie_share: the hybrid policy's warm tier (placement.plan; other policies ignore it)."""
     cfg, n = wl.cfg, wl.cfg.intermediate_size
     dev, cpu = torch.device(device), torch.device("cpu")
     if name == "hybrid":
-        p = plan_hybrid(wl, profile, budget, context, dtype)
-        m = build_hybrid(wl, p.hot, dev, dtype, p.predictors_on_gpu)
+        p = plan_hybrid(wl, profile, budget, context, dtype, pcie_share)
+        m = build_hybrid(wl, p.hot, dev, dtype, p.predictors_on_gpu, p.warm)
         share = p.hot_count() / (len(wl.ffns) * n)
         return Built(name, budget, m, dev, 0, share, p.predictors_on_gpu,
-                     f"{p.hot_count():,} hot neurons, solver {p.solver}",
+                     f"{p.hot_count():,} hot neurons, {p.warm_count():,} warm, solver {p.solver}",
                      {"components": p.components, "stats": p.stats, "gpu_bytes": p.gpu_bytes})
     if name == "dense-offload":
         room = budget - MARGIN - fixed_gpu_bytes(cfg, context)
