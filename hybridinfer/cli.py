@@ -43,6 +43,10 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
                    help="compute dtype: auto (float32 on CPU, the checkpoint's on GPU), float32, float16, bfloat16")
 
 
+_PCIE_HELP = ("share of each expert's expected cold activity the GPU reads over PCIe from page-locked "
+              "host rows in decode (the plan's warm tier, 0..1")
+
+
 def _add_hybrid_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sparsity", choices=("dense", "exact", "predictor"), default=None,
                    help="dense: every neuron; exact: lossless skipping of zero activations; predictor: "
@@ -68,6 +72,8 @@ def _add_hybrid_args(p: argparse.ArgumentParser) -> None:
                    help="format of the hot FFN rows on the GPU: auto (the compute dtype), f16, bf16, q8_0, "
                         "q4_0; q4_0 also keeps the attention projections and lm_head on the GPU in q4_0 "
                         "(read by a Triton GEMV), as llama.cpp keeps a q4_0 model")
+    p.add_argument("--pcie-share", type=float, default=None,
+                   help=_PCIE_HELP + "; default 0.6 on a CUDA device, else 0)")
 
 
 def _load(args, **over):
@@ -76,7 +82,7 @@ def _load(args, **over):
     opts = dict(device=args.device, dtype=args.dtype, threads=args.threads, sparsity=args.sparsity,
                 vram_budget=args.vram_budget, context=args.context, profile=args.profile,
                 weights=args.weights, gpu_weights=args.gpu_weights, predictors=args.predictors,
-                predictor_threshold=args.predictor_threshold)
+                predictor_threshold=args.predictor_threshold, pcie_share=args.pcie_share)
     opts.update(over)
     return load(args.model, **opts)
 
@@ -194,7 +200,7 @@ def cmd_plan(args) -> int:
     free, total = torch.cuda.mem_get_info() if torch.cuda.is_available() else (None, None)
     pn = budget_predictor_numel(cfg, Checkpoint(folder), args.predictors)
     p = plan(cfg, prof, parse_budget(args.vram_budget, free, total), context=args.context, fmt=args.fmt,
-             solver=args.solver, predictor_numel=pn)
+             solver=args.solver, predictor_numel=pn, pcie_share=args.pcie_share)
     print(f"profile: {src}\n{summary(p)}")
     if args.out:
         print(f"wrote {p.save(args.out)}")
@@ -297,6 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--context", type=_pos_int, default=None, help="KV cache positions (default min(4096, max))")
     pl.add_argument("--fmt", default="f16", help="format of hot FFN rows on the GPU: f16, bf16, q8_0, q4_0")
     pl.add_argument("--solver", default="milp", choices=["milp", "greedy"], help="default milp")
+    pl.add_argument("--pcie-share", type=float, default=0.0, help=_PCIE_HELP + "; default 0)")
     pl.add_argument("--out", default=None, help="write the placement as JSON")
     pl.set_defaults(func=cmd_plan)
 

@@ -33,6 +33,7 @@ class LoadOptions:
     predictors: str | None = None        # trained predictors (default: what train-predictors wrote, if any)
     predictor_threshold: float | None = None  # None: predictor_config.json beside the predictors, else 0.0
     cuda_graphs: bool = True             # batch-1 decode through CUDA graphs (on a GPU)
+    pcie_share: float | None = None      # the plan's warm tier (placement.plan); None: 0.6 on cuda, else 0
 
 
 def default_sparsity(cfg: ModelConfig, ckpt: Checkpoint) -> str:
@@ -108,24 +109,25 @@ def resolve_predictor_threshold(folder: Path, pred_src: str | None, explicit: fl
 def get_placement(cfg, ckpt, folder: Path, opts: LoadOptions, gpu_fmt: str):
     """The placement for these options, from the on-disk cache when it was planned before."""
     from .default_model import cache_root
-    from .placement import Placement, plan
+    from .placement import Placement, check_pcie_share, default_pcie_share, plan
     from .predictor import budget_predictor_numel
     from .profile import model_identity
 
     budget = _budget_bytes(opts.vram_budget, opts.device)
+    share = check_pcie_share(default_pcie_share(opts.device.type) if opts.pcie_share is None else opts.pcie_share)
     profile, profile_src = find_profile(cfg, folder, opts.profile)
     pn = budget_predictor_numel(cfg, ckpt) if opts.sparsity == "predictor" else 0
     src = Path(profile_src)
     stamp = f"{src.stat().st_size}:{src.stat().st_mtime_ns}" if src.exists() and src.is_file() else ""
     key = hashlib.sha256(json.dumps([model_identity(cfg), budget, profile_src, stamp, opts.context,
-                                     gpu_fmt, pn, opts.sparsity]).encode()).hexdigest()[:24]
+                                     gpu_fmt, pn, opts.sparsity, share]).encode()).hexdigest()[:24]
     path = cache_root() / "plans" / f"{key}.json"
     if opts.plan_cache and path.is_file():
         try:
             return Placement.load(path, expect_model_id=model_identity(cfg))
         except HybridInferError:
             pass                                   # a stale or broken cache entry: plan again
-    p = plan(cfg, profile, budget, context=opts.context, fmt=gpu_fmt, predictor_numel=pn)
+    p = plan(cfg, profile, budget, context=opts.context, fmt=gpu_fmt, predictor_numel=pn, pcie_share=share)
     if opts.plan_cache:
         p.save(path)
     return p

@@ -63,6 +63,15 @@ def default_pcie_share(device_type: str) -> float:
     return PCIE_SHARE_CUDA if device_type == "cuda" else 0.0
 
 
+def check_pcie_share(share: float) -> float:
+    """The warm tier's share, validated: a number in 0..1."""
+    share = float(share)
+    if not 0.0 <= share <= 1.0:    # also rejects NaN
+        raise HybridInferError(f"pcie share {share} is outside 0..1: give the share of each FFN's "
+                               "non-hot activity the GPU reads over PCIe (0 = none)")
+    return share
+
+
 def _encode_ids(ids: dict[tuple[int, int], np.ndarray]) -> dict[str, str]:
     return {f"{k[0]},{k[1]}": base64.b64encode(np.asarray(v, "<i4").tobytes()).decode()
             for k, v in sorted(ids.items())}
@@ -352,8 +361,7 @@ def plan(cfg: ModelConfig, profile: NeuronProfile | None, budget_bytes: int, con
          pcie_share: float = 0.0) -> Placement:
     """The placement for a VRAM budget (bytes). profile None: uniform frequencies (UNIFORM_FIRE).
     pcie_share: share of each FFN's non-hot frequency mass made warm (_warm_counts); 0: none."""
-    if not 0.0 <= pcie_share <= 1.0:    # also rejects NaN
-        raise HybridInferError(f"pcie share {pcie_share} is outside 0..1")
+    pcie_share = check_pcie_share(pcie_share)
     if budget_bytes < 0:
         raise HybridInferError(f"VRAM budget {budget_bytes} is negative")
     if fmt not in GPU_FORMATS:

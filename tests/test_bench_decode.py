@@ -72,6 +72,29 @@ def test_synth_predictor_scores_and_slots(device):
             assert float((sl.s[s] - ref).abs().max() / ref.abs().max()) < 1e-5
 
 
+def test_hybrid_policy_builds_the_warm_rows():
+    """bench decode's hybrid policy plans with pcie_share and builds each FFN's warm rows first
+    (build.split_rows): the same hot rows and cold rows as the build without, reordered."""
+    from hybridinfer.bench.decode_policies import MARGIN, build, fixed_gpu_bytes, layer_ffn_bytes
+
+    wl = workload.make_workload("T47", seed=2)
+    prof = workload.synthetic_profile(wl)
+    budget = MARGIN + fixed_gpu_bytes(wl.cfg, 64) + layer_ffn_bytes(wl) // 2
+    cpu = torch.device("cpu")
+    a = build("hybrid", wl, cpu, torch.float32, torch.float32, budget, prof, 64)
+    b = build("hybrid", wl, cpu, torch.float32, torch.float32, budget, prof, 64, pcie_share=0.5)
+    assert a.placement["stats"]["warm_neurons"] == 0 < b.placement["stats"]["warm_neurons"]
+    n_warm = 0
+    for blk_a, blk_b in zip(a.model.blocks, b.model.blocks):
+        for fa, fb in zip(blk_a.ffn.experts, blk_b.ffn.experts):
+            assert fa.n_warm == 0 and (fa.hot is None) == (fb.hot is None)
+            assert fa.hot is None or torch.equal(fa.hot_ids, fb.hot_ids)
+            assert sorted(fb.cold_ids.tolist()) == fa.cold_ids.tolist()
+            n_warm += fb.n_warm
+            assert fb.cold_ids[fb.n_warm:].tolist() == sorted(fb.cold_ids[fb.n_warm:].tolist())
+    assert n_warm == b.placement["stats"]["warm_neurons"]
+
+
 @pytest.mark.parametrize("shape", ["T47", "T7"])
 def test_harness_end_to_end_json(tmp_path, shape):
     out = tmp_path / "d.json"
@@ -79,9 +102,10 @@ def test_harness_end_to_end_json(tmp_path, shape):
     rc = decode.main(["--shape", shape, "--device", "cpu", "--policies", *decode.POLICIES,
                       "--vram-budget", "3MiB", "1MiB", "--tokens", "3", "--warmup", "1",
                       "--prefill", "16", "--context", "64", "--threads", "1", "--json", str(out),
-                      "--plot", str(png)])
+                      "--plot", str(png)] + (["--pcie-share", "0.5"] if shape == "T47" else []))
     assert rc == 0
     d = json.loads(out.read_text())
+    assert d["pcie_share"] == (0.5 if shape == "T47" else 0.0)      # default on the cpu device: 0
     for k in ("benchmark", "machine", "command", "roofline_inputs", "policies", "table", "threads",
               "expert_bytes", "predictor_bytes", "budget_scale", "peer_reference_issue6"):
         assert k in d, k

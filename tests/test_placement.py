@@ -190,6 +190,14 @@ def test_plan_cli(tmp_path, capsys):
     assert main(["plan", "--model", str(folder), "--vram-budget", "1GiB", "--profile",
                  str(tmp_path / "nope.safetensors")]) == 2
     assert "does not exist" in capsys.readouterr().err
+    # the warm tier: off by default, a summary line with --pcie-share, one error line when out of range
+    args = ["plan", "--model", str(folder), "--vram-budget", "250KB", "--context", "64", "--out", str(out)]
+    assert main(args) == 0 and "warm neurons" not in capsys.readouterr().out
+    assert Placement.load(out).warm == {}
+    assert main(args + ["--pcie-share", "0.5"]) == 0 and "warm neurons" in capsys.readouterr().out
+    p = Placement.load(out)
+    assert p.warm_count() > 0 and p.stats["pcie_share"] == 0.5 and p.gpu_bytes <= 250_000
+    assert main(args + ["--pcie-share", "2"]) == 2 and "pcie share" in capsys.readouterr().err
 
 
 def test_47b_scale_solves_fast():

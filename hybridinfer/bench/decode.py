@@ -18,7 +18,7 @@ import time
 import torch
 
 from ..atomic import write_json
-from ..placement import parse_budget
+from ..placement import check_pcie_share, default_pcie_share, parse_budget
 from . import machine
 from .decode_measure import measure, roofline_inputs, rss_bytes, vram_cap
 from .decode_policies import MARGIN, POLICIES, build, bytes_per_token, fixed_gpu_bytes
@@ -50,6 +50,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefill-only", nargs="+", default=None, metavar="POLICY[@BUDGET]",
                         help="measure prefill only for these (e.g. hybrid@24GiB gpu-dense); default all")
     parser.add_argument("--context", type=int, default=4096, help="KV positions budgeted and allocated")
+    parser.add_argument("--pcie-share", type=float, default=None,
+                        help="share of each expert's expected cold activity the GPU reads over PCIe from "
+                             "page-locked host rows (the hybrid policy's warm tier; default 0.6 on a CUDA "
+                             "device, 0 elsewhere, where the CPU computes those rows like any cold row)")
     parser.add_argument("--device", default=None, help="GPU side (default cuda when present, else cpu)")
     parser.add_argument("--dtype", default="bfloat16", help="attention/embeddings dtype on the device")
     parser.add_argument("--cpu-dtype", default="float32",
@@ -108,7 +112,7 @@ def _one(name, budget, label, wl, profile, args, dev, dtype, cpu_dtype, rf) -> d
     t0 = time.perf_counter()
     with vram_cap(dev, budget) as mem:
         try:
-            b = build(name, wl, dev, dtype, cpu_dtype, budget, profile, args.context)
+            b = build(name, wl, dev, dtype, cpu_dtype, budget, profile, args.context, args.pcie_share)
             row["build_s"] = time.perf_counter() - t0
             row["note"] = b.note
             row["placement"] = b.placement
@@ -200,6 +204,8 @@ def plot(rows, path: str, title: str, peer: dict | None) -> bool:
 def run(args: argparse.Namespace) -> int:
     dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype, cpu_dtype = getattr(torch, args.dtype), getattr(torch, args.cpu_dtype)
+    args.pcie_share = check_pcie_share(default_pcie_share(dev.type) if args.pcie_share is None
+                                       else args.pcie_share)
     threads = args.threads or min(8, os.cpu_count() or 1)
     from ..kernels import cpu as cpu_k
     cpu_k.set_num_threads(threads)
@@ -251,7 +257,7 @@ def run(args: argparse.Namespace) -> int:
                "layers": wl.cfg.num_layers, "full_layers": wl.full_cfg.num_layers,
                "budget_scale": scale, "device": str(dev), "dtype": args.dtype,
                "cpu_dtype": args.cpu_dtype, "threads": threads, "torch_threads": args.torch_threads,
-               "tokens": args.tokens,
+               "tokens": args.tokens, "pcie_share": args.pcie_share,
                "context": args.context, "expert_bytes": wl.expert_bytes,
                "predictor_bytes": wl.predictor_bytes, "profile_sparsity": prof.sparsity(),
                "roofline_inputs": rf, "policies": rows, "peer": peer,
