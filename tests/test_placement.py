@@ -25,14 +25,19 @@ def tiny_cfg(arch="TurboSparseMixtralForCausalLM", **kw) -> ModelConfig:
     return ModelConfig.from_dict(config_dict(arch, **kw))
 
 
-def random_profile(cfg: ModelConfig, seed=0, tokens=1000) -> NeuronProfile:
+def random_profile(cfg: ModelConfig, seed=0, tokens=1000, skewed=False) -> NeuronProfile:
+    """Random firing counts; skewed: Zipf-like (a few neurons fire on most tokens), shuffled over the ids."""
     g = torch.Generator().manual_seed(seed)
     cols = cfg.num_experts if cfg.is_moe else 1
     reached = torch.randint(tokens // 4, tokens, (cfg.num_layers, cols), generator=g)
     counts = {}
     for layer, e in ffn_keys(cfg):
         n = int(reached[layer, max(e, 0)])
-        f = torch.rand(cfg.intermediate_size, generator=g) ** 3
+        if skewed:
+            f = 1.0 / torch.arange(1, cfg.intermediate_size + 1, dtype=torch.float64) ** 1.2
+            f = f[torch.randperm(cfg.intermediate_size, generator=g)]
+        else:
+            f = torch.rand(cfg.intermediate_size, generator=g) ** 3
         counts[(layer, e)] = (f * n).long()
     return NeuronProfile(SCHEMA_VERSION, model_identity(cfg), "synthetic", tokens, counts, reached)
 
@@ -211,25 +216,12 @@ def test_47b_scale_solves_fast():
     assert p.solver == "milp" and p.gpu_bytes <= 16 * GiB and p.hot_count() > 0
 
 
-def skewed_profile(cfg: ModelConfig, seed=0, tokens=4000) -> NeuronProfile:
-    """Zipf-like firing counts (a few neurons fire on most tokens), shuffled over the ids."""
-    g = torch.Generator().manual_seed(seed)
-    cols = cfg.num_experts if cfg.is_moe else 1
-    reached = torch.randint(tokens // 4, tokens, (cfg.num_layers, cols), generator=g)
-    counts = {}
-    for layer, e in ffn_keys(cfg):
-        n = int(reached[layer, max(e, 0)])
-        f = 1.0 / torch.arange(1, cfg.intermediate_size + 1, dtype=torch.float64) ** 1.2
-        counts[(layer, e)] = (f[torch.randperm(cfg.intermediate_size, generator=g)] * n).long()
-    return NeuronProfile(SCHEMA_VERSION, model_identity(cfg), "synthetic", tokens, counts, reached)
-
-
 @pytest.mark.parametrize("solver", ["milp", "greedy"])
 def test_warm_tier_is_the_next_frequency_prefix(solver):
     from hybridinfer.footprint import warm_ids_bytes
 
     cfg = tiny_cfg()
-    prof = skewed_profile(cfg, seed=5)
+    prof = random_profile(cfg, seed=5, tokens=4000, skewed=True)
     n_all = cfg.num_layers * cfg.num_experts * cfg.intermediate_size
     core = core_bytes(cfg, 512)
     base_kw = dict(context=512, solver=solver, min_active_bytes=0, group_size=4, predictor_numel=2000)
@@ -280,7 +272,7 @@ def test_placement_file_with_warm_and_without(tmp_path):
     import json
 
     cfg = tiny_cfg()
-    p = plan(cfg, skewed_profile(cfg), core_bytes(cfg, 512) + 400 * KiB, context=512, min_active_bytes=0,
+    p = plan(cfg, random_profile(cfg, tokens=4000, skewed=True), core_bytes(cfg, 512) + 400 * KiB, context=512, min_active_bytes=0,
              pcie_share=0.6)
     assert p.warm_count() > 0
     back = Placement.load(p.save(tmp_path / "p.json"))
