@@ -146,6 +146,50 @@ SCRIPT = textwrap.dedent("""
                               sel2.to(dev), relu_a=True)                 # a predictor's relu
             for s, e in enumerate(sel2.tolist()):
                 note("down-slots-relu-a", y[s], at.double().clamp_min(0) @ W[e])
+    # q4_0 rows in GGUF's own layout (the CPU's cold rows, read in place: the warm tier), from
+    # page-locked host memory on CUDA (UVA): one row tile and forced small tiles, odd block
+    # counts; then device-selected through address tables of host rows, one expert without rows
+    def host_rows(t):
+        return t.pin_memory() if dev.type == "cuda" else t
+    for n, d, cfg_gu, cfg_dn in [(37, 96, None, None), (300, 256, None, None),
+                                 (45, 192, dict(CHUNK=16, R=4, BK=2, num_warps=4),
+                                  dict(CHUNK=8, R=2, BK=2, num_warps=4))]:
+        w1, w3 = torch.randn(n, d, generator=g) * 0.2, torch.randn(n, d, generator=g) * 0.2
+        w2t = torch.randn(n, d, generator=g) * 0.2
+        P1, P3, P2 = (quant.pack(w, "q4_0") for w in (w1, w3, w2t))
+        W1, W3, W2T = (quant.unpack(p, "q4_0", d).double() for p in (P1, P3, P2))
+        x = torch.randn(d, generator=g)
+        mask = torch.rand(n, generator=g) < 0.6
+        for act in ["drelu", "silu"]:
+            a = tk.gate_up("q4_0", d, P1.to(dev), P3.to(dev), x.to(dev), act, 0.05, mask.to(dev),
+                           cfg=cfg_gu, gguf=True)
+            ra = activate(W1 @ x.double(), W3 @ x.double(), act, 0.05) * mask
+            note("gguf-a", a, ra)
+            note("gguf-y", tk.down("q4_0", d, P2.to(dev), a, cfg=cfg_dn, gguf=True), a.double().cpu() @ W2T)
+    warm, packs = [], []
+    for n in (90, 0, 33):
+        ids = torch.randperm(n_ff, generator=g)[:n].sort().values.to(torch.int32)
+        ws = [torch.randn(n, d, generator=g) * 0.2 for _ in range(3)]
+        packs.append([quant.unpack(quant.pack(w, "q4_0"), "q4_0", d).double() for w in ws] + [ids])
+        warm.append([host_rows(quant.pack(w, "q4_0")) for w in ws] + [ids.to(dev)] if n else None)
+    col = lambda i: [None if w is None else w[i] for w in warm]
+    wtabs = [tk.RowTable.build("q4_0", d, col(i), dev, gguf=True) for i in range(3)]
+    wit = tk.RowTable.build(None, d, col(3), dev)
+    sel = torch.tensor([2, 0])
+    x = torch.randn(d, generator=g)
+    rw = torch.rand(2, generator=g)
+    mask = torch.rand(2, n_ff, generator=g) < 0.5
+    a = torch.zeros(2, 128, device=dev)
+    tk.gate_up_slots("q4_0", d, wtabs[0], wtabs[1], wit, x.to(dev), "drelu", 0.05, mask.to(dev),
+                     sel.to(dev), a)
+    y = tk.down_slots("q4_0", d, wtabs[2], a, 128, torch.zeros(d, device=dev), 0, sel.to(dev), rw.to(dev))
+    ref = torch.zeros(d, dtype=torch.float64)
+    for s, e in enumerate(sel.tolist()):
+        W1, W3, W2T, ids = packs[e]
+        ra = activate(W1 @ x.double(), W3 @ x.double(), "drelu", 0.05) * mask[s][ids.long()]
+        note("gguf-slots-a", a[s, :ids.numel()], ra)
+        ref += float(rw[s]) * (ra @ W2T)
+    note("gguf-slots-y", y, ref)
     print(worst)
     assert all(v < 1e-5 for v in worst.values()), worst
 """)

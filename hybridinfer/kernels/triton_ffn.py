@@ -82,16 +82,28 @@ def _nib(e, S: tl.constexpr):
 
 @triton.jit
 def _load_rows(w_ptr, rows, live, k0, D, NB, RS, IS_Q4: tl.constexpr, BK: tl.constexpr,
-               WORDS: tl.constexpr):
+               WORDS: tl.constexpr, GGUF: tl.constexpr = False):
     """The raw K tile k0 of R rows (int64 [R], live bool [R]), loaded, not yet expanded, so the
     loads of the next rows can be issued before this tile is used (a register prefetch):
     q4_0 (k0, BK in blocks): e [R, BK, 8] int16 halfwords (halfword m of block b), or with WORDS
     [R, BK, 4] int32 words (word w = halfwords 2w, 2w+1), sc f16 [R, BK] scales;
     float rows (k0, BK in columns): e [R, BK] (sc: the same tensor, unused).
     w_ptr: q4_0 rows as int16 (RS halfwords a row; int32 with WORDS: rows of an even number of
-    blocks), or the float rows (RS elements)."""
+    blocks), or the float rows (RS elements).
+    GGUF: q4_0 rows in GGUF's own layout (9 halfwords a block: the scale, then the 8 nibble
+    halfwords; never WORDS: a block's nibbles are only 2-byte aligned) -- the CPU's cold rows,
+    read in place from page-locked host memory (the warm tier)."""
     base = rows * RS
-    if IS_Q4:
+    if IS_Q4 and GGUF:
+        b = k0 + tl.arange(0, BK)
+        bm = b < NB
+        m = tl.arange(0, 8)
+        blk = base[:, None] + (b * 9)[None, :]                                        # [R, BK]
+        e = tl.load(w_ptr + blk[:, :, None] + 1 + m[None, None, :],
+                    mask=live[:, None, None] & bm[None, :, None])                   # [R, BK, 8]
+        sc = tl.load(w_ptr + blk, mask=live[:, None] & bm[None, :], other=0)
+        sc = sc.to(tl.float16, bitcast=True)
+    elif IS_Q4:
         b = k0 + tl.arange(0, BK)
         bm = b < NB
         if WORDS:
@@ -171,7 +183,7 @@ def _tile_dot(e, sc, x0, x8, x4, x12, IS_Q4: tl.constexpr, WORDS: tl.constexpr):
 @triton.jit
 def _dot_pass(w_ptr, lst, cnt, a_ptr, x_ptr, x0, x8, x4, x12, D, NB, RS, MODE: tl.constexpr,
               IS_Q4: tl.constexpr, R: tl.constexpr, BK: tl.constexpr, NK: tl.constexpr,
-              WORDS: tl.constexpr):
+              WORDS: tl.constexpr, GGUF: tl.constexpr):
     """For the cnt rows listed at lst, R at a time: t = w[row]·x, then by MODE
     0: a[row] = t; 1 (drelu up): a[row] *= max(t, 0); 2 (relu/fatrelu up): a[row] *= t;
     3 (silu up): a[row] = silu(a[row]) * t.
@@ -179,14 +191,14 @@ def _dot_pass(w_ptr, lst, cnt, a_ptr, x_ptr, x0, x8, x4, x12, D, NB, RS, MODE: t
     loaded per K tile. Register prefetch: the next R rows' first K tile is loaded before this
     one is used (a deeper prefetch measured slower: more registers, see KERNELS.md)."""
     rows, lv = _list_rows(lst, 0, cnt, R)
-    e, sc = _load_rows(w_ptr, rows, lv, 0, D, NB, RS, IS_Q4, BK, WORDS)
+    e, sc = _load_rows(w_ptr, rows, lv, 0, D, NB, RS, IS_Q4, BK, WORDS, GGUF)
     for i in range(0, cnt, R):
         rows_n, lv_n = _list_rows(lst, i + R, cnt, R)
-        e_n, sc_n = _load_rows(w_ptr, rows_n, lv_n, 0, D, NB, RS, IS_Q4, BK, WORDS)   # prefetch
+        e_n, sc_n = _load_rows(w_ptr, rows_n, lv_n, 0, D, NB, RS, IS_Q4, BK, WORDS, GGUF)   # prefetch
         t = _tile_dot(e, sc, x0, x8, x4, x12, IS_Q4, WORDS)
         for kt in tl.static_range(1, NK):
             xk0, xk8, xk4, xk12 = _x_tile(x_ptr, kt * BK, D, IS_Q4, BK)
-            ek, sck = _load_rows(w_ptr, rows, lv, kt * BK, D, NB, RS, IS_Q4, BK, WORDS)
+            ek, sck = _load_rows(w_ptr, rows, lv, kt * BK, D, NB, RS, IS_Q4, BK, WORDS, GGUF)
             t += _tile_dot(ek, sck, xk0, xk8, xk4, xk12, IS_Q4, WORDS)
         if MODE == 0:
             tl.store(a_ptr + rows, t, mask=lv)
@@ -218,7 +230,7 @@ def _gate_up_kernel(x_ptr, g_ptr, u_ptr, mask_ptr, a_ptr, lst_ptr, N, D, NB, RS,
                     sel_ptr, gtab, utab, itab, ntab, MS, AS,
                     HAS_MASK: tl.constexpr, ACT_KIND: tl.constexpr, IS_Q4: tl.constexpr,
                     CHUNK: tl.constexpr, R: tl.constexpr, BK: tl.constexpr, NK: tl.constexpr,
-                    WORDS: tl.constexpr, SLOT: tl.constexpr):
+                    WORDS: tl.constexpr, SLOT: tl.constexpr, GGUF: tl.constexpr = False):
     """a [N] f32. Program p: rows [p*CHUNK, (p+1)*CHUNK). lst: int32 [grid*CHUNK] scratch.
     SLOT (device-selected experts, grid axis 1 = slot s): expert e = sel[s]'s rows from the
     tables (gtab/utab: row addresses, itab: its hot neuron ids' address, ntab: its row count),
@@ -245,12 +257,12 @@ def _gate_up_kernel(x_ptr, g_ptr, u_ptr, mask_ptr, a_ptr, lst_ptr, N, D, NB, RS,
     x0, x8, x4, x12 = _x_tile(x_ptr, 0, D, IS_Q4, BK)            # used when NK == 1
     # pass 1: the gates of the live rows (kept in a)
     _dot_pass(g_ptr, lst, cnt, a_ptr, x_ptr, x0, x8, x4, x12, D, NB, RS, 0, IS_Q4, R, BK, NK,
-              WORDS)
+              WORDS, GGUF)
     tl.debug_barrier()
     if ACT_KIND == 3:                                           # silu: up of every live row
         tl.store(a_ptr + offs, 0.0, mask=inr & (live == 0))
         _dot_pass(u_ptr, lst, cnt, a_ptr, x_ptr, x0, x8, x4, x12, D, NB, RS, 3, IS_Q4, R, BK, NK,
-                  WORDS)
+                  WORDS, GGUF)
     else:                                                       # pass 2: up where the gate fired
         gv = tl.load(a_ptr + offs, mask=live, other=0.0)
         if ACT_KIND == 2:
@@ -260,14 +272,14 @@ def _gate_up_kernel(x_ptr, g_ptr, u_ptr, mask_ptr, a_ptr, lst_ptr, N, D, NB, RS,
         tl.store(a_ptr + offs, 0.0, mask=inr & (fire == 0))
         cnt2 = _compact(fire, offs, lst)
         _dot_pass(u_ptr, lst, cnt2, a_ptr, x_ptr, x0, x8, x4, x12, D, NB, RS,
-                  1 if ACT_KIND == 0 else 2, IS_Q4, R, BK, NK, WORDS)
+                  1 if ACT_KIND == 0 else 2, IS_Q4, R, BK, NK, WORDS, GGUF)
 
 
 @triton.jit
 def _axpy_kernel(a_ptr, w_ptr, y_ptr, lst_ptr, N, D, NB, RS, sel_ptr, wtab, ntab, rw_ptr, AS, YS,
                  IS_Q4: tl.constexpr, CHUNK: tl.constexpr, R: tl.constexpr, BK: tl.constexpr,
                  WORDS: tl.constexpr, SLOT: tl.constexpr, HAS_RW: tl.constexpr,
-                 RELU_A: tl.constexpr = False):
+                 RELU_A: tl.constexpr = False, GGUF: tl.constexpr = False):
     """y [D] f32 += sum_j a[j] * W[j]. Program (pc, pr): K tile pc (BK blocks or columns) of
     the rows [pr*CHUNK, (pr+1)*CHUNK). lst: int32 [grid0*grid1*CHUNK] scratch.
     q4_0: elementwise accumulators of the tile's shape [R, BK, 8] (one FMA per weight, no
@@ -297,7 +309,7 @@ def _axpy_kernel(a_ptr, w_ptr, y_ptr, lst_ptr, N, D, NB, RS, sel_ptr, wtab, ntab
     k0 = pc * BK
     rows, lv = _list_rows(lst, 0, cnt, R)
     ar = tl.load(a_ptr + rows, mask=lv, other=0.0)
-    e, sc = _load_rows(w_ptr, rows, lv, k0, D, NB, RS, IS_Q4, BK, WORDS)
+    e, sc = _load_rows(w_ptr, rows, lv, k0, D, NB, RS, IS_Q4, BK, WORDS, GGUF)
     if IS_Q4:
         a0 = tl.zeros([R, BK, 8], dtype=tl.float32)            # the 4 nibble slots of _expand
         a8 = tl.zeros([R, BK, 8], dtype=tl.float32)
@@ -306,7 +318,7 @@ def _axpy_kernel(a_ptr, w_ptr, y_ptr, lst_ptr, N, D, NB, RS, sel_ptr, wtab, ntab
         for i in range(0, cnt, R):
             rows_n, lv_n = _list_rows(lst, i + R, cnt, R)    # prefetch the next R rows
             ar_n = tl.load(a_ptr + rows_n, mask=lv_n, other=0.0)
-            e_n, sc_n = _load_rows(w_ptr, rows_n, lv_n, k0, D, NB, RS, IS_Q4, BK, WORDS)
+            e_n, sc_n = _load_rows(w_ptr, rows_n, lv_n, k0, D, NB, RS, IS_Q4, BK, WORDS, GGUF)
             coef = (ar[:, None] * sc.to(tl.float32))[:, :, None]          # [R, BK, 1]
             n0, n8, n4, n12 = _expand(e, WORDS)
             a0 += n0 * coef
@@ -331,7 +343,7 @@ def _axpy_kernel(a_ptr, w_ptr, y_ptr, lst_ptr, N, D, NB, RS, sel_ptr, wtab, ntab
         for i in range(0, cnt, R):
             rows_n, lv_n = _list_rows(lst, i + R, cnt, R)
             ar_n = tl.load(a_ptr + rows_n, mask=lv_n, other=0.0)
-            e_n, sc_n = _load_rows(w_ptr, rows_n, lv_n, k0, D, NB, RS, IS_Q4, BK, WORDS)
+            e_n, sc_n = _load_rows(w_ptr, rows_n, lv_n, k0, D, NB, RS, IS_Q4, BK, WORDS, GGUF)
             acc += tl.sum(e.to(tl.float32) * ar[:, None], axis=0)
             ar, e = ar_n, e_n
         tl.atomic_add(y_ptr + c, acc * rw, mask=c < D, sem="relaxed")
@@ -340,7 +352,8 @@ def _axpy_kernel(a_ptr, w_ptr, y_ptr, lst_ptr, N, D, NB, RS, sel_ptr, wtab, ntab
 @triton.jit
 def _matvec_kernel(x_ptr, w_ptr, y_ptr, lst_ptr, N, D, NB, RS, sel_ptr, wtab, ntab, XS, YS,
                    IS_Q4: tl.constexpr, CHUNK: tl.constexpr, R: tl.constexpr, BK: tl.constexpr,
-                   NK: tl.constexpr, WORDS: tl.constexpr, SLOT: tl.constexpr):
+                   NK: tl.constexpr, WORDS: tl.constexpr, SLOT: tl.constexpr,
+                   GGUF: tl.constexpr = False):
     """y [N] f32 = W x. Program p: rows [p*CHUNK, (p+1)*CHUNK), listed in lst (int32
     [grid*CHUNK] scratch) so that the row loop is gate_up's (_dot_pass, register prefetch).
     SLOT (grid axis 1 = slot s): expert sel[s]'s rows from the tables, x at x_ptr + s*XS
@@ -357,7 +370,7 @@ def _matvec_kernel(x_ptr, w_ptr, y_ptr, lst_ptr, N, D, NB, RS, sel_ptr, wtab, nt
     cnt = _compact(offs < N, offs, lst)
     x0, x8, x4, x12 = _x_tile(x_ptr, 0, D, IS_Q4, BK)            # used when NK == 1
     _dot_pass(w_ptr, lst, cnt, y_ptr, x_ptr, x0, x8, x4, x12, D, NB, RS, 0, IS_Q4, R, BK, NK,
-              WORDS)
+              WORDS, GGUF)
 
 
 # ---- launch configuration --------------------------------------------------------------------
@@ -398,27 +411,29 @@ def _words(fmt: str, d: int, cfg: dict) -> bool:
     return fmt == "q4_0" and (d // 32) % 2 == 0 and want
 
 
-def _dot_launch(fmt: str, d: int, n: int, cfg: dict | None, device,
-                slots: int = 1) -> tuple[dict, int, torch.Tensor, bool]:
-    """The row-dot kernels' (gate_up, matvec) launch: (constexpr kwargs incl. WORDS, NK and
-    num_warps, grid size along the rows, the row-list scratch for `slots` slots, WORDS)."""
+def _dot_launch(fmt: str, d: int, n: int, cfg: dict | None, device, slots: int = 1,
+                gguf: bool = False) -> tuple[dict, int, torch.Tensor, bool]:
+    """The row-dot kernels' (gate_up, matvec) launch: (constexpr kwargs incl. WORDS, GGUF, NK and
+    num_warps, grid size along the rows, the row-list scratch for `slots` slots, WORDS).
+    gguf: q4_0 rows in GGUF's layout (read as halfwords)."""
     c = dict(cfg or config(fmt, d, n, device)["gate_up"])
     grid = triton.cdiv(n, c["CHUNK"])
     lst = torch.empty(slots * grid * c["CHUNK"], dtype=torch.int32, device=device)
-    words = _words(fmt, d, c)
+    words = _words(fmt, d, c) and not gguf
     units = d // 32 if fmt == "q4_0" else d
-    c.update(IS_Q4=fmt == "q4_0", WORDS=words, NK=triton.cdiv(units, c["BK"]))
+    c.update(IS_Q4=fmt == "q4_0", WORDS=words, NK=triton.cdiv(units, c["BK"]), GGUF=gguf)
     return c, grid, lst, words
 
 
-def _down_launch(fmt: str, d: int, n: int, cfg: dict | None, device, slots: int = 1):
+def _down_launch(fmt: str, d: int, n: int, cfg: dict | None, device, slots: int = 1,
+                 gguf: bool = False):
     """The axpy kernel's launch: (constexpr kwargs, grid (column tiles, row chunks), scratch)."""
     c = dict(cfg or config(fmt, d, n, device)["down"])
     units = d // 32 if fmt == "q4_0" else d
     grid = (triton.cdiv(units, c["BK"]), triton.cdiv(n, c["CHUNK"]))
     lst = torch.empty(slots * grid[0] * grid[1] * c["CHUNK"], dtype=torch.int32, device=device)
-    words = _words(fmt, d, c)
-    c.update(IS_Q4=fmt == "q4_0", WORDS=words)
+    words = _words(fmt, d, c) and not gguf
+    c.update(IS_Q4=fmt == "q4_0", WORDS=words, GGUF=gguf)
     return c, grid, lst, words
 
 
@@ -428,34 +443,45 @@ class RowTable:
     vectors) as device-side tables, for launches whose experts are chosen on the device (a
     slot's expert is sel[s], read by the kernel): ptr int64 [E] the address of expert e's rows
     (another expert's where it has none: never read, its count is 0), cnt int32 [E] its rows,
-    n_max the most rows, like the typed view the kernels read (pointer type, row stride rs).
-    Holds the tensors, so the addresses stay valid while the table lives."""
+    n_max the most rows, like the typed view the kernels read (pointer type, row stride rs),
+    gguf: q4_0 rows in GGUF's layout, not the GPU row layout.
+    Holds the tensors, so the addresses stay valid while the table lives. The rows may be in
+    page-locked host memory (UVA addresses: the kernels then read them over PCIe)."""
     ptr: torch.Tensor
     cnt: torch.Tensor
     n_max: int
     like: torch.Tensor
     rs: int
     keep: tuple
+    gguf: bool = False
 
     @classmethod
-    def build(cls, fmt: str | None, d: int, rows: list, device) -> "RowTable":
-        """rows[e]: [n_e, ...] on the device or None. fmt None: int32 vectors (hot ids)."""
+    def build(cls, fmt: str | None, d: int, rows: list, device, gguf: bool = False) -> "RowTable":
+        """rows[e]: [n_e, ...] on the device (or page-locked host memory) or None. fmt None:
+        int32 vectors (hot ids). `like` is always a device tensor (what Triton's launcher checks)."""
         real = [r for r in rows if r is not None and r.shape[0] > 0]
         if not real:
             raise ValueError("RowTable: no expert has rows")
-        like, rs = (real[0], 1) if fmt is None else _rows_view(fmt, real[0], _words(fmt, d, {}))
+        if fmt is None:
+            like, rs = real[0], 1
+        else:
+            like, rs = _rows_view(fmt, real[0], _words(fmt, d, {}) and not gguf)
+        if like.device != torch.device(device):       # host rows: a typed device stand-in
+            like = torch.empty(1, dtype=like.dtype, device=device)
         ptr = [real[0].data_ptr() if r is None or r.shape[0] == 0 else r.data_ptr() for r in rows]
         cnt = [0 if r is None else r.shape[0] for r in rows]
         return cls(torch.tensor(ptr, dtype=torch.int64, device=device),
                    torch.tensor(cnt, dtype=torch.int32, device=device), max(cnt), like, rs,
-                   tuple(real))
+                   tuple(real), gguf)
 
 
 def gate_up(fmt: str, d: int, gate: torch.Tensor, up: torch.Tensor, x: torch.Tensor, act: str,
-            threshold: float, mask: torch.Tensor | None, cfg: dict | None = None) -> torch.Tensor:
-    """a [n] f32 = act(gate·x, up·x) on the rows whose mask is set (0 elsewhere)."""
+            threshold: float, mask: torch.Tensor | None, cfg: dict | None = None,
+            gguf: bool = False) -> torch.Tensor:
+    """a [n] f32 = act(gate·x, up·x) on the rows whose mask is set (0 elsewhere).
+    gguf: q4_0 rows in GGUF's layout (else the GPU row layout)."""
     n = gate.shape[0]
-    c, grid, lst, words = _dot_launch(fmt, d, n, cfg, x.device)
+    c, grid, lst, words = _dot_launch(fmt, d, n, cfg, x.device, gguf=gguf)
     a = torch.empty(n, dtype=torch.float32, device=x.device)
     g, rs = _rows_view(fmt, gate, words)
     u, _ = _rows_view(fmt, up, words)
@@ -473,7 +499,7 @@ def gate_up_slots(fmt: str, d: int, gt: RowTable, ut: RowTable, it: RowTable, x:
     a[s, :n_e] = act(gate_e·x, up_e·x) on the rows whose neuron (it: hot ids) mask[s] sets
     (mask bool [k, n_ff] or None); a f32 [k, AS], AS >= gt.n_max, written (rows past n_e untouched)."""
     k = sel.numel()
-    c, grid, lst, _ = _dot_launch(fmt, d, gt.n_max, cfg, x.device, k)
+    c, grid, lst, _ = _dot_launch(fmt, d, gt.n_max, cfg, x.device, k, gt.gguf)
     m = mask.view(torch.uint8) if mask is not None else a
     LAST["gate_up_slots"] = _gate_up_kernel[(grid, k)](
         x, gt.like, ut.like, m, a, lst, 0, d, d // 32, gt.rs, float(threshold), sel, gt.ptr,
@@ -509,12 +535,13 @@ def matvec_slots(fmt: str, d: int, wt: RowTable, x: torch.Tensor, xs: int, y: to
 
 
 def down(fmt: str, d: int, w: torch.Tensor, a: torch.Tensor, y: torch.Tensor | None = None,
-         cfg: dict | None = None) -> torch.Tensor:
-    """y [d] f32 (+)= sum_j a[j] * w[j] over the rows with a[j] != 0 (w: [n, d] rows, e.g. W2^T)."""
+         cfg: dict | None = None, gguf: bool = False) -> torch.Tensor:
+    """y [d] f32 (+)= sum_j a[j] * w[j] over the rows with a[j] != 0 (w: [n, d] rows, e.g. W2^T;
+    gguf: q4_0 rows in GGUF's layout)."""
     n = w.shape[0]
     if y is None:
         y = torch.zeros(d, dtype=torch.float32, device=a.device)
-    c, grid, lst, words = _down_launch(fmt, d, n, cfg, a.device)
+    c, grid, lst, words = _down_launch(fmt, d, n, cfg, a.device, gguf=gguf)
     wv, rs = _rows_view(fmt, w, words)
     LAST["down"] = _axpy_kernel[grid](a, wv, y, lst, n, d, d // 32, rs, a, a, a, a, 0, 0,
                                       SLOT=False, HAS_RW=False, **c)
@@ -529,7 +556,7 @@ def down_slots(fmt: str, d: int, wt: RowTable, a: torch.Tensor, a_stride: int, y
     y [d]; a_stride 0: one a for every slot; rw None: weight 1). y f32, zeroed by the caller.
     relu_a: relu(a) instead of a (rows with a <= 0 are not read)."""
     k = sel.numel()
-    c, grid, lst, _ = _down_launch(fmt, d, wt.n_max, cfg, a.device, k)
+    c, grid, lst, _ = _down_launch(fmt, d, wt.n_max, cfg, a.device, k, wt.gguf)
     LAST["down_slots"] = _axpy_kernel[(*grid, k)](
         a, wt.like, y, lst, 0, d, d // 32, wt.rs, sel, wt.ptr, wt.cnt,
         rw if rw is not None else a, a_stride, y_stride, SLOT=True, HAS_RW=rw is not None,
