@@ -125,9 +125,11 @@ class HybridFFN(nn.Module):
         self.stream_above = stream_above    # batches larger than this stream the cold rows to the device
         self.device_bytes = hot.nbytes if hot is not None else 0   # what this FFN holds on the device
         self._all_cold = (torch.arange(cold.n_ff, dtype=torch.int32) if cold is not None else None)
-        if cold is not None and stream_above is not None and torch.device(device).type == "cuda":
+        if cold is not None and (stream_above is not None or n_warm) and torch.device(device).type == "cuda":
             from .kernels.gpu import pin_host
-            pin_host(self, cold.gate, cold.up, cold.down_t)     # prefill streams them: async DMA
+            # prefill streams them (async DMA); the decoder's GPU reads the warm rows in place
+            # (zero-copy: only page-locked memory can be; kernels.gpu.WarmRows checks)
+            pin_host(self, cold.gate, cold.up, cold.down_t)
         self._cold_np = cold_ids.numpy()
         self._step = None                   # _cpu_decode's ColdStep, made on first use
         self._cpu_only = hot is None and cold is not None and dense_above >= 1

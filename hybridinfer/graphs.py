@@ -100,13 +100,15 @@ def attn_step(hp, ya, yc, an_w, fn_w, eps: float, q, k, v, o, qb, kb, vb, ob, qk
 class GraphDecoder:
     def __init__(self, model: Transformer, capacity: int, graphs: bool | None = None,
                  fuse: bool | None = None, select_on_device: bool | None = None,
-                 chain: bool | None = None):
+                 chain: bool | None = None, warm: bool | None = None):
         """graphs: capture CUDA graphs (default: on cuda). fuse: torch.compile segment A's
         arithmetic (attn_step; default: with graphs, unless HYBRIDINFER_NO_COMPILE=1); a failed
         compilation falls back to the plain function with a warning. select_on_device: MoE
         layers whose predictors are on the device (or absent) run as one segment, the experts
         chosen on the device (default on, unless HYBRIDINFER_HOST_SELECT=1). chain: the chained
-        step where possible (default on, unless HYBRIDINFER_NO_CHAIN=1; see the module doc)."""
+        step where possible (default on, unless HYBRIDINFER_NO_CHAIN=1; see the module doc).
+        warm: fused layers' GPU reads their experts' warm rows over PCIe (default on, unless
+        HYBRIDINFER_NO_WARM=1; where it cannot, kernels.gpu.WarmRows.usable, the CPU computes them)."""
         self.m, cfg = model, model.cfg
         # the device as tensors report it (cuda:0, not cuda): compared with weights' devices
         self.dev, self.dt = model.blocks[0].attn.q.device, model.embed.dtype
@@ -141,12 +143,15 @@ class GraphDecoder:
         if select_on_device is None:
             select_on_device = os.environ.get("HYBRIDINFER_HOST_SELECT", "") in ("", "0")
         self._fused = [select_on_device and self._can_fuse(l) for l in range(L)]
+        if warm is None:
+            warm = os.environ.get("HYBRIDINFER_NO_WARM", "") in ("", "0")
+        self._warm = warm
         # the host-selected path's [E] router weights (a fused layer reads ids and weights)
         self.w_full = [None if self._fused[l] else torch.zeros(max(cfg.num_experts, 1), device=dev)
                        for l in range(L)]
         self.mask, self.mask_host = {}, {}
         self.mslot, self.mslot_host = {}, {}            # fused layers: the chosen experts' masks
-        self._hs, self._ps = {}, {}
+        self._hs, self._ps, self._ws = {}, {}, {}     # hot halves, predictors, warm rows (fused)
         for l, blk in enumerate(model.blocks):
             if self._fused[l]:
                 self._fuse(l, host)
@@ -157,8 +162,10 @@ class GraphDecoder:
                     self.mask_host[(l, e)] = host(f.n_ff, dtype=torch.bool)
         self._gpu_pred = {k for k in self.mask if self._pred_on_gpu(self._fm[k[0]][k[1]])}
         self._cpu_pred = set(self.mask) - self._gpu_pred
+        # FFNs with rows the CPU computes (cold, less the warm tier where the GPU reads it)
         self._cold = {(l, e) for l in range(L) for e, f in self._fm[l].items()
-                      if isinstance(f, HybridFFN) and f.cold is not None}
+                      if isinstance(f, HybridFFN) and f.cold is not None
+                      and f.cold.n_ff > self._n_warm(l, f)}
         self._grouped = [self.moe[l] and math.comb(len(self._fm[l]), k) <= MAX_GROUPS for l in range(L)]
         self._coldstep = [self._cold_step(l) for l in range(L)]
         if chain is None:
@@ -242,18 +249,27 @@ class GraphDecoder:
         return HotSlots.supported([f.hot for f in fs], self.dev)
 
     def _fuse(self, l: int, host) -> None:
-        """Layer l's device-selected parts: hot halves, predictors, per-slot mask buffers."""
-        from .kernels.gpu import HotSlots
+        """Layer l's device-selected parts: hot halves, warm rows (read over PCIe), predictors,
+        per-slot mask buffers."""
+        from .kernels.gpu import HotSlots, WarmRows
         fs = [self._fm[l][e] for e in sorted(self._fm[l])]
         k, f0 = self.m.cfg.experts_per_token, fs[0]
         self._hs[l] = HotSlots([f.hot for f in fs], k, f0.activation, f0.threshold, self.dev)
+        if self._warm and WarmRows.usable(fs, self.dev):
+            self._ws[l] = HotSlots([WarmRows.of(f, self.dev) for f in fs], k, f0.activation,
+                                   f0.threshold, self.dev, gguf=True)
         if f0.sparsity == "predictor":
             self._ps[l] = type(f0.predictor).slots([f.predictor for f in fs], k, self.dev)
             self.mslot[l] = torch.zeros(k, f0.n_ff, dtype=torch.bool, device=self.dev)
             self.mslot_host[l] = host(k, f0.n_ff, dtype=torch.bool)
 
+    def _n_warm(self, l: int, f) -> int:
+        """Cold rows of FFN f in layer l that the GPU reads (the warm tier), not the CPU."""
+        return f.n_warm if l in self._ws else 0
+
     def _cold_step(self, l: int):
-        """The native per-step cold half of layer l, bound to its pinned buffers (None: no cold rows)."""
+        """The native per-step cold half of layer l, bound to its pinned buffers (None: no cold
+        rows): each FFN's cold rows after its warm tier (views)."""
         from .kernels import cpu_step
         ffns = self._fm[l]
         cold = {e: f for e, f in ffns.items() if (l, e) in self._cold}
@@ -261,8 +277,9 @@ class GraphDecoder:
             return None
         f0 = next(iter(cold.values()))
         keys = range(len(ffns)) if self.moe[l] else [-1]
-        items = [(cold[e].cold, cold[e].cold_ids, self.mask_host.get((l, e))) if e in cold
-                 else (None, None, None) for e in keys]
+        nw = {e: self._n_warm(l, f) for e, f in cold.items()}
+        items = [(cold[e].cold.rows(nw[e]), cold[e].cold_ids[nw[e]:], self.mask_host.get((l, e)))
+                 if e in cold else (None, None, None) for e in keys]
         ffn, neurons, masks = zip(*items)
         sel, w = (self.ids_host[l], self.w_host[l]) if self.moe[l] else (None, None)
         return cpu_step.ColdStep(ffn, neurons, masks, self.u_host[l][0], self.ycpu_host[l][0], sel,
@@ -314,6 +331,8 @@ class GraphDecoder:
         else:
             self._mark(self._ev[l][1])
         self._hs[l].run(self.u[l], ids, w, mask, self.yacc[l])
+        if l in self._ws:                             # the warm rows, over PCIe meanwhile the CPU's
+            self._ws[l].run(self.u[l], ids, w, mask, self.yacc[l])
 
     def seg_predict(self, l: int, g: tuple[int, ...]) -> None:
         """The masks of the experts in g whose predictor is on the GPU."""

@@ -53,6 +53,62 @@ def test_graph_decoder_per_expert_segments(tmp_path, monkeypatch, device):
     assert not any(gd._grouped)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("chain", [True, False])
+def test_graph_decoder_warm_rows_read_by_the_gpu(tmp_path, device, chain):
+    """The warm tier: fused layers' GPU computes each chosen expert's warm rows (the first n_warm
+    cold rows, q4_0 in GGUF layout, page-locked: read over PCIe on cuda) and the CPU the rest;
+    experts with all, some and none of their cold rows warm, and one with no cold rows at all.
+    Same logits as the plain decode (which computes every cold row on the CPU)."""
+    import numpy as np
+    from hybridinfer.config import ModelConfig
+    # cuda reads q4_0 rows only; the cpu device computes the warm rows in torch (any format):
+    # f32 there, so that both halves compute exactly what the plain decode does
+    fmt = "q4_0" if device == "cuda" else "f32"
+    folder, _, _ = write_model(tmp_path / "m", "TurboSparseMixtralForCausalLM", seed=51, sliding_window=5)
+    cfg = ModelConfig.from_dir(folder)
+    rng = np.random.default_rng(56)
+    n, hot, warm = cfg.intermediate_size, {}, {}
+    for layer in range(cfg.num_layers):
+        for e in range(cfg.num_experts):
+            perm = rng.permutation(n)
+            kind = (layer * cfg.num_experts + e) % 4
+            a = {0: 0, 1: n // 4, 2: n // 3, 3: n}[kind]                  # hot rows
+            b = {0: n, 1: n // 2, 2: n // 3, 3: n}[kind]                  # hot + warm
+            hot[(layer, e)], warm[(layer, e)] = np.sort(perm[:a]), np.sort(perm[a:b])
+    from hybridinfer.build import RuntimeOptions, build_hybrid
+    from hybridinfer.checkpoint import Checkpoint
+    model = build_hybrid(cfg, Checkpoint(folder), torch.device(device), torch.float32, hot,
+                         RuntimeOptions(sparsity="predictor", cpu_fmt=fmt), warm=warm)
+    llm = type("L", (), {"model": model})
+    ids = random_ids(12, seed=53)
+    ref_cache = llm.model.new_cache(16)
+    gd = GraphDecoder(llm.model, 16, chain=chain)
+    assert sorted(gd._ws) == list(range(cfg.num_layers))                # every fused layer
+    off = GraphDecoder(llm.model, 16, chain=chain, warm=False)
+    assert not off._ws
+    with torch.inference_mode():
+        ref = [prefill(llm.model, ids[:3], ref_cache)]
+        ref += [decode_one_token(llm.model, t, ref_cache) for t in ids[3:]]
+        outs = []
+        for dec in (gd, off):
+            dec.cache.length = 0
+            o = [prefill(llm.model, ids[:3], dec.cache)]
+            o += [dec.step(t).clone() for t in ids[3:]]
+            outs.append(torch.stack(o).cpu())
+    ref = torch.stack(ref).cpu()
+    err = [float((out - ref).abs().max() / ref.abs().max()) for out in outs]
+    # q4_0 (cuda): the GPU's warm rows take x in float, the CPU kernels quantise it to q8_0 (the
+    # plain decode): ~2e-3 apart; dropping the warm rows altogether is ~3e-2
+    assert err[1] <= 1e-4 and err[0] <= (1e-4 if fmt == "f32" else 1e-2), err
+    # the CPU steps skip the warm rows: a layer whose chosen experts' cold rows are all warm
+    # computes nothing on the CPU
+    cold_rows = [gd._coldstep[l].last_rows if gd._coldstep[l] is not None else 0
+                 for l in range(cfg.num_layers)]
+    all_rows = [off._coldstep[l].last_rows for l in range(cfg.num_layers)]
+    assert sum(cold_rows) < sum(all_rows)
+
+
 @pytest.mark.parametrize("gpu_fmt", ["auto", "q4_0"])
 def test_graph_decoder_compiled_attention_step(tmp_path, gpu_fmt):
     """torch.compile of segment A's arithmetic (attn_step) gives the plain decode's logits; one

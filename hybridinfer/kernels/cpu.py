@@ -93,6 +93,15 @@ class PackedFFN:
     def nbytes(self) -> int:
         return 3 * self.gate.numel()
 
+    def rows(self, start: int, stop: int | None = None) -> "PackedFFN":
+        """Rows [start, stop) as a PackedFFN of views (no copy): e.g. the cold rows after the
+        warm tier, which the GPU reads instead."""
+        stop = self.n_ff if stop is None else stop
+        if not 0 <= start <= stop <= self.n_ff:
+            raise ValueError(f"PackedFFN.rows: [{start}, {stop}) is outside 0..{self.n_ff}")
+        return PackedFFN(self.fmt, self.d_model, stop - start, self.gate[start:stop],
+                         self.up[start:stop], self.down_t[start:stop])
+
 
 def alloc_weights(rows: int, row_bytes: int) -> torch.Tensor:
     """An uninitialised uint8 [rows, row_bytes] for packed weights, backed by transparent huge

@@ -101,15 +101,61 @@ class HotFFN:
                      for t in (self.gate, self.up, self.down_t))
 
 
+@dataclass(frozen=True, eq=False)
+class WarmRows:
+    """The warm tier of one FFN (or expert): the first n_warm rows of its cold PackedFFN (views,
+    no copy: GGUF layout, in page-locked host memory), which the GPU reads in place over PCIe
+    (zero-copy, UVA addresses) during decode while the CPU computes the other cold rows; ids
+    int32 [n_warm] their neuron ids, on the device (the kernels' mask lookups). Duck-types
+    HotFFN for HotSlots (gguf=True) and hot_ffn (the cpu device: torch over the rows)."""
+    fmt: str
+    d_model: int
+    gate: torch.Tensor
+    up: torch.Tensor
+    down_t: torch.Tensor
+    ids: torch.Tensor
+
+    @classmethod
+    def of(cls, ffn, device) -> "WarmRows | None":
+        """ffn: a HybridFFN; None when it has no warm rows."""
+        if not ffn.n_warm:
+            return None
+        c = ffn.cold.rows(0, ffn.n_warm)
+        ids = ffn.cold_ids[:ffn.n_warm].to(torch.int32).to(device)
+        return cls(c.fmt, c.d_model, c.gate, c.up, c.down_t, ids)
+
+    @staticmethod
+    def usable(ffns: list, device) -> bool:
+        """Whether the GPU can read these FFNs' warm rows in place: on cuda, q4_0 rows (the only
+        GGUF layout the Triton kernels read) in page-locked memory (pin_host can be refused:
+        then the CPU keeps them); the cpu device always (CI runs the same logic there)."""
+        warm = [f for f in ffns if f is not None and f.n_warm]
+        if not warm or torch.device(device).type != "cuda":
+            return bool(warm)
+        return _triton() is not None and all(
+            f.cold.fmt == "q4_0" and all(t.is_pinned() for t in (f.cold.gate, f.cold.up, f.cold.down_t))
+            for f in warm)
+
+    @property
+    def n_hot(self) -> int:
+        return int(self.ids.numel())
+
+    def _weights(self, dtype):
+        """gate, up, down_t as float [n_warm, d] (the cpu device's torch path)."""
+        return tuple(dequant(t, self.fmt, self.d_model, dtype) for t in (self.gate, self.up, self.down_t))
+
+
 class HotSlots:
     """The hot halves of one MoE layer's experts with the experts chosen on the device (the
     graph decoder's fused layer: no host round trip between the router and the hot halves).
+    gguf: the rows are WarmRows (GGUF layout, read over PCIe from host memory), not HotFFN.
     run(x, sel, w, masks, y): y [1, d] f32 += sum over slots s of w[s] * hot_ffn(hots[sel[s]], x)
     with expert sel[s]'s rows masked by masks[s] (bool [k, n_ff] over neurons, or None: all).
     CUDA: two Triton launches for all slots (address tables, triton_ffn.RowTable); elsewhere
     (the cpu device, how CI tests the decoder) a loop over the slots with hot_ffn."""
 
-    def __init__(self, hots: list, k: int, activation: str, threshold: float, device):
+    def __init__(self, hots: list, k: int, activation: str, threshold: float, device,
+                 gguf: bool = False):
         if not HotSlots.supported(hots, device):
             raise ValueError("HotSlots: no device-selected kernels for these rows here")
         self.hots, self.act, self.thr = hots, activation, threshold
@@ -121,7 +167,7 @@ class HotSlots:
             self.tk = _triton()
             d = self.d = real[0].d_model
             rows = lambda name: [None if h is None else getattr(h, name) for h in hots]
-            self.gt, self.ut, self.dt = (self.tk.RowTable.build(self.fmt, d, rows(n), device)
+            self.gt, self.ut, self.dt = (self.tk.RowTable.build(self.fmt, d, rows(n), device, gguf)
                                          for n in ("gate", "up", "down_t"))
             self.it = self.tk.RowTable.build(None, d, [None if h is None else h.ids for h in hots], device)
             self.a = torch.zeros(k, self.gt.n_max, device=device)     # activations per slot
