@@ -34,6 +34,9 @@ def main():
     ap.add_argument("--capacity", type=int, default=1024, help="static KV cache positions")
     ap.add_argument("--no-chain", action="store_true",
                     help="the per-layer host loop instead of the chained step (graphs.py)")
+    ap.add_argument("--pcie-share", type=float, default=0.6,
+                    help="the hybrid's warm tier: share of each expert's expected cold activity "
+                         "the GPU reads over PCIe (0: none)")
     ap.add_argument("--prefill", type=int, default=0,
                     help="profile one prompt of this many tokens instead of decode steps")
     a = ap.parse_args()
@@ -44,11 +47,12 @@ def main():
     wl = make_workload("M47", a.layers, 0)
     prof = synthetic_profile(wl)
     scale = a.layers / 32
-    b = build(a.policy, wl, dev, dt, dt, int(parse_budget(a.budget) * scale), prof, a.capacity)
+    b = build(a.policy, wl, dev, dt, dt, int(parse_budget(a.budget) * scale), prof, a.capacity,
+              a.pcie_share)
     if a.prefill:
         return prefill_profile(b.model, a.prefill, dev)
     gd = GraphDecoder(b.model, a.capacity, chain=not a.no_chain)
-    print(f"chained step: {gd._chained}")
+    print(f"chained step: {gd._chained}; warm layers: {len(gd._ws)}")
     tok = 1
     for _ in range(2):
         tok = int(gd.step(tok).argmax())

@@ -102,8 +102,11 @@ def _runs(args, wl, dev) -> tuple[list[tuple[str, int | None, str | None]], floa
 
 
 def _roofline(row, rf, dev) -> float:
+    """Seconds a token takes at least: the slowest of the CPU's reads, the GPU's and the warm
+    rows' over PCIe (each at its measured bandwidth; they run concurrently), plus the syncs."""
     gbs = rf["gpu_copy_gbs"] if dev.type == "cuda" else rf["cpu_read_gbs"]
-    t = max(row["bytes_cpu"] / (rf["cpu_read_gbs"] * 1e9), row["bytes_gpu"] / (gbs * 1e9))
+    t = max(row["bytes_cpu"] / (rf["cpu_read_gbs"] * 1e9), row["bytes_gpu"] / (gbs * 1e9),
+            row.get("bytes_pcie", 0.0) / ((rf.get("pcie_gbs") or 1.0) * 1e9))
     return t + row["syncs_per_token"] * (rf["sync_s"] or 0.0)
 
 
@@ -124,8 +127,8 @@ def _one(name, budget, label, wl, profile, args, dev, dtype, cpu_dtype, rf) -> d
                     and f"{name}@{label}" not in args.prefill_only:
                 pf = 0
             row.update(measure(b, args.warmup, args.tokens, pf, args.context, graphs=not args.no_cuda_graphs))
-            bpt = bytes_per_token(b, wl, row["context_mean"])
-            row["bytes_gpu"], row["bytes_cpu"] = bpt["gpu"], bpt["cpu"]
+            bpt = bytes_per_token(b, wl, row["context_mean"], warm=row["warm_layers"] > 0)
+            row["bytes_gpu"], row["bytes_cpu"], row["bytes_pcie"] = bpt["gpu"], bpt["cpu"], bpt["pcie"]
             row["roofline_ms"] = _roofline(row, rf, dev) * 1e3
             row["x_roofline"] = row["ms_token"] / row["roofline_ms"]
             row["rss"] = max(row["rss_after_build"], rss_bytes())
@@ -149,7 +152,7 @@ def _fmt(v, spec):
 
 def table(rows: list[dict]) -> str:
     head = (f"{'policy':<14}{'budget':>7}{'tok/s':>8}{'ms/tok':>8}{'gpu':>7}{'cpu':>7}{'sync':>7}"
-            f"{'py':>7}{'py%':>5}{'xoffl':>7}{'roof':>7}{'xroof':>6}{'GB g/c':>11}{'VRAM':>6}"
+            f"{'py':>7}{'py%':>5}{'xoffl':>7}{'roof':>7}{'xroof':>6}{'GB g/p/c':>16}{'VRAM':>6}"
             f"{'RSS':>6}{'pf t/s':>8}")
     lines = [head]
     for r in rows:
@@ -162,7 +165,7 @@ def table(rows: list[dict]) -> str:
             f"{s['gpu']:7.2f}{s['cpu']:7.2f}{s['sync']:7.2f}{s['python']:7.2f}"
             f"{100 * s['python'] / r['ms_token']:5.0f}{_fmt(r.get('x_dense_offload'), '7.2f')}"
             f"{r['roofline_ms']:7.2f}{r['x_roofline']:6.2f}"
-            f"{r['bytes_gpu'] / 1e9:5.2f}/{r['bytes_cpu'] / 1e9:<5.2f}"
+            f" {r['bytes_gpu'] / 1e9:5.2f}/{r.get('bytes_pcie', 0) / 1e9:4.2f}/{r['bytes_cpu'] / 1e9:<5.2f}"
             f"{_fmt(r.get('peak_vram', 0) / GIB if r.get('peak_vram') else None, '6.1f')}"
             f"{r['rss'] / GIB:6.1f}{_fmt(r.get('prefill_tok_s'), '8.1f')}")
     return "\n".join(lines)
@@ -214,7 +217,8 @@ def run(args: argparse.Namespace) -> int:
     rf = roofline_inputs(threads, dev)
     torch.set_num_threads(args.torch_threads)      # after the probe, which sets both pools
     print(f"roofline inputs: CPU read {rf['cpu_read_gbs']:.1f} GB/s ({threads} threads), GPU copy "
-          f"{_fmt(rf['gpu_copy_gbs'], '.0f')} GB/s, sync {_fmt((rf['sync_s'] or 0) * 1e6, '.1f')} us",
+          f"{_fmt(rf['gpu_copy_gbs'], '.0f')} GB/s, PCIe {_fmt(rf['pcie_gbs'], '.1f')} GB/s, "
+          f"sync {_fmt((rf['sync_s'] or 0) * 1e6, '.1f')} us",
           flush=True)
     t = time.perf_counter()
     wl = make_workload(args.shape, args.layers, args.seed)

@@ -61,6 +61,26 @@ def gpu_bandwidth(device, nbytes: int = 2 << 30, repeat: int = 10) -> float | No
     return 2 * nbytes / best / 1e9
 
 
+def pcie_bandwidth(device, nbytes: int = 256 << 20, repeat: int = 8) -> float | None:
+    """GB/s of a page-locked host -> device copy (the link the warm tier's zero-copy reads use)."""
+    if torch.device(device).type != "cuda":
+        return None
+    a = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    b = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    b.copy_(a)
+    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    best = float("inf")
+    for _ in range(repeat):
+        s.record()
+        b.copy_(a, non_blocking=True)
+        e.record()
+        e.synchronize()
+        best = min(best, s.elapsed_time(e) / 1e3)
+    del a, b
+    torch.cuda.empty_cache()
+    return nbytes / best / 1e9
+
+
 def sync_latency(device, repeat: int = 200) -> float | None:
     """Median seconds of a tiny D2H copy + synchronize (gpu.to_host, as the runtime does it)."""
     if torch.device(device).type != "cuda":
@@ -79,7 +99,7 @@ def roofline_inputs(threads: int, device) -> dict:
     bw = machine.read_bandwidth(threads)
     machine.release_buffer()
     return {"cpu_read_gbs": bw, "gpu_copy_gbs": gpu_bandwidth(device), "sync_s": sync_latency(device),
-            "threads": threads}
+            "pcie_gbs": pcie_bandwidth(device), "threads": threads}
 
 
 def _sync(device):
@@ -251,6 +271,8 @@ def measure(built, warmup: int, tokens: int, prefill: int, context: int, profile
     model, dev = built.model, built.device
     need = warmup + 2 * tokens + profile_tokens + 1
     cache, step = stepper(model, max(context, need), graphs)
+    dec = getattr(step, "__self__", None)          # the GraphDecoder, when decoding through one
+    warm_layers = len(getattr(dec, "_ws", ()))     # layers whose warm rows the GPU reads
     decode(step, warmup)
     _sync(dev)
     secs = decode(step, tokens)
@@ -278,7 +300,7 @@ def measure(built, warmup: int, tokens: int, prefill: int, context: int, profile
            "parts_ms": dict({k: v / tokens * 1e3 for k, v in tm.parts.items()},
                             rest=(sum(inst) - sum(tm.parts.values())) / tokens * 1e3,
                             aten=prof["aten_s"] * 1e3),
-           "context_mean": warmup + tokens * 1.5}
+           "context_mean": warmup + tokens * 1.5, "warm_layers": warm_layers}
     del cache, step
     if prefill:
         out["prefill_tok_s"] = _prefill(model, prefill, dev)

@@ -193,15 +193,16 @@ def _weight_bytes(w, elt: int) -> int:
     return w.numel() * elt if isinstance(w, torch.Tensor) else w.nbytes
 
 
-def bytes_per_token(b: Built, wl: Workload, ctx: float) -> dict:
+def bytes_per_token(b: Built, wl: Workload, ctx: float, warm: bool = False) -> dict:
     """Expected weight bytes read per token on each side, from the firing probabilities
-    (an active neuron reads its 3 rows), the routing share and where each tensor lives."""
+    (an active neuron reads its 3 rows), the routing share and where each tensor lives; "pcie":
+    the warm rows the GPU reads from host memory (warm: the decoder used the warm tier)."""
     cfg, dtype = wl.cfg, b.model.embed.dtype
     e, d, L = _elt(dtype), cfg.hidden_size, cfg.num_layers
     rb3 = 3 * row_bytes(d, FMT)
     side = "cpu" if b.name.startswith("cpu") else "gpu"       # "gpu": the GPU side (cpu in CI)
     pside = "gpu" if b.predictors_on_gpu and side == "gpu" else "cpu"
-    out = {"gpu": 0.0, "cpu": 0.0}
+    out = {"gpu": 0.0, "cpu": 0.0, "pcie": 0.0}
     m = b.model
     lin = (sum(_weight_bytes(getattr(blk.attn, n), e) for blk in m.blocks for n in "qkvo")
            + _weight_bytes(m.lm_head, e))               # q4_0 where packed for the CPU kernels
@@ -219,8 +220,11 @@ def bytes_per_token(b: Built, wl: Workload, ctx: float) -> dict:
             sparse = f.sparsity == "predictor"
             w = p if sparse else torch.ones_like(p)
             g = float(w[hot_ids].sum()) if hot_ids is not None else 0.0
+            n_warm = getattr(f, "n_warm", 0) if warm else 0
+            pw = float(w[f.cold_ids[:n_warm]].sum()) if n_warm else 0.0
             out[side] += share * g * rb3
-            out["cpu"] += share * (float(w.sum()) - g) * rb3
+            out["pcie"] += share * pw * rb3
+            out["cpu"] += share * (float(w.sum()) - g - pw) * rb3
             if sparse:
                 out[pside] += share * f.predictor.nbytes
     return out
