@@ -8,6 +8,7 @@ import argparse
 import sys
 
 from .errors import HybridInferError
+from .placement import pcie_share_arg
 
 
 def _nonneg_int(s: str) -> int:
@@ -44,7 +45,8 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
 
 
 _PCIE_HELP = ("share of each expert's expected cold activity the GPU reads over PCIe from page-locked "
-              "host rows in decode (the plan's warm tier, 0..1")
+              "host rows in decode (the plan's warm tier): 0..1, or auto (per expert, balancing the "
+              "CPU's time against the PCIe reads'")
 
 
 def _add_hybrid_args(p: argparse.ArgumentParser) -> None:
@@ -72,8 +74,8 @@ def _add_hybrid_args(p: argparse.ArgumentParser) -> None:
                    help="format of the hot FFN rows on the GPU: auto (the compute dtype), f16, bf16, q8_0, "
                         "q4_0; q4_0 also keeps the attention projections and lm_head on the GPU in q4_0 "
                         "(read by a Triton GEMV), as llama.cpp keeps a q4_0 model")
-    p.add_argument("--pcie-share", type=float, default=None,
-                   help=_PCIE_HELP + "; default 0.6 on a CUDA device, else 0)")
+    p.add_argument("--pcie-share", type=pcie_share_arg, default=None,
+                   help=_PCIE_HELP + "; default auto on a CUDA device, else 0)")
 
 
 def _load(args, **over):
@@ -303,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--context", type=_pos_int, default=None, help="KV cache positions (default min(4096, max))")
     pl.add_argument("--fmt", default="f16", help="format of hot FFN rows on the GPU: f16, bf16, q8_0, q4_0")
     pl.add_argument("--solver", default="milp", choices=["milp", "greedy"], help="default milp")
-    pl.add_argument("--pcie-share", type=float, default=0.0, help=_PCIE_HELP + "; default 0)")
+    pl.add_argument("--pcie-share", type=pcie_share_arg, default=0.0, help=_PCIE_HELP + "; default 0)")
     pl.add_argument("--out", default=None, help="write the placement as JSON")
     pl.set_defaults(func=cmd_plan)
 

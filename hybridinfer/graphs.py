@@ -187,6 +187,9 @@ class GraphDecoder:
         self._ev = [(torch.cuda.Event(), torch.cuda.Event(external=self._fused[l])) if cuda
                     else (None, None) for l in range(L)]
         self._ev_out = torch.cuda.Event() if cuda else None      # xf on the host (lm_head on the CPU)
+        # the warm rows' kernels run on a side stream, concurrent with the hot halves' (a fork and
+        # a join in the captured graph): they wait on PCIe, the hot ones on HBM
+        self._warm_stream = torch.cuda.Stream(self.dev) if cuda and self._ws else None
         # layer 0's "previous GPU/CPU halves": two distinct zero buffers (aliased arguments would
         # make torch.compile specialise layer 0 apart from the others)
         self._zeros = (torch.zeros(1, d, device=dev), torch.zeros(1, d, device=dev))
@@ -330,9 +333,18 @@ class GraphDecoder:
             self._signal_cold(l)
         else:
             self._mark(self._ev[l][1])
+        ws, side = self._ws.get(l), self._warm_stream
+        if ws is not None and side is not None:       # the warm rows, over PCIe, beside the hot
+            cur = torch.cuda.current_stream(self.dev)   # halves (both add into yacc[l] atomically)
+            side.wait_stream(cur)
+            with torch.cuda.stream(side):
+                ws.run(self.u[l], ids, w, mask, self.yacc[l])
         self._hs[l].run(self.u[l], ids, w, mask, self.yacc[l])
-        if l in self._ws:                             # the warm rows, over PCIe meanwhile the CPU's
-            self._ws[l].run(self.u[l], ids, w, mask, self.yacc[l])
+        if ws is not None:
+            if side is not None:
+                cur.wait_stream(side)
+            else:
+                ws.run(self.u[l], ids, w, mask, self.yacc[l])
 
     def seg_predict(self, l: int, g: tuple[int, ...]) -> None:
         """The masks of the experts in g whose predictor is on the GPU."""

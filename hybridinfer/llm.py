@@ -126,7 +126,7 @@ def load(model: str | os.PathLike | None = None, *, device: str | None = None,
          context: int | None = None, profile: str | None = None, weights: str = "auto",
          gpu_weights: str = "auto", predictors: str | None = None,
          predictor_threshold: float | None = None, cuda_graphs: bool = True,
-         pcie_share: float | None = None, **defaults) -> LLM:
+         pcie_share: float | str | None = None, **defaults) -> LLM:
     """Load a model folder or known name (None: the bundled default) -> LLM.
 
     device: where the GPU part lives ("cuda", "cuda:1", or "cpu"; None: cuda when present).
@@ -140,7 +140,8 @@ def load(model: str | os.PathLike | None = None, *, device: str | None = None,
       predictor_config.json beside the predictors in use, written by `calibrate-predictors`, else 0.0).
     cuda_graphs: one-token decode replays CUDA graphs of each layer's GPU work (on a GPU).
     pcie_share: share of each FFN's expected cold activity the GPU reads over PCIe from page-locked
-      host rows in decode (the plan's warm tier; None: 0.6 on a CUDA device, else 0).
+      host rows in decode (the plan's warm tier): 0..1, or "auto" (per FFN, balancing the CPU's
+      time against the PCIe reads'; None: auto on a CUDA device, else 0).
     weights / gpu_weights: format of the cold (CPU) / hot (GPU) FFN rows: auto, f32, f16, bf16,
       q8_0, q4_0 (a quantised `weights` also packs the CPU's attention, lm_head and predictors
       for the C++ kernels, and leaves torch one thread). threads: CPU threads (torch and the

@@ -33,7 +33,7 @@ class LoadOptions:
     predictors: str | None = None        # trained predictors (default: what train-predictors wrote, if any)
     predictor_threshold: float | None = None  # None: predictor_config.json beside the predictors, else 0.0
     cuda_graphs: bool = True             # batch-1 decode through CUDA graphs (on a GPU)
-    pcie_share: float | None = None      # the plan's warm tier (placement.plan); None: 0.6 on cuda, else 0
+    pcie_share: float | str | None = None   # the plan's warm tier (placement.plan); None: auto on cuda, else 0
 
 
 def default_sparsity(cfg: ModelConfig, ckpt: Checkpoint) -> str:

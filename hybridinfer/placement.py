@@ -51,25 +51,57 @@ MIN_ACTIVE_BYTES = int(SYNC_S / (1 / CPU_BW - 1 / GPU_BW))   # ~1.03 MB per toke
 UNIFORM_FIRE = 0.1         # with no profile: every neuron fires on 10% of the tokens reaching it
 MAX_GROUPS = 4096          # group variables in the MILP at most (simplex pivots ~ groups taken)
 AUTO_MARGIN = (512 << 20, 0.05)   # "auto" leaves max(512 MiB, 5% of free VRAM) for the allocator, scratch
-PCIE_SHARE_CUDA = 0.6      # the runtime's default warm share on a CUDA device (0 elsewhere)
+# The warm tier's "auto" share balances, per FFN, the CPU's time for its cold rows against the
+# GPU's for reading the warm ones over PCIe, per call of the FFN with B expected non-hot bytes:
+#   CPU: (1 - s) B / COLD_CPU_GBS      GPU: PCIE_LATENCY_S + s B / ZERO_COPY_GBS
+# s = (B / COLD_CPU_GBS - PCIE_LATENCY_S) / (B / COLD_CPU_GBS + B / ZERO_COPY_GBS), in 0..1.
+# Measured on the H100 machine (8 threads): the CPU's cold half in decode ~21 GB/s
+# (decode_M47_h100_v11), zero-copy row reads ~34 GB/s (zero_copy_rows_h100_v2), and the warm
+# kernels' fixed cost ~25-35 us a layer (profile_step at 24 GiB: +34 us of GPU time for 0.36 MB).
+# A small B (a large budget) gets no warm rows: a fixed share of 0.6 made 24 GiB 10% slower.
+COLD_CPU_GBS, ZERO_COPY_GBS, PCIE_LATENCY_S = 21e9, 34e9, 30e-6
+PCIE_SHARE_CUDA = "auto"   # the runtime's default warm share on a CUDA device (0 elsewhere)
 
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
 
-def default_pcie_share(device_type: str) -> float:
+def default_pcie_share(device_type: str) -> float | str:
     """The warm tier's share when none is given: PCIE_SHARE_CUDA on a CUDA device, else 0 (no
     GPU reads host memory)."""
     return PCIE_SHARE_CUDA if device_type == "cuda" else 0.0
 
 
-def check_pcie_share(share: float) -> float:
-    """The warm tier's share, validated: a number in 0..1."""
-    share = float(share)
+def check_pcie_share(share: float | str) -> float | str:
+    """The warm tier's share, validated: "auto" (balanced per FFN, see COLD_CPU_GBS) or a number
+    in 0..1 (the same share of every FFN's non-hot activity)."""
+    if isinstance(share, str) and share.strip().lower() == "auto":
+        return "auto"
+    try:
+        share = float(share)
+    except (TypeError, ValueError):
+        share = float("nan")
     if not 0.0 <= share <= 1.0:    # also rejects NaN
-        raise HybridInferError(f"pcie share {share} is outside 0..1: give the share of each FFN's "
+        raise HybridInferError(f"pcie share {share} is outside 0..1: give auto or the share of each FFN's "
                                "non-hot activity the GPU reads over PCIe (0 = none)")
     return share
+
+
+def pcie_share_arg(text: str) -> float | str:
+    """argparse type of --pcie-share (cli, bench decode): auto or a number in 0..1."""
+    import argparse
+    try:
+        return check_pcie_share(text)
+    except HybridInferError as e:          # argparse prints it as a usage error
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def balanced_share(nbytes: float) -> float:
+    """The "auto" warm share of an FFN whose non-hot rows read nbytes per call (see COLD_CPU_GBS)."""
+    if nbytes <= 0:
+        return 0.0
+    t_cpu, t_pcie = nbytes / COLD_CPU_GBS, nbytes / ZERO_COPY_GBS
+    return min(1.0, max(0.0, (t_cpu - PCIE_LATENCY_S) / (t_cpu + t_pcie)))
 
 
 def _encode_ids(ids: dict[tuple[int, int], np.ndarray]) -> dict[str, str]:
@@ -358,9 +390,10 @@ def _objective(pb: _Problem, taken: set, counts: np.ndarray) -> float:
 def plan(cfg: ModelConfig, profile: NeuronProfile | None, budget_bytes: int, context: int | None = None,
          fmt: str = "f16", solver: str = "milp", predictor_numel: int = 0, group_size: int | None = None,
          min_active_bytes: int = MIN_ACTIVE_BYTES, time_limit: float = 8.0,
-         pcie_share: float = 0.0) -> Placement:
+         pcie_share: float | str = 0.0) -> Placement:
     """The placement for a VRAM budget (bytes). profile None: uniform frequencies (UNIFORM_FIRE).
-    pcie_share: share of each FFN's non-hot frequency mass made warm (_warm_counts); 0: none."""
+    pcie_share: share of each FFN's non-hot frequency mass made warm (_warm_counts); 0: none;
+    "auto": per FFN, balanced_share of its expected non-hot bytes per call."""
     pcie_share = check_pcie_share(pcie_share)
     if budget_bytes < 0:
         raise HybridInferError(f"VRAM budget {budget_bytes} is negative")
@@ -382,7 +415,7 @@ def plan(cfg: ModelConfig, profile: NeuronProfile | None, budget_bytes: int, con
     taken, counts = set(), np.zeros(len(pb.keys), dtype=np.int64)
     # warm ids for every neuron at worst, reserved before solving (the warm set follows the hot
     # one); a budget without room for them gets no warm tier
-    reserve = warm_ids_bytes(sum(len(o) for o in pb.order)) if pcie_share > 0 else 0
+    reserve = warm_ids_bytes(sum(len(o) for o in pb.order)) if pcie_share != 0 else 0
     if core + reserve > budget_bytes:
         reserve, pcie_share = 0, 0.0
     if core <= budget_bytes:
@@ -402,7 +435,8 @@ def plan(cfg: ModelConfig, profile: NeuronProfile | None, budget_bytes: int, con
         taken, counts = out
     on = core <= budget_bytes
     hot = {k: np.sort(pb.order[j][:counts[j]]).astype(np.int32) for j, k in enumerate(pb.keys)}
-    warm_n = _warm_counts(pb, counts, pcie_share)
+    route = cfg.experts_per_token / cfg.num_experts if cfg.is_moe else 1.0
+    warm_n = _warm_counts(pb, counts, pcie_share, route)
     warm = {k: np.sort(pb.order[j][counts[j]:counts[j] + warm_n[j]]).astype(np.int32)
             for j, k in enumerate(pb.keys) if warm_n[j]}
     p = Placement(SCHEMA_VERSION, model_identity(cfg), int(budget_bytes), 0, context, fmt,
@@ -414,20 +448,24 @@ def plan(cfg: ModelConfig, profile: NeuronProfile | None, budget_bytes: int, con
     total = sum(comp.values())
     if total > budget_bytes:   # cannot happen by construction; never hand out a plan that overruns
         raise HybridInferError(f"internal: plan uses {total} B of a {budget_bytes} B budget")
-    return _with_totals(p, comp, _stats(cfg, pb, fixed, p, counts, warm_n, pcie_share))
+    return _with_totals(p, comp, _stats(cfg, pb, fixed, p, counts, warm_n))
 
 
-def _warm_counts(pb: _Problem, counts: np.ndarray, pcie_share: float) -> np.ndarray:
+def _warm_counts(pb: _Problem, counts: np.ndarray, pcie_share: float | str,
+                 route: float = 1.0) -> np.ndarray:
     """Per FFN, how many neurons after the hot prefix (frequency order) are warm: the smallest
-    prefix of the rest whose frequency mass reaches pcie_share of the rest's (0 when that is 0)."""
+    prefix of the rest whose frequency mass reaches the FFN's share of the rest's (0 when that
+    is 0): pcie_share, or "auto": balanced_share of the rest's bytes per call (frequencies are per
+    token; an expert is called on `route` of them, top-k / experts: the MoE's average)."""
     out = np.zeros(len(pb.keys), dtype=np.int64)
-    if pcie_share <= 0:
+    if pcie_share == 0:
         return out
     for j, fs in enumerate(pb.freq):
         cum = np.cumsum(fs[counts[j]:])
         if cum.size and cum[-1] > 0:
-            # cum[-1] is the mass itself (not fs.sum()): share 1 then reaches it exactly
-            out[j] = min(cum.size, int(np.searchsorted(cum, pcie_share * cum[-1], side="left")) + 1)
+            s = balanced_share(cum[-1] * pb.read / route) if pcie_share == "auto" else pcie_share
+            if s > 0:   # cum[-1] is the mass itself (not fs.sum()): share 1 then reaches it exactly
+                out[j] = min(cum.size, int(np.searchsorted(cum, s * cum[-1], side="left")) + 1)
     return out
 
 
@@ -436,7 +474,7 @@ def _with_totals(p: Placement, comp: dict[str, int], stats: dict[str, float]) ->
     return replace(p, gpu_bytes=sum(comp.values()), components=comp, stats=stats)
 
 
-def _stats(cfg, pb: _Problem, fixed, p: Placement, counts, warm_n, pcie_share: float) -> dict[str, float]:
+def _stats(cfg, pb: _Problem, fixed, p: Placement, counts, warm_n) -> dict[str, float]:
     """Expected weight bytes read per token on each side (profile frequencies; KV reads excluded);
     the warm rows' reads (over PCIe, by the GPU) count on neither side but their own."""
     share = cfg.experts_per_token / cfg.num_experts if cfg.is_moe else 1.0
@@ -446,20 +484,22 @@ def _stats(cfg, pb: _Problem, fixed, p: Placement, counts, warm_n, pcie_share: f
              (fixed["predictors"] * share, p.predictors_on_gpu)]
     gpu = sum(b for b, on in parts if on)
     cpu = sum(b for b, on in parts if not on)
-    pcie = 0.0
+    pcie = cpu_ffn = 0.0
     for j, fs in enumerate(pb.freq):
         g = float(fs[:counts[j]].sum()) * pb.read
         w = float(fs[counts[j]:counts[j] + warm_n[j]].sum()) * pb.read
         gpu += g
         pcie += w
-        cpu += float(fs.sum()) * pb.read - g - w
+        cpu_ffn += float(fs.sum()) * pb.read - g - w
+    cpu += cpu_ffn
     ffn_all = sum(float(fs.sum()) for fs in pb.freq) * pb.read
     ffn_gpu = sum(float(fs[:counts[j]].sum()) for j, fs in enumerate(pb.freq)) * pb.read
     return {"gpu_bytes_per_token": gpu, "cpu_bytes_per_token": cpu, "pcie_bytes_per_token": pcie,
             "gpu_share_of_active_bytes": gpu / max(gpu + cpu + pcie, 1e-9),
             "ffn_gpu_share_of_active_bytes": ffn_gpu / max(ffn_all, 1e-9),
             "hot_neurons": float(sum(counts)), "ffns_with_hot_neurons": float((counts > 0).sum()),
-            "pcie_share": float(pcie_share), "warm_neurons": float(sum(warm_n)),
+            # the warm rows' share of the non-hot activity, all FFNs together
+            "pcie_share": pcie / max(pcie + cpu_ffn, 1e-9), "warm_neurons": float(sum(warm_n)),
             "ffns_with_warm_neurons": float((np.asarray(warm_n) > 0).sum())}
 
 
@@ -482,7 +522,7 @@ def summary(p: Placement) -> str:
               + (f", over PCIe {human_bytes(s['pcie_bytes_per_token'])}" if p.warm else "")]
     if p.warm:
         lines.append(f"warm neurons:  {p.warm_count():,} in {len(p.warm)} FFNs (host rows the GPU reads "
-                     f"over PCIe: {s.get('pcie_share', 0):.0%} of each FFN's non-hot activity)")
+                     f"over PCIe: {s.get('pcie_share', 0):.0%} of the non-hot activity)")
     return "\n".join(lines)
 
 

@@ -18,7 +18,7 @@ import time
 import torch
 
 from ..atomic import write_json
-from ..placement import check_pcie_share, default_pcie_share, parse_budget
+from ..placement import check_pcie_share, default_pcie_share, parse_budget, pcie_share_arg
 from . import machine
 from .decode_measure import measure, roofline_inputs, rss_bytes, vram_cap
 from .decode_policies import MARGIN, POLICIES, build, bytes_per_token, fixed_gpu_bytes
@@ -50,10 +50,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefill-only", nargs="+", default=None, metavar="POLICY[@BUDGET]",
                         help="measure prefill only for these (e.g. hybrid@24GiB gpu-dense); default all")
     parser.add_argument("--context", type=int, default=4096, help="KV positions budgeted and allocated")
-    parser.add_argument("--pcie-share", type=float, default=None,
+    parser.add_argument("--pcie-share", type=pcie_share_arg, default=None,
                         help="share of each expert's expected cold activity the GPU reads over PCIe from "
-                             "page-locked host rows (the hybrid policy's warm tier; default 0.6 on a CUDA "
-                             "device, 0 elsewhere, where the CPU computes those rows like any cold row)")
+                             "page-locked host rows (the hybrid policy's warm tier): 0..1 or auto (per "
+                             "expert, balanced against the CPU's time); default auto on a CUDA device, 0 "
+                             "elsewhere, where the CPU computes those rows like any cold row")
     parser.add_argument("--device", default=None, help="GPU side (default cuda when present, else cpu)")
     parser.add_argument("--dtype", default="bfloat16", help="attention/embeddings dtype on the device")
     parser.add_argument("--cpu-dtype", default="float32",
