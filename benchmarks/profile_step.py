@@ -17,7 +17,7 @@ from hybridinfer.bench.decode_policies import build
 from hybridinfer.bench.workload import make_workload, synthetic_profile
 from hybridinfer.graphs import GraphDecoder
 from hybridinfer.kernels import cpu
-from hybridinfer.placement import parse_budget
+from hybridinfer.placement import parse_budget, pcie_share_arg
 
 
 def main():
@@ -34,9 +34,9 @@ def main():
     ap.add_argument("--capacity", type=int, default=1024, help="static KV cache positions")
     ap.add_argument("--no-chain", action="store_true",
                     help="the per-layer host loop instead of the chained step (graphs.py)")
-    ap.add_argument("--pcie-share", type=float, default=0.6,
+    ap.add_argument("--pcie-share", type=pcie_share_arg, default="auto",
                     help="the hybrid's warm tier: share of each expert's expected cold activity "
-                         "the GPU reads over PCIe (0: none)")
+                         "the GPU reads over PCIe, 0..1 or auto (the default; 0: none)")
     ap.add_argument("--prefill", type=int, default=0,
                     help="profile one prompt of this many tokens instead of decode steps")
     a = ap.parse_args()

@@ -28,6 +28,11 @@ event recorded inside the graph (external) marks that point. Host, per layer: on
 cold rows, one wait on that event and ColdStep (masks per slot); without, nothing: the host
 replays the next layer at once.
 
+Warm tier (fused layers; warm=None: on unless HYBRIDINFER_NO_WARM=1): each expert's first n_warm
+cold rows (HybridFFN.n_warm, page-locked, GGUF q4_0) are computed by the GPU, reading them from
+host memory over PCIe (a second HotSlots over kernels.gpu.WarmRows, on a side stream beside the
+hot halves), and the layer's ColdStep gets only the rows after them.
+
 Chained step (the default where no layer needs a host decision mid-token: every MoE layer fused,
 no predictor on the CPU): the host does not stand between two layers at all. The device writes a
 host flag ready[l] once layer l's inputs for its cold half are on the host (a kernel after the
