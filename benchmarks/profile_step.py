@@ -52,7 +52,7 @@ def main():
     if a.prefill:
         return prefill_profile(b.model, a.prefill, dev)
     gd = GraphDecoder(b.model, a.capacity, chain=not a.no_chain)
-    print(f"chained step: {gd._chained}; warm layers: {len(gd._ws)}")
+    print(f"chained step: {gd._chained}; warm layers: {gd.warm_layers}")
     tok = 1
     for _ in range(2):
         tok = int(gd.step(tok).argmax())

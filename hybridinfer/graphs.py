@@ -220,6 +220,11 @@ class GraphDecoder:
         self._F = self._call(("F",), self.seg_final)
         self._plans: list[dict] = [{} for _ in range(L)]
 
+    @property
+    def warm_layers(self) -> int:
+        """Layers whose GPU reads their experts' warm rows over PCIe (benchmarks report it)."""
+        return len(self._ws)
+
     # ---- structure ----------------------------------------------------------------------------
     def _ffns(self, l):
         f = self.m.blocks[l].ffn

@@ -251,10 +251,15 @@ class _Problem:
     items: dict[str, tuple[int, float]]   # yes/no items: name -> (bytes, value per token)
 
 
+def _route_share(cfg: ModelConfig) -> float:
+    """The share of tokens an FFN is called on, on average: top-k / experts for an MoE, else 1."""
+    return cfg.experts_per_token / cfg.num_experts if cfg.is_moe else 1.0
+
+
 def _frequencies(cfg: ModelConfig, profile: NeuronProfile | None) -> list[np.ndarray]:
     keys = ffn_keys(cfg)
     if profile is None:
-        share = cfg.experts_per_token / cfg.num_experts if cfg.is_moe else 1.0
+        share = _route_share(cfg)
         return [np.full(cfg.intermediate_size, UNIFORM_FIRE * share) for _ in keys]
     if profile.model_id != model_identity(cfg):
         raise HybridInferError(f"the profile was made for another model ({profile.model_id}), "
@@ -276,7 +281,7 @@ def _problem(cfg, profile, fmt, fixed, min_active_bytes) -> _Problem:
         if min_active_bytes > 0 and fs.sum() * read < min_active_bytes:
             k = len(fs)             # never worth a sync: all of it or nothing
         kmin.append(k)
-    share = cfg.experts_per_token / cfg.num_experts if cfg.is_moe else 1.0
+    share = _route_share(cfg)
     d_bytes = DENSE_BYTES * d
     items = {"lm_head": (fixed["lm_head"], float(fixed["lm_head"])),
              "embeddings": (fixed["embeddings"], float(d_bytes + (fixed["embeddings"] if cfg.tie_word_embeddings else 0))),
@@ -435,7 +440,7 @@ def plan(cfg: ModelConfig, profile: NeuronProfile | None, budget_bytes: int, con
         taken, counts = out
     on = core <= budget_bytes
     hot = {k: np.sort(pb.order[j][:counts[j]]).astype(np.int32) for j, k in enumerate(pb.keys)}
-    route = cfg.experts_per_token / cfg.num_experts if cfg.is_moe else 1.0
+    route = _route_share(cfg)
     warm_n = _warm_counts(pb, counts, pcie_share, route)
     warm = {k: np.sort(pb.order[j][counts[j]:counts[j] + warm_n[j]]).astype(np.int32)
             for j, k in enumerate(pb.keys) if warm_n[j]}
@@ -477,7 +482,7 @@ def _with_totals(p: Placement, comp: dict[str, int], stats: dict[str, float]) ->
 def _stats(cfg, pb: _Problem, fixed, p: Placement, counts, warm_n) -> dict[str, float]:
     """Expected weight bytes read per token on each side (profile frequencies; KV reads excluded);
     the warm rows' reads (over PCIe, by the GPU) count on neither side but their own."""
-    share = cfg.experts_per_token / cfg.num_experts if cfg.is_moe else 1.0
+    share = _route_share(cfg)
     core = fixed["attention"] + fixed["norms"] + fixed["router"]
     parts = [(core, p.attention_on_gpu), (fixed["lm_head"] or fixed["embeddings"], p.lm_head_on_gpu),
              (DENSE_BYTES * cfg.hidden_size, p.embeddings_on_gpu),

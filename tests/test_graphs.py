@@ -84,9 +84,9 @@ def test_graph_decoder_warm_rows_read_by_the_gpu(tmp_path, device, chain):
     ids = random_ids(12, seed=53)
     ref_cache = llm.model.new_cache(16)
     gd = GraphDecoder(llm.model, 16, chain=chain)
-    assert sorted(gd._ws) == list(range(cfg.num_layers))                # every fused layer
+    assert gd.warm_layers == cfg.num_layers                               # every fused layer
     off = GraphDecoder(llm.model, 16, chain=chain, warm=False)
-    assert not off._ws
+    assert off.warm_layers == 0
     with torch.inference_mode():
         ref = [prefill(llm.model, ids[:3], ref_cache)]
         ref += [decode_one_token(llm.model, t, ref_cache) for t in ids[3:]]

@@ -272,7 +272,7 @@ def measure(built, warmup: int, tokens: int, prefill: int, context: int, profile
     need = warmup + 2 * tokens + profile_tokens + 1
     cache, step = stepper(model, max(context, need), graphs)
     dec = getattr(step, "__self__", None)          # the GraphDecoder, when decoding through one
-    warm_layers = len(getattr(dec, "_ws", ()))     # layers whose warm rows the GPU reads
+    warm_layers = getattr(dec, "warm_layers", 0)   # layers whose warm rows the GPU reads
     decode(step, warmup)
     _sync(dev)
     secs = decode(step, tokens)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -39,16 +40,36 @@ def q4_rows_from_gpu(p: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass(frozen=True, eq=False)
-class HotFFN:
-    """gate, up, down_t: [n_hot, d] in a float dtype, or uint8 [n_hot, row_bytes] for q8_0/q4_0;
-    ids: int32 [n_hot], the neuron id of each compact row (sorted). Constructed from quant.pack
-    rows (GGUF layout); q4_0 rows are held in the GPU row layout (repacked in __post_init__)."""
+class FFNRows:
+    """Compact rows of one FFN the GPU side computes (HotFFN: in its memory; WarmRows: read over
+    PCIe): gate, up, down_t [n, d] in a float dtype, or uint8 [n, row_bytes] packed rows; ids int32
+    [n] the neuron id of each row. GPU_LAYOUT: packed q4_0 rows are in the GPU row layout (else
+    GGUF's)."""
     fmt: str
     d_model: int
     gate: torch.Tensor
     up: torch.Tensor
     down_t: torch.Tensor
     ids: torch.Tensor
+    GPU_LAYOUT: ClassVar[bool] = True
+
+    @property
+    def n_hot(self) -> int:
+        return int(self.ids.numel())
+
+    def _weights(self, dtype):
+        """gate, up, down_t as float [n, d] in dtype (batches: prefill's matmuls; the cpu device)."""
+        if self.gate.dtype != torch.uint8:
+            return self.gate.to(dtype), self.up.to(dtype), self.down_t.to(dtype)
+        return tuple(dequant(t, self.fmt, self.d_model, dtype, gpu_layout=self.GPU_LAYOUT)
+                     for t in (self.gate, self.up, self.down_t))
+
+
+@dataclass(frozen=True, eq=False)
+class HotFFN(FFNRows):
+    """The hot rows, on the device: float rows in a float dtype, or uint8 rows for q8_0/q4_0;
+    ids sorted. Constructed from quant.pack rows (GGUF layout); q4_0 rows are held in the GPU
+    row layout (repacked in __post_init__)."""
 
     def __post_init__(self):
         if self.fmt == "q4_0":      # a permutation of the same bytes: nbytes is unchanged
@@ -64,10 +85,6 @@ class HotFFN:
             v = getattr(self, name)
             object.__setattr__(h, name, v.to(device) if isinstance(v, torch.Tensor) else v)
         return h
-
-    @property
-    def n_hot(self) -> int:
-        return int(self.ids.numel())
 
     @property
     def nbytes(self) -> int:
@@ -93,27 +110,15 @@ class HotFFN:
             raise AssertionError(f"HotFFN holds {h.nbytes} bytes, footprint says {expect}")
         return h
 
-    def _weights(self, dtype):
-        """gate, up, down_t as float [n_hot, d] in dtype (batches: prefill's matmuls)."""
-        if self.fmt in _FLOAT:
-            return self.gate.to(dtype), self.up.to(dtype), self.down_t.to(dtype)
-        return tuple(dequant(t, self.fmt, self.d_model, dtype, gpu_layout=True)
-                     for t in (self.gate, self.up, self.down_t))
-
 
 @dataclass(frozen=True, eq=False)
-class WarmRows:
+class WarmRows(FFNRows):
     """The warm tier of one FFN (or expert): the first n_warm rows of its cold PackedFFN (views,
-    no copy: GGUF layout, in page-locked host memory), which the GPU reads in place over PCIe
-    (zero-copy, UVA addresses) during decode while the CPU computes the other cold rows; ids
-    int32 [n_warm] their neuron ids, on the device (the kernels' mask lookups). Duck-types
-    HotFFN for HotSlots (gguf=True) and hot_ffn (the cpu device: torch over the rows)."""
-    fmt: str
-    d_model: int
-    gate: torch.Tensor
-    up: torch.Tensor
-    down_t: torch.Tensor
-    ids: torch.Tensor
+    no copy: packed GGUF layout, in page-locked host memory), which the GPU reads in place over
+    PCIe (zero-copy, UVA addresses) during decode while the CPU computes the other cold rows;
+    ids int32 [n_warm] their neuron ids, on the device (the kernels' mask lookups). Computed by
+    HotSlots (gguf=True) and hot_ffn (the cpu device: torch over the dequantised rows)."""
+    GPU_LAYOUT: ClassVar[bool] = False
 
     @classmethod
     def of(cls, ffn, device) -> "WarmRows | None":
@@ -136,13 +141,6 @@ class WarmRows:
             f.cold.fmt == "q4_0" and all(t.is_pinned() for t in (f.cold.gate, f.cold.up, f.cold.down_t))
             for f in warm)
 
-    @property
-    def n_hot(self) -> int:
-        return int(self.ids.numel())
-
-    def _weights(self, dtype):
-        """gate, up, down_t as float [n_warm, d] (the cpu device's torch path)."""
-        return tuple(dequant(t, self.fmt, self.d_model, dtype) for t in (self.gate, self.up, self.down_t))
 
 
 class HotSlots:
