@@ -63,6 +63,22 @@ def route(x: torch.Tensor, router: torch.Tensor, top_k: int) -> tuple[torch.Tens
     return w.to(x.dtype), ids
 
 
+def expert_groups(w: torch.Tensor, ids: torch.Tensor, n_experts: int):
+    """A batch's routing (w, ids [n, k]) grouped by expert: (e, tokens int64 [m], weights [m])
+    for every expert some token chose, in expert order. One sort on the device and one host
+    sync (the counts), instead of one nonzero (a sync) per expert."""
+    k = ids.shape[1]
+    order = torch.argsort(ids.flatten(), stable=True)   # [n*k] token-slots grouped by expert
+    counts = torch.bincount(ids.flatten(), minlength=n_experts).tolist()
+    tok, ws = order // k, w.flatten()[order]
+    out, start = [], 0
+    for e, c in enumerate(counts):
+        if c:
+            out.append((e, tok[start:start + c], ws[start:start + c]))
+        start += c
+    return out
+
+
 class MoE(nn.Module):
     def __init__(self, router: torch.Tensor, experts: list[DenseFFN], top_k: int):
         super().__init__()
@@ -77,9 +93,8 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w, ids = self.route(x)
         out = torch.zeros_like(x)
-        for e in ids.unique().tolist():
-            tok, slot = (ids == e).nonzero(as_tuple=True)
-            out.index_add_(0, tok, self.experts[e](x[tok]) * w[tok, slot, None])
+        for e, tok, we in expert_groups(w, ids, len(self.experts)):
+            out.index_add_(0, tok, self.experts[e](x[tok]) * we[:, None])
         return out
 
 
@@ -132,6 +147,7 @@ class HybridFFN(nn.Module):
             pin_host(self, cold.gate, cold.up, cold.down_t)
         self._cold_np = cold_ids.numpy()
         self._step = None                   # _cpu_decode's ColdStep, made on first use
+        self._row_ids = None                # device_batch's neuron id per row (hot, then cold)
         self._cpu_only = hot is None and cold is not None and dense_above >= 1
         # every neuron cold, in order (a CPU-only model): the mask's nonzeros are the row ids
         self._cold_all = cold_ids.numel() == n_ff and bool(np.array_equal(self._cold_np, np.arange(n_ff)))
@@ -171,12 +187,20 @@ class HybridFFN(nn.Module):
         """Whether a batch of n_tokens computes the cold rows on the device (streamed there)."""
         return self.cold is not None and self.stream_above is not None and n_tokens > self.stream_above
 
-    def prefetch_cold(self, device: torch.device, stream) -> tuple:
-        """Start copying the packed cold rows to `device` on CUDA `stream` (asynchronous where
-        they are page-locked) -> ((gate, up, down_t) on the device, the copies' event)."""
+    def _copy_cold(self, device) -> torch.Tensor:
+        """The packed cold rows copied to `device` as one tensor [3, n_cold, row_bytes] (gate, up,
+        down_t): asynchronous where they are page-locked, on the current stream."""
         c = self.cold
+        buf = torch.empty((3, *c.gate.shape), dtype=c.gate.dtype, device=device)
+        for i, t in enumerate((c.gate, c.up, c.down_t)):
+            buf[i].copy_(t, non_blocking=True)
+        return buf
+
+    def prefetch_cold(self, device: torch.device, stream) -> tuple:
+        """Start copying the packed cold rows to `device` on CUDA `stream` -> (rows [3, n_cold,
+        row_bytes] on the device, the copy's event)."""
         with torch.cuda.stream(stream):
-            rows = tuple(t.to(device, non_blocking=True) for t in (c.gate, c.up, c.down_t))
+            rows = self._copy_cold(device)
             ev = torch.cuda.Event()
             ev.record(stream)
         return rows, ev
@@ -192,10 +216,8 @@ class HybridFFN(nn.Module):
         mask = self.predict(x)
         if self.cold is None:
             return self.gpu_half(x, mask)
-        if self.streams(x.shape[0]):
-            y = self.gpu_half(x, mask)                    # prefill: the cold rows travel instead
-            y_cold = self.streamed_cold(x, cold_rows)
-            return y_cold if y is None else y + y_cold
+        if self.streams(x.shape[0]):                      # prefill: the cold rows travel instead
+            return self.device_batch(x, mask, cold_rows)
         host = gpu.to_host(x, *(() if mask is None else (mask,)))
         y = self.gpu_half(x, mask)
         ids = self.cold_rows(host[1] if mask is not None else None)
@@ -238,24 +260,31 @@ class HybridFFN(nn.Module):
             bm.copy_(self.predictor.active(self._bx1)[0] if self._pred_here else self.predict(self._bx1))
         self._step.run()
 
-    def streamed_cold(self, x: torch.Tensor, rows: tuple | None = None,
-                      rows_per_copy: int = 4096) -> torch.Tensor:
-        """A large batch (prefill) on the device over the cold rows, copied over in slices of
-        rows_per_copy (dequantised there; rows already on the device in one piece): for many
-        tokens the copy is cheaper than the CPU compute. Densely: x [n, d] -> [n, d].
-        rows: the packed rows already on the device (prefetch_cold). Each slice costs ~7 kernel
-        launches of host time, so slices are large (the H100 prefill profile: 1024-row slices
-        made 8 a streamed expert and the prompt host-bound)."""
-        from .kernels.gpu import dequant
-        c, y = self.cold, torch.zeros_like(x)
-        src = rows if rows is not None else (c.gate, c.up, c.down_t)
-        step = c.n_ff if rows is not None else rows_per_copy
-        for r in range(0, c.n_ff, step):
-            w1, w3, w2t = (dequant(t[r:r + step].to(x.device, non_blocking=True), c.fmt,
-                                   c.d_model, x.dtype)            # async where pinned (pin_host)
-                           for t in src)
-            y += activate(F.linear(x, w1), F.linear(x, w3), self.activation, self.threshold) @ w2t
-        return y
+    def device_batch(self, x: torch.Tensor, mask: torch.Tensor | None = None,
+                     rows: torch.Tensor | None = None) -> torch.Tensor:
+        """A large batch (prefill) wholly on the device: the hot rows and the cold rows (copied
+        over; for many tokens the copy is cheaper than the CPU compute) dequantised into ONE set
+        of matrices [n_hot + n_cold, d], then three matmuls. x [n, d] -> [n, d]. Row order does
+        not matter to an FFN, so no scatter: the hot rows first, then the cold. One set of n_ff
+        rows keeps the matmuls' shapes aligned (n_ff, not an odd n_hot: the H100 profile had
+        cuBLAS fall back to sm75/sm80 kernels at 5x the time for odd hot counts), and the six
+        row sets dequantise in one launch (kernels.gpu.ffn_matrices). mask: bool [n_ff] on the device (predictor mode), or None (every row).
+        rows: the packed cold rows [3, n_cold, row] already on the device (prefetch_cold), else
+        copied here."""
+        from .kernels.gpu import ffn_matrices
+        c, h = self.cold, self.hot
+        if rows is None:
+            rows = self._copy_cold(x.device)
+        parts = ([(h.stacked(), h.GPU_LAYOUT)] if h is not None else []) + [(rows, False)]
+        w = ffn_matrices(parts, c.fmt, c.d_model, x.dtype)       # [3, n_hot + n_cold, d]
+        a = activate(F.linear(x, w[0]), F.linear(x, w[1]), self.activation, self.threshold)
+        if mask is not None:                                # [n_ff] -> the rows' order
+            mask = mask.to(x.device, non_blocking=True)     # a predictor kept on the CPU
+            if self._row_ids is None:
+                cold = self.cold_ids.to(x.device)
+                self._row_ids = cold if h is None else torch.cat([self.hot_ids, cold])
+            a = a * mask[self._row_ids].to(a.dtype)
+        return a @ w[2]
 
 
 class HybridMoE(nn.Module):
@@ -274,16 +303,14 @@ class HybridMoE(nn.Module):
         w, ids = self.route(x)
         if x.shape[0] != 1:                                # prefill / batches: expert by expert
             out = torch.zeros_like(x)
-            order = ids.unique().tolist()
+            groups = expert_groups(w, ids, len(self.experts))
             pre = None
             if x.is_cuda:                                  # streamed experts: copies overlap compute
-                counts = torch.bincount(ids.flatten(), minlength=len(self.experts)).tolist()
-                pre = ColdPrefetch(self.experts, [e for e in order if self.experts[e].streams(counts[e])],
-                                   x.device)
-            for e in order:
-                tok, slot = (ids == e).nonzero(as_tuple=True)
+                pre = ColdPrefetch(self.experts, [e for e, tok, _ in groups
+                                                  if self.experts[e].streams(tok.numel())], x.device)
+            for e, tok, we in groups:
                 rows = pre.take(e) if pre is not None else None
-                out.index_add_(0, tok, self.experts[e](x[tok], cold_rows=rows) * w[tok, slot, None])
+                out.index_add_(0, tok, self.experts[e](x[tok], cold_rows=rows) * we[:, None])
             return out
         return self._decode(x, w[0], ids[0].tolist())      # one sync: the expert ids
 
@@ -342,7 +369,6 @@ class ColdPrefetch:
         rows, ev = self.ready.pop(e)
         cur = torch.cuda.current_stream(self.device)
         cur.wait_event(ev)
-        for t in rows:                                     # allocated on the copy stream, used here
-            t.record_stream(cur)
+        rows.record_stream(cur)                            # allocated on the copy stream, used here
         self._start_next()
         return rows

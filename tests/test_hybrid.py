@@ -288,3 +288,46 @@ def test_load_with_pcie_share_builds_the_plans_warm_rows(tmp_path):
     assert float((b.logits(ids) - ref).abs().max() / ref.abs().max()) <= 1e-4
     with pytest.raises(HybridInferError, match="pcie share"):
         hybridinfer.load(folder, pcie_share=1.5, **kw)
+
+
+class _FixedMask(torch.nn.Module):
+    """A predictor whose answer is a fixed random neuron set (threshold 0)."""
+
+    def __init__(self, mask):
+        super().__init__()
+        self.mask, self.threshold = mask, 0.0
+
+    def active(self, x):
+        return self.mask.expand(x.shape[0], -1)
+
+
+@pytest.mark.parametrize("fmt", ["f32", "q4_0"])
+@pytest.mark.parametrize("masked", [False, True])
+def test_device_batch_equals_float64_reference(fmt, masked, device):
+    """A streamed batch (prefill) dequantises the hot rows and the copied cold rows into one
+    matrix set, hot first: the result must be the FFN over every row (or the predicted rows),
+    whatever the hot ids' order."""
+    from hybridinfer import quant
+    from hybridinfer.kernels.cpu import PackedFFN
+    from hybridinfer.kernels.gpu import HotFFN
+    g = torch.Generator().manual_seed(61)
+    d, n_ff, n = 64, 96, 7
+    w1, w3 = torch.randn(n_ff, d, generator=g), torch.randn(n_ff, d, generator=g)
+    w2 = torch.randn(d, n_ff, generator=g) / 8
+    if fmt == "q4_0":        # the reference reads the same rounded weights
+        w1, w3 = (quant.unpack(quant.pack(w, fmt), fmt, d) for w in (w1, w3))
+        w2 = quant.unpack(quant.pack(w2.t().contiguous(), fmt), fmt, d).t()
+    hot_ids = torch.randperm(n_ff, generator=g)[:37]
+    cold_ids = torch.from_numpy(np.setdiff1d(np.arange(n_ff), hot_ids.numpy()))
+    mask = torch.rand(n_ff, generator=g) < 0.4
+    hot = HotFFN.build(w1, w3, w2, hot_ids, fmt, device)
+    cold = PackedFFN.from_weights(w1[cold_ids], w3[cold_ids], w2[:, cold_ids], fmt)
+    ffn = HybridFFN(n_ff, hot, cold, cold_ids, "drelu", 0.0, "predictor" if masked else "exact",
+                    _FixedMask(mask.to(device)) if masked else None, device, stream_above=0)
+    x = torch.randn(n, d, generator=g)
+    y = ffn(x.to(device)).cpu().double()
+    a = activate(x.double() @ w1.double().T, x.double() @ w3.double().T, "drelu")
+    if masked:
+        a = a * mask.double()
+    ref = a @ w2.double().T
+    assert float((y - ref).abs().max() / ref.abs().max()) <= 1e-5

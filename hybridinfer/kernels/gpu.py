@@ -59,10 +59,16 @@ class FFNRows:
 
     def _weights(self, dtype):
         """gate, up, down_t as float [n, d] in dtype (batches: prefill's matmuls; the cpu device)."""
-        if self.gate.dtype != torch.uint8:
-            return self.gate.to(dtype), self.up.to(dtype), self.down_t.to(dtype)
-        return tuple(dequant(t, self.fmt, self.d_model, dtype, gpu_layout=self.GPU_LAYOUT)
-                     for t in (self.gate, self.up, self.down_t))
+        return ffn_matrices([(self.stacked(), self.GPU_LAYOUT)], self.fmt, self.d_model, dtype).unbind(0)
+
+    def stacked(self) -> torch.Tensor:
+        """gate, up, down_t as one tensor [3, n, row]: a view where they share one allocation
+        (HotFFN.to makes them so), else a stacked copy."""
+        base = self.gate._base
+        if (base is not None and base.dim() == 3 and base.shape[0] == 3
+                and [t.data_ptr() for t in (self.gate, self.up, self.down_t)] == [x.data_ptr() for x in base]):
+            return base
+        return torch.stack([self.gate, self.up, self.down_t])
 
 
 @dataclass(frozen=True, eq=False)
@@ -81,9 +87,15 @@ class HotFFN(FFNRows):
         on the device makes a transient copy of every matrix, and those holes fragmented a full
         VRAM budget (M47 at 16 GiB: out of memory with 0.75 GB reserved but unallocated)."""
         h = object.__new__(HotFFN)
-        for name in ("fmt", "d_model", "gate", "up", "down_t", "ids"):
+        for name in ("fmt", "d_model", "ids"):
             v = getattr(self, name)
             object.__setattr__(h, name, v.to(device) if isinstance(v, torch.Tensor) else v)
+        # the three matrices in one allocation [3, n, row] (same bytes): a prefill dequantises
+        # them in one launch (stacked())
+        st = torch.empty((3, *self.gate.shape), dtype=self.gate.dtype, device=device)
+        for i, name in enumerate(("gate", "up", "down_t")):
+            st[i].copy_(getattr(self, name))
+            object.__setattr__(h, name, st[i])
         return h
 
     @property
@@ -197,16 +209,42 @@ class HotSlots:
 
 
 def dequant(rows: torch.Tensor, fmt: str, d: int, dtype: torch.dtype,
-            gpu_layout: bool = False) -> torch.Tensor:
-    """Packed rows uint8 [n, row_bytes] -> [n, d] in dtype, on rows' device. q4_0 on CUDA: one
-    Triton pass (kernels.triton_dequant); otherwise quant.unpack. gpu_layout: q4_0 rows in the
-    GPU row layout (HotFFN), else GGUF's (PackedFFN)."""
-    if fmt == "q4_0" and rows.is_cuda and _triton() is not None:
+            gpu_layout: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Packed rows uint8 [n, row_bytes] (or float rows [n, d]) -> [n, d] in dtype, on rows'
+    device; written into `out` when given (a contiguous [n, d] slice: prefill assembles one
+    matrix from several row sets). q4_0 on CUDA: one Triton pass (kernels.triton_dequant);
+    otherwise quant.unpack. gpu_layout: q4_0 rows in the GPU row layout (HotFFN), else GGUF's
+    (PackedFFN)."""
+    if rows.dtype != torch.uint8:                      # float rows: a cast
+        w = rows.to(dtype)
+    elif fmt == "q4_0" and rows.is_cuda and _triton() is not None:
         from .triton_dequant import dequant_q4_0
-        return dequant_q4_0(rows, d, "gpu" if gpu_layout else "gguf", dtype)
-    if fmt == "q4_0" and gpu_layout:
-        rows = q4_rows_from_gpu(rows)
-    return quant.unpack(rows, fmt, d).to(dtype)
+        return dequant_q4_0(rows, d, "gpu" if gpu_layout else "gguf", dtype, out=out)
+    else:
+        w = quant.unpack(q4_rows_from_gpu(rows) if fmt == "q4_0" and gpu_layout else rows, fmt, d).to(dtype)
+    return w if out is None else out.copy_(w)
+
+
+def ffn_matrices(parts: list, fmt: str, d: int, dtype: torch.dtype) -> torch.Tensor:
+    """An FFN's gate, up and down_t from row sets -> float [3, n, d] in dtype: each part
+    (rows [3, n_i, row_bytes] (or float [3, n_i, d]), gpu_layout) contributes its rows, in order
+    (row order does not matter to an FFN). q4_0 on CUDA with at most two parts: one Triton
+    launch (prefill: the hot rows and the streamed cold rows of an expert)."""
+    dev = parts[0][0].device
+    n = sum(r.shape[1] for r, _ in parts)
+    if (fmt == "q4_0" and dev.type == "cuda" and len(parts) <= 2 and _triton() is not None
+            and all(r.dtype == torch.uint8 for r, _ in parts)):
+        from .triton_dequant import dequant_q4_0
+        (a, ga), (b, gb) = parts[0], parts[-1]
+        return dequant_q4_0(a, d, "gpu" if ga else "gguf", dtype, rows_b=b if len(parts) == 2 else None,
+                            layout_b="gpu" if gb else "gguf")
+    out = torch.empty(3, n, d, dtype=dtype, device=dev)
+    start = 0
+    for rows, gpu_layout in parts:
+        for k in range(3):
+            dequant(rows[k], fmt, d, dtype, gpu_layout=gpu_layout, out=out[k, start:start + rows.shape[1]])
+        start += rows.shape[1]
+    return out
 
 
 def _triton():
