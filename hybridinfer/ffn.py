@@ -267,16 +267,17 @@ class HybridFFN(nn.Module):
         of matrices [n_hot + n_cold, d], then three matmuls. x [n, d] -> [n, d]. Row order does
         not matter to an FFN, so no scatter: the hot rows first, then the cold. One set of n_ff
         rows keeps the matmuls' shapes aligned (n_ff, not an odd n_hot: the H100 profile had
-        cuBLAS fall back to sm75/sm80 kernels at 5x the time for odd hot counts), and the six
-        row sets dequantise in one launch (kernels.gpu.ffn_matrices). mask: bool [n_ff] on the device (predictor mode), or None (every row).
+        cuBLAS fall back to sm75/sm80 kernels at 5x the time for odd hot counts); q4_0 hot and
+        cold rows dequantise in one launch (kernels.gpu.ffn_matrices). mask: bool [n_ff] on the
+        device (predictor mode), or None (every row).
         rows: the packed cold rows [3, n_cold, row] already on the device (prefetch_cold), else
         copied here."""
         from .kernels.gpu import ffn_matrices
         c, h = self.cold, self.hot
         if rows is None:
             rows = self._copy_cold(x.device)
-        parts = ([(h.stacked(), h.GPU_LAYOUT)] if h is not None else []) + [(rows, False)]
-        w = ffn_matrices(parts, c.fmt, c.d_model, x.dtype)       # [3, n_hot + n_cold, d]
+        parts = ([(h.stacked(), h.fmt, h.GPU_LAYOUT)] if h is not None else []) + [(rows, c.fmt, False)]
+        w = ffn_matrices(parts, c.d_model, x.dtype)               # [3, n_hot + n_cold, d]
         a = activate(F.linear(x, w[0]), F.linear(x, w[1]), self.activation, self.threshold)
         if mask is not None:                                # [n_ff] -> the rows' order
             mask = mask.to(x.device, non_blocking=True)     # a predictor kept on the CPU

@@ -301,12 +301,12 @@ class _FixedMask(torch.nn.Module):
         return self.mask.expand(x.shape[0], -1)
 
 
-@pytest.mark.parametrize("fmt", ["f32", "q4_0"])
+@pytest.mark.parametrize("fmt,hot_fmt", [("f32", "f32"), ("q4_0", "q4_0"), ("q4_0", "q8_0"), ("q4_0", "f32")])
 @pytest.mark.parametrize("masked", [False, True])
-def test_device_batch_equals_float64_reference(fmt, masked, device):
+def test_device_batch_equals_float64_reference(fmt, hot_fmt, masked, device):
     """A streamed batch (prefill) dequantises the hot rows and the copied cold rows into one
     matrix set, hot first: the result must be the FFN over every row (or the predicted rows),
-    whatever the hot ids' order."""
+    whatever the hot ids' order, and whatever the hot rows' format beside the cold rows'."""
     from hybridinfer import quant
     from hybridinfer.kernels.cpu import PackedFFN
     from hybridinfer.kernels.gpu import HotFFN
@@ -314,13 +314,20 @@ def test_device_batch_equals_float64_reference(fmt, masked, device):
     d, n_ff, n = 64, 96, 7
     w1, w3 = torch.randn(n_ff, d, generator=g), torch.randn(n_ff, d, generator=g)
     w2 = torch.randn(d, n_ff, generator=g) / 8
-    if fmt == "q4_0":        # the reference reads the same rounded weights
-        w1, w3 = (quant.unpack(quant.pack(w, fmt), fmt, d) for w in (w1, w3))
-        w2 = quant.unpack(quant.pack(w2.t().contiguous(), fmt), fmt, d).t()
     hot_ids = torch.randperm(n_ff, generator=g)[:37]
     cold_ids = torch.from_numpy(np.setdiff1d(np.arange(n_ff), hot_ids.numpy()))
     mask = torch.rand(n_ff, generator=g) < 0.4
-    hot = HotFFN.build(w1, w3, w2, hot_ids, fmt, device)
+
+    def rounded(w, f, rows):  # the weights as the format stores them (rows: which neurons)
+        if f == "f32":
+            return w
+        w = w.clone()
+        w[rows] = quant.unpack(quant.pack(w[rows], f), f, w.shape[1])
+        return w
+    # the reference reads the same rounded weights: hot rows in hot_fmt, cold rows in fmt
+    w1, w3 = (rounded(rounded(w, hot_fmt, hot_ids), fmt, cold_ids) for w in (w1, w3))
+    w2 = rounded(rounded(w2.t().contiguous(), hot_fmt, hot_ids), fmt, cold_ids).t()
+    hot = HotFFN.build(w1, w3, w2, hot_ids, hot_fmt, device)
     cold = PackedFFN.from_weights(w1[cold_ids], w3[cold_ids], w2[:, cold_ids], fmt)
     ffn = HybridFFN(n_ff, hot, cold, cold_ids, "drelu", 0.0, "predictor" if masked else "exact",
                     _FixedMask(mask.to(device)) if masked else None, device, stream_above=0)

@@ -59,7 +59,7 @@ class FFNRows:
 
     def _weights(self, dtype):
         """gate, up, down_t as float [n, d] in dtype (batches: prefill's matmuls; the cpu device)."""
-        return ffn_matrices([(self.stacked(), self.GPU_LAYOUT)], self.fmt, self.d_model, dtype).unbind(0)
+        return ffn_matrices([(self.stacked(), self.fmt, self.GPU_LAYOUT)], self.d_model, dtype).unbind(0)
 
     def stacked(self) -> torch.Tensor:
         """gate, up, down_t as one tensor [3, n, row]: a view where they share one allocation
@@ -225,22 +225,23 @@ def dequant(rows: torch.Tensor, fmt: str, d: int, dtype: torch.dtype,
     return w if out is None else out.copy_(w)
 
 
-def ffn_matrices(parts: list, fmt: str, d: int, dtype: torch.dtype) -> torch.Tensor:
+def ffn_matrices(parts: list, d: int, dtype: torch.dtype) -> torch.Tensor:
     """An FFN's gate, up and down_t from row sets -> float [3, n, d] in dtype: each part
-    (rows [3, n_i, row_bytes] (or float [3, n_i, d]), gpu_layout) contributes its rows, in order
-    (row order does not matter to an FFN). q4_0 on CUDA with at most two parts: one Triton
+    (rows [3, n_i, row_bytes] (or float [3, n_i, d]), fmt, gpu_layout) contributes its rows, in
+    order (row order does not matter to an FFN); the parts may differ in format (hot rows bf16
+    on the GPU, cold rows q4_0 from the CPU). All q4_0 on CUDA, at most two parts: one Triton
     launch (prefill: the hot rows and the streamed cold rows of an expert)."""
     dev = parts[0][0].device
-    n = sum(r.shape[1] for r, _ in parts)
-    if (fmt == "q4_0" and dev.type == "cuda" and len(parts) <= 2 and _triton() is not None
-            and all(r.dtype == torch.uint8 for r, _ in parts)):
+    n = sum(r.shape[1] for r, _, _ in parts)
+    if (dev.type == "cuda" and len(parts) <= 2 and _triton() is not None
+            and all(f == "q4_0" and r.dtype == torch.uint8 for r, f, _ in parts)):
         from .triton_dequant import dequant_q4_0
-        (a, ga), (b, gb) = parts[0], parts[-1]
+        (a, _, ga), (b, _, gb) = parts[0], parts[-1]
         return dequant_q4_0(a, d, "gpu" if ga else "gguf", dtype, rows_b=b if len(parts) == 2 else None,
                             layout_b="gpu" if gb else "gguf")
     out = torch.empty(3, n, d, dtype=dtype, device=dev)
     start = 0
-    for rows, gpu_layout in parts:
+    for rows, fmt, gpu_layout in parts:
         for k in range(3):
             dequant(rows[k], fmt, d, dtype, gpu_layout=gpu_layout, out=out[k, start:start + rows.shape[1]])
         start += rows.shape[1]
