@@ -17,7 +17,7 @@ from hybridinfer.bench.decode_policies import build
 from hybridinfer.bench.decode_measure import vram_cap, measure
 from hybridinfer.bench.workload import make_workload, synthetic_profile
 from hybridinfer.kernels import cpu
-from hybridinfer.placement import parse_budget
+from hybridinfer.budget import parse_budget
 cpu.set_num_threads(8); torch.set_num_threads(8)
 dev, dt = torch.device("cuda"), torch.bfloat16
 wl = make_workload("M47", None, 0); prof = synthetic_profile(wl)

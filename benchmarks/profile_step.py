@@ -17,7 +17,7 @@ from hybridinfer.bench.decode_policies import build
 from hybridinfer.bench.workload import make_workload, synthetic_profile
 from hybridinfer.graphs import GraphDecoder
 from hybridinfer.kernels import cpu
-from hybridinfer.placement import parse_budget, pcie_share_arg
+from hybridinfer.budget import parse_budget, pcie_share_arg
 
 
 def main():

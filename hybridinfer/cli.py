@@ -8,7 +8,7 @@ import argparse
 import sys
 
 from .errors import HybridInferError
-from .placement import pcie_share_arg
+from .budget import pcie_share_arg
 
 
 def _nonneg_int(s: str) -> int:
@@ -193,7 +193,8 @@ def cmd_plan(args) -> int:
     from .checkpoint import Checkpoint
     from .config import ModelConfig
     from .loader import find_profile
-    from .placement import parse_budget, plan, summary
+    from .budget import parse_budget
+    from .placement import plan, summary
     from .predictor import budget_predictor_numel
 
     folder = default_model.ensure() if args.model is None else registry.resolve(args.model)

@@ -59,7 +59,7 @@ def find_profile(cfg: ModelConfig, folder: Path, explicit: str | None):
 
 
 def _budget_bytes(spec, device: torch.device) -> int:
-    from .placement import parse_budget
+    from .budget import parse_budget
 
     if spec is None:
         spec = "auto" if device.type == "cuda" else "0"
@@ -109,7 +109,8 @@ def resolve_predictor_threshold(folder: Path, pred_src: str | None, explicit: fl
 def get_placement(cfg, ckpt, folder: Path, opts: LoadOptions, gpu_fmt: str):
     """The placement for these options, from the on-disk cache when it was planned before."""
     from .default_model import cache_root
-    from .placement import Placement, check_pcie_share, default_pcie_share, plan
+    from .budget import check_pcie_share, default_pcie_share
+    from .placement import Placement, plan
     from .predictor import budget_predictor_numel
     from .profile import model_identity
 

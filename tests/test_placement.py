@@ -12,8 +12,8 @@ from hybridinfer.cli import main
 from hybridinfer.config import ModelConfig
 from hybridinfer.errors import HybridInferError
 from hybridinfer.footprint import ffn_rows_bytes
-from hybridinfer.placement import (MIN_ACTIVE_BYTES, Placement, fixed_bytes, gpu_component_bytes, parse_budget,
-                                   plan, summary)
+from hybridinfer.budget import parse_budget
+from hybridinfer.placement import MIN_ACTIVE_BYTES, Placement, fixed_bytes, gpu_component_bytes, plan, summary
 from hybridinfer.profile import SCHEMA_VERSION, NeuronProfile, ffn_keys, model_identity
 from hybridinfer.synth import config_dict
 from tiny import write_model
@@ -278,7 +278,7 @@ def test_auto_warm_share_balances_cpu_and_pcie_time():
     """pcie_share "auto": per FFN, the share s that makes the CPU's time for its cold rows,
     (1 - s) B / COLD_CPU_GBS, equal to the GPU's over PCIe, PCIE_LATENCY_S + s B / ZERO_COPY_GBS,
     for B its expected non-hot bytes per call; none where B is too small to pay the latency."""
-    from hybridinfer.placement import COLD_CPU_GBS, PCIE_LATENCY_S, ZERO_COPY_GBS, balanced_share
+    from hybridinfer.budget import COLD_CPU_GBS, PCIE_LATENCY_S, ZERO_COPY_GBS, balanced_share
 
     assert balanced_share(0) == 0 and balanced_share(COLD_CPU_GBS * PCIE_LATENCY_S) == 0
     prev = 0.0

@@ -18,7 +18,7 @@ import time
 import torch
 
 from ..atomic import write_json
-from ..placement import check_pcie_share, default_pcie_share, parse_budget, pcie_share_arg
+from ..budget import check_pcie_share, default_pcie_share, parse_budget, pcie_share_arg
 from . import machine
 from .decode_measure import measure, roofline_inputs, rss_bytes, vram_cap
 from .decode_policies import MARGIN, POLICIES, build, bytes_per_token, fixed_gpu_bytes
