@@ -38,7 +38,7 @@ int main(int argc, char** argv) {
   const Kernels& A = *avx2_kernels();
   const Kernels& R = ref_kernels();
   // agreement
-  for (int r = 0; r < NR; r += G) { A.axpy[fmt](&rows[r], G, &coef[r], 1, y.data(), d); R.axpy[fmt](&rows[r], G, &coef[r], 1, y2.data(), d); }
+  for (int r = 0; r < NR; r += G) { A.axpy[fmt](&rows[r], G, &coef[r], 1, y.data(), d, nullptr, 0); R.axpy[fmt](&rows[r], G, &coef[r], 1, y2.data(), d, nullptr, 0); }
   double md = 0, my = 0;
   for (int j = 0; j < d; ++j) { md = std::fmax(md, std::fabs(y[j] - y2[j])); my = std::fmax(my, std::fabs(y2[j])); }
   // exact float reference
@@ -55,7 +55,7 @@ int main(int argc, char** argv) {
   for (int trial = 0; trial < 8; ++trial) {
     auto t0 = std::chrono::steady_clock::now();
     for (int k = 0; k < reps; ++k)
-      for (int r = 0; r < NR; r += G) A.axpy[fmt](&rows[r], G, &coef[r], 1, y.data(), d);
+      for (int r = 0; r < NR; r += G) A.axpy[fmt](&rows[r], G, &coef[r], 1, y.data(), d, nullptr, 0);
     auto t1 = std::chrono::steady_clock::now();
     double s = std::chrono::duration<double>(t1 - t0).count();
     double blocks = double(reps) * NR * (d / 32);

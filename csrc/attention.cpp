@@ -56,7 +56,7 @@ void attend_group(const Kernels& K, const float* qr, const float* kc, const floa
     for (int s = 0; s < span; ++s) coef[size_t(s) * rep + t] = r[s] / z;
   }
   std::fill(y, y + size_t(rep) * hd, 0.f);
-  K.axpy[int(Fmt::F32)](rows.data(), span, coef.data(), rep, y, hd);   // y[t] += p[t, s] v[s]
+  K.axpy[int(Fmt::F32)](rows.data(), span, coef.data(), rep, y, hd, nullptr, 0);   // y[t] += p[t, s] v[s]
 }
 
 }  // namespace

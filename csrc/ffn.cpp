@@ -243,6 +243,7 @@ void ffn_sparse_multi(const FFNDesc* ffns, int E, const float* x, int b,
     Scratch& s = g_scr[size_t(tid)];
     float* acc = acc_of(tid, size_t(b) * d);
     const uint8_t* rows[kRows];
+    const uint8_t* pf[kRows];   // the next group's down rows
     int np = 0;
     float* g = s.gu.data();  // [b] gate, then [b] up
     float* u = g + b;
@@ -280,9 +281,17 @@ void ffn_sparse_multi(const FFNDesc* ffns, int E, const float* x, int b,
       }
       if (exact && !nz) continue;
       rows[np++] = f.down + off;
-      if (np == kRows) { axpy(rows, np, s.coef.data(), b, acc, d); np = 0; }
+      if (np == kRows) {
+        // every id passes when !exact: the next group's down rows are those of the next kRows
+        // ids of the chunk, prefetched by the AXPY (the memory system was idle through it)
+        int npf = 0;
+        for (int64_t i = j + 1; !exact && i < std::min<int64_t>(c.j1, j + 1 + kRows); ++i)
+          pf[npf++] = f.down + size_t(ids[c.e][i]) * rb;
+        axpy(rows, np, s.coef.data(), b, acc, d, pf, npf);
+        np = 0;
+      }
     }
-    if (np) axpy(rows, np, s.coef.data(), b, acc, d);
+    if (np) axpy(rows, np, s.coef.data(), b, acc, d, nullptr, 0);
   }, bytes, y, size_t(b) * d);
 }
 
@@ -334,17 +343,29 @@ void down_sparse(const FFNDesc& f, const float* a, int b, const int32_t* ids, in
     Scratch& s = g_scr[size_t(tid)];
     float* acc = acc_of(tid, size_t(b) * d);
     const uint8_t* rows[kRows];
+    const uint8_t* pf[kRows];   // the next group's rows
     int np = 0;
+    auto passes = [&](int64_t j) {
+      if (!skip_zero) return true;
+      for (int t = 0; t < b; ++t) if (a[size_t(t) * k + j] != 0.f) return true;
+      return false;
+    };
     for (int64_t j = c.j0; j < c.j1; ++j) {
+      if (!passes(j)) continue;
       float* co = s.coef.data() + size_t(np) * b;
-      bool nz = false;
-      for (int t = 0; t < b; ++t) { co[t] = a[size_t(t) * k + j]; nz |= co[t] != 0.f; }
-      if (skip_zero && !nz) continue;
+      for (int t = 0; t < b; ++t) co[t] = a[size_t(t) * k + j];
       if (j + 1 < c.j1) prefetch_head(f.down + size_t(ids[j + 1]) * rb, rb);
       rows[np++] = f.down + size_t(ids[j]) * rb;
-      if (np == kRows) { axpy(rows, np, s.coef.data(), b, acc, d); np = 0; }
+      if (np == kRows) {
+        // the AXPY prefetches the rows of the next group (the next kRows passing ids)
+        int npf = 0;
+        for (int64_t i = j + 1; i < c.j1 && npf < kRows; ++i)
+          if (passes(i)) pf[npf++] = f.down + size_t(ids[i]) * rb;
+        axpy(rows, np, s.coef.data(), b, acc, d, pf, npf);
+        np = 0;
+      }
     }
-    if (np) axpy(rows, np, s.coef.data(), b, acc, d);
+    if (np) axpy(rows, np, s.coef.data(), b, acc, d, nullptr, 0);
   }, size_t(k) * rb, y, size_t(b) * d);
 }
 

@@ -68,6 +68,10 @@ using Dot2Fn = void (*)(const uint8_t* row_a, const uint8_t* row_b, const XPrep&
                         const uint8_t* next_a, const uint8_t* next_b, const uint8_t* later);
 // y[t, :] += coef[r * b + t] * row_r  for r < nrows, t < b.   y: [b, d] f32.
 // Several rows per call let the AVX2 kernel keep partial sums in registers.
+// pf[0 .. npf): rows (each as long as a row; pf may be null when npf = 0) the caller passes to
+// its next call; the kernel may prefetch them into L2 while it computes (the AVX2 q4_0 kernel
+// does, in step with its first pass), so the reads of the next group overlap this one's compute
+// (docs/KERNELS.md, "Memory behaviour"). They do not change the result.
 // q4_0: the rows go in groups of kAxpyGroup (rows [0, 8), [8, 16), ... of the call); per group,
 // token and 32-column block the coefficients s_r = coef * block scale are quantised to int8
 // against the group's largest |s_r| (gm = max(max |s_r|, 1e-30), q_r = rne(s_r * (127 / gm)))
@@ -75,7 +79,7 @@ using Dot2Fn = void (*)(const uint8_t* row_a, const uint8_t* row_b, const XPrep&
 // error of at most gm / 254 per coefficient (see docs/KERNELS.md).
 constexpr int kAxpyGroup = 8;
 using AxpyFn = void (*)(const uint8_t* const* rows, int nrows, const float* coef, int b,
-                        float* y, int d);
+                        float* y, int d, const uint8_t* const* pf, int npf);
 // x [n] f32 -> n/32 blocks (n % 32 == 0).
 using QuantizeFn = void (*)(const float* x, int n, BlockQ8X* out);
 // Sum of n floats (the STREAM-like read-bandwidth probe; the sum keeps the reads alive).

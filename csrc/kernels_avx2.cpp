@@ -322,7 +322,8 @@ struct Q4Rec {
 
 // Records of blocks i .. i+7 (all inside the rows). rows[r] for r >= R is not read.
 template <int R>
-inline void q4_records8(const uint8_t* const* rows, const float* c, size_t rb, int i, Q4Rec& rec, int k) {
+inline void q4_records8(const uint8_t* const* rows, const float* c, size_t rb, int i, Q4Rec& rec, int k,
+                        const uint8_t* const* pf, int npf) {
   const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
   // 32-byte loads at blocks i, i+2, i+4, i+6: scale of block i+2j at bytes 0..1 (low lane), of
   // block i+2j+1 at bytes 18..19 (high lane bytes 2..3); pshufb moves them to 16-bit slot 2j of
@@ -351,6 +352,9 @@ inline void q4_records8(const uint8_t* const* rows, const float* c, size_t rb, i
     S[r] = _mm256_mul_ps(_mm256_set1_ps(c[r]), _mm256_cvtph_ps(h));
     M = _mm256_max_ps(M, _mm256_and_ps(S[r], absmask));
   }
+  // the caller's next rows, the same 144 bytes of each (into L2: read by the next call)
+  for (int r = 0; r < npf; ++r)
+    for (size_t o = 0; o < 144 && off + o < rb; o += 64) __builtin_prefetch(pf[r] + off + o, 0, 2);
   const __m256 inv = _mm256_div_ps(_mm256_set1_ps(127.f), M);
   _mm256_store_ps(rec.gs + k, _mm256_mul_ps(M, _mm256_set1_ps(1.f / 127.f)));
   __m256i Q[8];
@@ -398,7 +402,8 @@ inline void q4_record1(const uint8_t* const* rows, const float* c, int i, Q4Rec&
 
 static_assert(kAxpyGroup == 8, "axpy_q4 pairs rows p and p + 4 of 8");
 template <int R>
-void axpy_q4(const uint8_t* const* rows_in, const float* coef, int b, float* y, int d) {
+void axpy_q4(const uint8_t* const* rows_in, const float* coef, int b, float* y, int d,
+             const uint8_t* const* pf, int npf) {
   constexpr int NP = R < 4 ? R : 4;  // row pairs (p, p+4) that hold a real row
   const int nb = d / QK;
   const size_t rb = size_t(nb) * 18;
@@ -413,7 +418,7 @@ void axpy_q4(const uint8_t* const* rows_in, const float* coef, int b, float* y, 
     for (int i0 = 0; i0 < nb; i0 += Q4Rec::kChunk) {
       const int n = std::min(Q4Rec::kChunk, nb - i0);
       int k = 0;
-      for (; k + 8 <= n; k += 8) q4_records8<R>(rows, c, rb, i0 + k, rec, k);
+      for (; k + 8 <= n; k += 8) q4_records8<R>(rows, c, rb, i0 + k, rec, k, pf, t == 0 ? npf : 0);
       for (; k < n; ++k) q4_record1<R>(rows, c, i0 + k, rec, k);
       for (k = 0; k < n; ++k) {
         const size_t off = size_t(i0 + k) * 18;
@@ -442,27 +447,31 @@ void axpy_q4(const uint8_t* const* rows_in, const float* coef, int b, float* y, 
   }
 }
 
+// pf: the q4_0 kernel prefetches them (kernels.h); q8_0 and the float formats do not (not measured)
 template <Fmt F, int R>
-void axpy_r(const uint8_t* const* rows, const float* coef, int b, float* y, int d) {
+void axpy_r(const uint8_t* const* rows, const float* coef, int b, float* y, int d,
+            const uint8_t* const* pf, int npf) {
   if constexpr (F == Fmt::Q8_0) axpy_q8<R>(rows, coef, b, y, d);
-  else if constexpr (F == Fmt::Q4_0) axpy_q4<R>(rows, coef, b, y, d);
+  else if constexpr (F == Fmt::Q4_0) axpy_q4<R>(rows, coef, b, y, d, pf, npf);
   else axpy_float<F, R>(rows, coef, b, y, d);
 }
 
 constexpr int kMaxRows = kAxpyGroup;  // the q4_0 kernel assumes 8
 template <Fmt F>
-void axpy(const uint8_t* const* rows, int nrows, const float* coef, int b, float* y, int d) {
+void axpy(const uint8_t* const* rows, int nrows, const float* coef, int b, float* y, int d,
+          const uint8_t* const* pf, int npf) {
   for (int r = 0; r < nrows; r += kMaxRows) {
     const float* c = coef + size_t(r) * b;
+    const int np = r + kMaxRows >= nrows ? npf : 0;   // with the last group of the call
     switch (nrows - r) {
-      case 1: axpy_r<F, 1>(rows + r, c, b, y, d); break;
-      case 2: axpy_r<F, 2>(rows + r, c, b, y, d); break;
-      case 3: axpy_r<F, 3>(rows + r, c, b, y, d); break;
-      case 4: axpy_r<F, 4>(rows + r, c, b, y, d); break;
-      case 5: axpy_r<F, 5>(rows + r, c, b, y, d); break;
-      case 6: axpy_r<F, 6>(rows + r, c, b, y, d); break;
-      case 7: axpy_r<F, 7>(rows + r, c, b, y, d); break;
-      default: axpy_r<F, kMaxRows>(rows + r, c, b, y, d); break;
+      case 1: axpy_r<F, 1>(rows + r, c, b, y, d, pf, np); break;
+      case 2: axpy_r<F, 2>(rows + r, c, b, y, d, pf, np); break;
+      case 3: axpy_r<F, 3>(rows + r, c, b, y, d, pf, np); break;
+      case 4: axpy_r<F, 4>(rows + r, c, b, y, d, pf, np); break;
+      case 5: axpy_r<F, 5>(rows + r, c, b, y, d, pf, np); break;
+      case 6: axpy_r<F, 6>(rows + r, c, b, y, d, pf, np); break;
+      case 7: axpy_r<F, 7>(rows + r, c, b, y, d, pf, np); break;
+      default: axpy_r<F, kMaxRows>(rows + r, c, b, y, d, pf, np); break;
     }
   }
 }

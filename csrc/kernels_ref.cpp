@@ -136,7 +136,8 @@ void axpy_q4(const uint8_t* const* rows, int nrows, const float* coef, int b, fl
 }
 
 template <Fmt F>
-void axpy(const uint8_t* const* rows, int nrows, const float* coef, int b, float* y, int d) {
+void axpy(const uint8_t* const* rows, int nrows, const float* coef, int b, float* y, int d,
+          const uint8_t* const*, int) {  // (no prefetch in the reference)
   if constexpr (F == Fmt::Q4_0) {
     axpy_q4(rows, nrows, coef, b, y, d);
     return;

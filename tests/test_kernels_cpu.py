@@ -245,6 +245,37 @@ def test_q4_down_integer_coefficients(d):
         assert float(((ys["scalar"].double() - part).abs() / bound).max()) > 1.0
 
 
+@pytest.mark.parametrize("k", [7, 9, 65, 129, 300, 449])
+def test_q4_axpy_next_group_prefetch(k):
+    """The FFN and down drivers hand each q4_0 AXPY group the next group's rows to prefetch
+    (kernels.h AxpyFn pf): at group and chunk boundaries, on the one-token fused path
+    (ffn_sparse, b = 1, exact=False) and through down_sparse with skipped zero rows (the next
+    group found past them); chunks of 4-64 ids, so the larger k have groups with a next one in
+    their chunk. AVX2 and the scalar reference (no prefetch) agree at the float bound
+    with one thread (the same groups) and are within the float64 bound at 1 and 2 threads."""
+    d, n = 4192, 1400                      # 131 blocks: a 128-block pass and a tail
+    ffn = make_ffn("q4_0", d, n, seed=31)
+    ids = id_set("random", n, 31)[:k]
+    x = torch.randn(1, d, generator=torch.Generator().manual_seed(32))
+    ref, bound = reference(ffn, x, ids, "drelu")
+    a = torch.randn(1, k, generator=torch.Generator().manual_seed(33))
+    a[:, 1::3] = 0.0
+    W2t = quant.unpack(ffn.down_t[ids.long()], "q4_0", d).double()
+    fl = TOL * (a.double().abs() @ W2t.abs()) + 1e-30
+    dbound = fl + q4_down_bound(ffn.down_t[ids.long()], a.abs(), known_nonzero=a != 0)
+    for t in (1, 2):
+        cpu.set_num_threads(t)
+        ys, ds = {}, {}
+        for path in PATHS:
+            use_path(path)
+            ys[path] = cpu.ffn_sparse(ffn, x, ids)
+            ds[path] = cpu.down_sparse(ffn, a, ids, skip_zero=True)
+            assert_within(ys[path], ref, bound, f"ffn {path} k={k} threads={t}")
+            assert_within(ds[path], a.double() @ W2t, dbound, f"down {path} k={k} threads={t}")
+        if t == 1 and len(PATHS) == 2:
+            assert_within(ds["avx2"], ds["scalar"].double(), fl, f"down avx2 vs scalar k={k}")
+
+
 @pytest.mark.parametrize("path", PATHS)
 def test_multi_expert_one_call(path):
     use_path(path)
