@@ -189,21 +189,29 @@ void sum_parts(float* y, size_t lo, size_t hi, int T) {
 // cores' caches (the decode step's cold half at 8 threads, d = 4096: 128 KiB of cross-core
 // reads). H100 machine, 8 threads, with the pool's lock-free wake: 96 cold rows 56 -> 47 us
 // (benchmarks/results/cold_step_latency_pool_ab.txt).
+// body(tid, chunk, peek): peek() is the chunk the next claim would get (not claimed: some
+// thread's next chunk, or null), for prefetching across the chunk's end.
 template <class Body>
 void accumulate_chunks(ThreadPool& P, const std::vector<Chunk>& chunks, const Body& body,
                        size_t bytes, float* y, size_t n) {
   const int T = P.size();
   if (on_caller(P, bytes)) {
-    for (const Chunk& c : chunks) body(0, c);
+    for (size_t i = 0; i < chunks.size(); ++i)
+      body(0, chunks[i], [&]() -> const Chunk* { return i + 1 < chunks.size() ? &chunks[i + 1] : nullptr; });
     sum_parts(y, 0, n, T);
     return;
   }
   std::atomic<size_t> next{0};
   std::atomic<int> arrived{0};
   const size_t step = ((n + size_t(T) - 1) / size_t(T) + 15) / 16 * 16;
+  // peek(): the chunk the next claim would get (some thread's next chunk), not claimed
+  auto peek = [&]() -> const Chunk* {
+    const size_t p = next.load(std::memory_order_relaxed);
+    return p < chunks.size() ? &chunks[p] : nullptr;
+  };
   P.run([&](int tid) {
     for (size_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < chunks.size();)
-      body(tid, chunks[c]);
+      body(tid, chunks[c], peek);
     arrived.fetch_add(1, std::memory_order_acq_rel);     // every accumulator is final after it
     spin_until([&] { return arrived.load(std::memory_order_acquire) >= T; });
     const size_t lo = std::min(n, step * size_t(tid)), hi = std::min(n, lo + step);
@@ -233,7 +241,7 @@ void ffn_sparse_multi(const FFNDesc* ffns, int E, const float* x, int b,
   size_t bytes = 0;                                   // at most, read per token batch
   for (int e = 0; e < E; ++e) bytes += size_t(k[e]) * 3 * row_bytes(ffns[e].fmt, d);
 
-  accumulate_chunks(P, chunks, [&](int tid, const Chunk& c) {
+  accumulate_chunks(P, chunks, [&](int tid, const Chunk& c, const auto&) {
     const FFNDesc& f = ffns[c.e];
     const size_t rb = row_bytes(f.fmt, d);
     const DotFn dot = K.dot[int(f.fmt)];
@@ -339,7 +347,7 @@ void down_sparse(const FFNDesc& f, const float* a, int b, const int32_t* ids, in
   prepare_scratch(P.size(), b, d, true);
   const size_t rb = row_bytes(f.fmt, d);
   const AxpyFn axpy = K.axpy[int(f.fmt)];
-  accumulate_chunks(P, make_chunks(&k, 1, P.size()), [&](int tid, const Chunk& c) {
+  accumulate_chunks(P, make_chunks(&k, 1, P.size()), [&](int tid, const Chunk& c, const auto& peek) {
     Scratch& s = g_scr[size_t(tid)];
     float* acc = acc_of(tid, size_t(b) * d);
     const uint8_t* rows[kRows];
@@ -349,6 +357,14 @@ void down_sparse(const FFNDesc& f, const float* a, int b, const int32_t* ids, in
       if (!skip_zero) return true;
       for (int t = 0; t < b; ++t) if (a[size_t(t) * k + j] != 0.f) return true;
       return false;
+    };
+    // the passing rows at the start of the upcoming chunk, up to kRows in pf: the predictor's
+    // fc2 (8 KiB rows, chunks of 64) alone 582 -> 555 us a call, in the M7 decode 15.3-16.1 ->
+    // 14.8-15.6 ms a token (the FFN's own chunk ends: within noise, not done there)
+    auto more = [&](const uint8_t** pf, int& npf) {
+      if (const Chunk* pc = peek())
+        for (int64_t i = pc->j0; i < pc->j1 && npf < kRows; ++i)
+          if (passes(i)) pf[npf++] = f.down + size_t(ids[i]) * rb;
     };
     for (int64_t j = c.j0; j < c.j1; ++j) {
       if (!passes(j)) continue;
@@ -361,11 +377,16 @@ void down_sparse(const FFNDesc& f, const float* a, int b, const int32_t* ids, in
         int npf = 0;
         for (int64_t i = j + 1; i < c.j1 && npf < kRows; ++i)
           if (passes(i)) pf[npf++] = f.down + size_t(ids[i]) * rb;
+        if (npf < kRows) more(pf, npf);
         axpy(rows, np, s.coef.data(), b, acc, d, pf, npf);
         np = 0;
       }
     }
-    if (np) axpy(rows, np, s.coef.data(), b, acc, d, nullptr, 0);
+    int npf = 0;
+    if (np) {
+      more(pf, npf);
+      axpy(rows, np, s.coef.data(), b, acc, d, pf, npf);
+    }
   }, size_t(k) * rb, y, size_t(b) * d);
 }
 
