@@ -16,7 +16,7 @@ Where it runs:
   on the CPU fc1, relu and fc2 are one native call (kernels.cpu.relu_mlp_t);
 - a model on cuda whose predictor the planner left on the CPU: x is copied to the host (a sync,
   counted in SYNCS), the mask goes back to the device.
-Batches (prefill) dequantise the q4_0 rows (quant.unpack) and use a matmul.
+Batches (prefill) dequantise the q4_0 rows (kernels.gpu.dequant) and use a matmul.
 """
 from __future__ import annotations
 
@@ -26,9 +26,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import quant
 from ..kernels import cpu as cpu_kernels
-from ..kernels.gpu import q4_rows_from_gpu, q4_rows_to_gpu
+from ..kernels.gpu import dequant, q4_rows_to_gpu
 from .workload import FMT, SynthFFN
 
 
@@ -85,9 +84,11 @@ class SynthPredictor(nn.Module):
             return _gemv_t_cuda(self.fc2t, self.n_ff, h)[None]
         if x.shape[0] == 1:
             return cpu_kernels.relu_mlp_t(x.reshape(-1), self._fc1, self._fc2t)[None]
-        gguf = q4_rows_from_gpu if self.device.type == "cuda" else (lambda t: t)
-        fc1 = quant.unpack(gguf(self.fc1), FMT, self.d)           # [rank, d]
-        fc2t = quant.unpack(gguf(self.fc2t), FMT, self.n_ff)      # [rank, n_ff]
+        # a batch (2..16 tokens of a prompt in predictor mode): the rows dequantised once, by
+        # the runtime's dequant (one Triton pass on cuda, not torch's float32 temporaries)
+        gpu_layout = self.device.type == "cuda"
+        fc1 = dequant(self.fc1, FMT, self.d, torch.float32, gpu_layout=gpu_layout)       # [rank, d]
+        fc2t = dequant(self.fc2t, FMT, self.n_ff, torch.float32, gpu_layout=gpu_layout)  # [rank, n_ff]
         return torch.relu(x @ fc1.T) @ fc2t
 
     @staticmethod
