@@ -65,9 +65,10 @@ void dot_float_tile(const uint8_t* row, const float* x, int d, float* out) {
   for (int t = 0; t < NT; ++t)
     for (int u = 0; u < U; ++u) acc[t][u] = _mm256_setzero_ps();
   int j = 0;
-  constexpr size_t es = F == Fmt::F32 ? 4 : 2;
+  // No software prefetch in the float kernels: on the Zen 4 dev VM prefetcht0 1 KiB ahead held
+  // a dense f16 FFN at ~12 GB/s a core, without it the hardware prefetchers reach ~17
+  // (docs/KERNELS.md, "Float formats: no software prefetch").
   for (; j + 8 * U <= d; j += 8 * U) {
-    for (size_t o = 0; o < 8 * U * es; o += 64) prefetch_ahead(row, size_t(j) * es + o, size_t(d) * es);
     for (int u = 0; u < U; ++u) {
       const __m256 w = load8<F>(row, size_t(j + 8 * u));
       for (int t = 0; t < NT; ++t)
@@ -254,10 +255,7 @@ void axpy_float(const uint8_t* const* rows, const float* coef, int b, float* y, 
     __m256 c[R];
     for (int r = 0; r < R; ++r) c[r] = _mm256_set1_ps(coef[r * b + t]);
     int j = 0;
-    constexpr size_t es = F == Fmt::F32 ? 4 : 2;
-    for (; j + 8 <= d; j += 8) {
-      if ((j * es) % 64 == 0)
-        for (int r = 0; r < R; ++r) prefetch_ahead(rows[r], size_t(j) * es, size_t(d) * es);
+    for (; j + 8 <= d; j += 8) {  // no software prefetch (see dot_float_tile)
       __m256 v = _mm256_loadu_ps(yt + j);
       for (int r = 0; r < R; ++r) v = _mm256_fmadd_ps(c[r], load8<F>(rows[r], size_t(j)), v);
       _mm256_storeu_ps(yt + j, v);
