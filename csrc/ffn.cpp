@@ -44,8 +44,6 @@ inline void prefetch_head(const uint8_t* row, size_t rb) {
   for (size_t o = 0; o < n; o += 64) __builtin_prefetch(row + o, 0, HI_PREFETCH_LOCALITY);
 }
 
-inline bool is_float(Fmt f) { return f == Fmt::F32 || f == Fmt::F16 || f == Fmt::BF16; }
-
 inline bool gate_fires(Act act, float g, float thr) {
   switch (act) {
     case Act::DRELU: return g > 0.f;
@@ -271,7 +269,7 @@ void ffn_sparse_multi(const FFNDesc* ffns, int E, const float* x, int b,
         // Float formats: not when the next row follows this one in memory (dense runs): the
         // hardware prefetchers stream those, and software prefetches into L1 slowed them
         // (Zen 4: f16 dense 28 -> 20 ms at 1 thread without any, docs/KERNELS.md).
-        const bool adjacent = is_float(f.fmt) && next && ids[c.e][j + 1] == ids[c.e][j] + 1;
+        const bool adjacent = !is_quant(f.fmt) && next && ids[c.e][j + 1] == ids[c.e][j] + 1;
         if (next && !adjacent) {
           // Not the down row: it is read up to kRows ids later (axpy batches), by which time an
           // early prefetch has been pushed out of L1 by the gate/up streams; leaving it to the

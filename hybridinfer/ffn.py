@@ -67,9 +67,9 @@ def expert_groups(w: torch.Tensor, ids: torch.Tensor, n_experts: int):
     """A batch's routing (w, ids [n, k]) grouped by expert: (e, tokens int64 [m], weights [m])
     for every expert some token chose, in expert order. One sort on the device and one host
     sync (the counts), instead of one nonzero (a sync) per expert."""
-    k = ids.shape[1]
-    order = torch.argsort(ids.flatten(), stable=True)   # [n*k] token-slots grouped by expert
-    counts = torch.bincount(ids.flatten(), minlength=n_experts).tolist()
+    k, flat = ids.shape[1], ids.flatten()
+    order = torch.argsort(flat, stable=True)            # [n*k] token-slots grouped by expert
+    counts = torch.bincount(flat, minlength=n_experts).tolist()
     tok, ws = order // k, w.flatten()[order]
     out, start = [], 0
     for e, c in enumerate(counts):

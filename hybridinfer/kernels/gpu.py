@@ -58,7 +58,10 @@ class FFNRows:
         return int(self.ids.numel())
 
     def _weights(self, dtype):
-        """gate, up, down_t as float [n, d] in dtype (batches: prefill's matmuls; the cpu device)."""
+        """gate, up, down_t as float [n, d] in dtype (batches: prefill's matmuls; the cpu device).
+        Float rows are used as they are (no copy where dtype matches)."""
+        if self.gate.dtype != torch.uint8:
+            return self.gate.to(dtype), self.up.to(dtype), self.down_t.to(dtype)
         return ffn_matrices([(self.stacked(), self.fmt, self.GPU_LAYOUT)], self.d_model, dtype).unbind(0)
 
     def stacked(self) -> torch.Tensor:
