@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import statistics
 import time
 
@@ -108,16 +109,20 @@ def _sync(device):
 
 
 @torch.inference_mode()
-def decode(step, n: int, token: int = 1, waits: list | None = None) -> list[float]:
-    """Decode n tokens with step(token) -> logits (greedy; the argmax is the real sync of
-    sampling), seconds per token; `waits` gets the seconds each token's argmax waited (the host
-    blocked until the device finished the token: a sync, not Python)."""
+def decode(step, n: int, token: int = 1, waits: list | None = None, seed: int = 0) -> list[float]:
+    """Decode n tokens with step(token) -> logits, seconds per token; `waits` gets the seconds
+    each token's argmax waited (the host blocked until the device finished the token: a sync,
+    not Python). The argmax is read (the real sync of sampling) and the next token is it shifted
+    by a seeded uniform offset: greedy decoding of random weights settles into a loop of a few
+    tokens, which would route every token to the same experts (benchmarks/routing_spread.py)."""
+    rng = random.Random(seed)
     out = []
     for _ in range(n):
         t = time.perf_counter()
         logits = step(token)
         t1 = time.perf_counter()
-        token = int(logits.argmax())
+        vocab = logits.shape[-1]
+        token = (int(logits.argmax()) + rng.randrange(vocab)) % vocab
         t2 = time.perf_counter()
         out.append(t2 - t)
         if waits is not None:

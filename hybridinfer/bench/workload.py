@@ -34,6 +34,8 @@ RANK = 1024              # predictor rank (the checkpoint's size implies ~1036; 
 MEAN_FIRE = 0.15         # ~85% of an expert's neurons inactive per token (TurboSparse paper)
 TOP20_SHARE = 0.80       # share of firings carried by the 20% most frequent neurons
 P_MAX = 0.98
+O_GAIN = 0.5
+QK_GAIN = 3.0            # q/k weights this much larger: scores of std ~9, each token attends to a few keys
 
 _BASE = {"hidden_act": "relu", "rms_norm_eps": 1e-5, "max_position_embeddings": 32768,
          "torch_dtype": "bfloat16"}
@@ -115,13 +117,25 @@ def firing_probabilities(n: int, seed: int, mean: float = MEAN_FIRE) -> torch.Te
 
 # ---- packed weights ------------------------------------------------------------------------------
 
+def zero_mean_nibbles(b: torch.Tensor) -> torch.Tensor:
+    """uint8 bytes whose 4-bit halves, read as q4_0 values (nibble - 8), average exactly zero:
+    nibble 0 (value -8) becomes 8 (value 0), leaving -7..7 symmetric. Uniform nibbles average
+    -0.5, a bias every row shares: summed over ~2000 active neurons it put the same large vector
+    (the all-ones direction) into every token's residual stream, so after two layers all tokens
+    looked alike to the router and used the same two experts (benchmarks/routing_spread.py)."""
+    lo, hi = b & 0x0F, b >> 4
+    lo = torch.where(lo == 0, 8, lo)
+    hi = torch.where(hi == 0, 8, hi)
+    return (lo | (hi << 4)).to(torch.uint8)
+
+
 class BytePool:
     """Random bytes to copy from: torch.randint makes ~50 MB/s here, a copy several GB/s. The
     content of benchmark weights does not matter (each FFN still has its own memory)."""
 
     def __init__(self, seed: int, nbytes: int = 64 << 20):
         g = torch.Generator().manual_seed(seed)
-        self.data = torch.randint(0, 256, (nbytes,), dtype=torch.uint8, generator=g)
+        self.data = zero_mean_nibbles(torch.randint(0, 256, (nbytes,), dtype=torch.uint8, generator=g))
         self.scales = ((torch.rand(1 << 16, generator=g) + 0.5) * 2e-3).to(torch.float16)
         self.pos = 0
 
@@ -249,6 +263,10 @@ class SynthCheckpoint:
             return torch.ones(shape, device=self.device, dtype=self.dtype)
         g = torch.Generator(device=self.device).manual_seed(self.seed ^ zlib.crc32(name.encode()))
         std = 1.0 if "embed" in name else 1.0 / math.sqrt(shape[-1])
+        if name.endswith(("q_proj.weight", "k_proj.weight")):
+            std *= QK_GAIN
+        if name.endswith("o_proj.weight"):
+            std *= O_GAIN
         t = torch.randn(shape, generator=g, device=self.device, dtype=torch.float32 if
                         self.device.type == "cpu" else self.dtype)
         return t.mul_(std).to(self.dtype)
