@@ -33,6 +33,9 @@ struct Scratch {
 std::vector<Scratch> g_scr;       // one per pool thread (guarded by pool_lock)
 std::vector<BlockQ8X> g_xq;       // x quantised to q8 [b, d/32]
 std::vector<XPairQ8> g_xpair;     // the same, paired for the AVX2 kernel [b, d/64]
+std::vector<int8_t> g_xg;         // the same, regrouped for Q4_0G rows [b, d/256, 256]
+std::vector<float> g_xd;          // block scales [b, d/32]
+std::vector<int32_t> g_xs8;       // 8 * block sums [b, d/32]
 
 struct Chunk { int e; int64_t j0, j1; };
 
@@ -64,8 +67,11 @@ inline float activate(Act act, float g, float u, float thr) {
   return 0.f;
 }
 
-void check_ffn(const FFNDesc& f, int d) {
+// grouped_ok: Q4_0G rows are accepted (only `linear` reads them: no AXPY, kernels.h).
+void check_ffn(const FFNDesc& f, int d, bool grouped_ok = false) {
   if (int(f.fmt) < 0 || int(f.fmt) >= kNumFmts) throw std::invalid_argument("unknown weight format");
+  if (is_grouped(f.fmt) && !grouped_ok)
+    throw std::invalid_argument("q4_0 grouped rows (Q4_0G) are read by linear only");
   if (f.d != d || f.d <= 0 || f.n_ff < 0)
     throw std::invalid_argument("FFN shape mismatch: d_model " + std::to_string(f.d) + " vs x " +
                                 std::to_string(d));
@@ -90,7 +96,8 @@ void check_ids(const int32_t* ids, int64_t k, int n_ff) {
 }
 
 // Quantise x once per call when any FFN uses integer dot products.
-XPrep prepare_x(const Kernels& K, const float* x, int b, int d, bool need_q8) {
+// grouped: also the Q4_0G layout of the quantised x (kernels.h XPrep::xg).
+XPrep prepare_x(const Kernels& K, const float* x, int b, int d, bool need_q8, bool grouped = false) {
   XPrep xp;
   xp.xf = x; xp.b = b; xp.d = d;
   if (need_q8) {
@@ -109,6 +116,26 @@ XPrep prepare_x(const Kernels& K, const float* x, int b, int d, bool need_q8) {
         p.sum8[2] = c.sum8;
       }
     xp.xpair = g_xpair.data();
+    if (grouped) {
+      const int ng = nb / kGroupBlocks;
+      g_xg.resize(size_t(b) * ng * kGroupXBytes);
+      g_xd.resize(size_t(b) * nb);
+      g_xs8.resize(size_t(b) * nb);
+      for (size_t i = 0; i < size_t(b) * nb; ++i) { g_xd[i] = g_xq[i].d; g_xs8[i] = g_xq[i].sum8; }
+      for (int t = 0; t < b; ++t)
+        for (int g = 0; g < ng; ++g) {
+          int8_t* o = g_xg.data() + (size_t(t) * ng + g) * kGroupXBytes;
+          const BlockQ8X* q = g_xq.data() + size_t(t) * nb + size_t(g) * kGroupBlocks;
+          for (int v = 0; v < 4; ++v)
+            for (int k = 0; k < kGroupBlocks; ++k) {
+              std::memcpy(o + 64 * v + 4 * k, q[k].q + 4 * v, 4);            // values 4v..4v+3
+              std::memcpy(o + 64 * v + 32 + 4 * k, q[k].q + 16 + 4 * v, 4);  // values 16+4v..
+            }
+        }
+      xp.xg = g_xg.data();
+      xp.xd = g_xd.data();
+      xp.xs8 = g_xs8.data();
+    }
   }
   return xp;
 }
@@ -397,12 +424,12 @@ void down_sparse(const FFNDesc& f, const float* a, int b, const int32_t* ids, in
 void linear(Fmt fmt, int d, int n, const uint8_t* w, const float* x, int b, float* y) {
   if (b < 1) throw std::invalid_argument("need at least one token");
   if (n < 0) throw std::invalid_argument("negative row count");
-  check_ffn(FFNDesc{fmt, d, n, w, w, w}, d);
+  check_ffn(FFNDesc{fmt, d, n, w, w, w}, d, true);
   if (n == 0) return;
   std::lock_guard<std::mutex> lk(pool_lock());
   ThreadPool& P = pool();
   const Kernels& K = active_kernels();
-  const XPrep xp = prepare_x(K, x, b, d, is_quant(fmt));
+  const XPrep xp = prepare_x(K, x, b, d, is_quant(fmt), is_grouped(fmt));
   prepare_scratch(P.size(), b, d, false);
   const size_t rb = row_bytes(fmt, d);
   const DotFn dot = K.dot[int(fmt)];

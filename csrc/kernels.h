@@ -10,14 +10,16 @@
 //   F16  : d IEEE halves                   Q8_0 : d/32 blocks {f16 scale, int8 q[32]}
 //   Q4_0 : d/32 blocks {f16 scale, uint8 nibbles[16]}, value = (nibble-8)*scale;
 //          byte j holds element j (low nibble) and element j+16 (high nibble).
+//   Q4_0G: q4_0 with each row's blocks regrouped for the AVX2 dot (the same bytes per row,
+//          permuted inside the row; a dense linear's rows only, see kGroupBlocks below).
 #pragma once
 #include <cstddef>
 #include <cstdint>
 
 namespace hi {
 
-enum class Fmt : int { F32 = 0, F16 = 1, BF16 = 2, Q8_0 = 3, Q4_0 = 4 };
-constexpr int kNumFmts = 5;
+enum class Fmt : int { F32 = 0, F16 = 1, BF16 = 2, Q8_0 = 3, Q4_0 = 4, Q4_0G = 5 };
+constexpr int kNumFmts = 6;
 constexpr int QK = 32;  // values per quantisation block
 
 // Bytes the kernels prefetch ahead inside a row; the drivers prefetch this much of the head of
@@ -40,6 +42,21 @@ struct BlockQ8X {
   int8_t q[QK];    // round-half-even(x / d) computed as x * (1/d) in f32
 };
 
+// Q4_0G rows ("q4_0 grouped"): a q4_0 row of nb blocks whose first 8 * (nb / 8) blocks are
+// regrouped, 8 blocks (256 values, 144 bytes) at a time; the nb % 8 last blocks stay GGUF blocks.
+// Group g (bytes 144 g ..): the 8 f16 scales of blocks 8g .. 8g+7 (16 bytes), then for v = 0..3
+// and k = 0..7 the nibble bytes 4v .. 4v+3 of block 8g+k (128 bytes). So a 32-byte load at
+// 16 + 32 v holds block k in its 32-bit lane k: low nibbles = values 4v .. 4v+3, high nibbles =
+// values 16+4v .. 16+4v+3 of that block. Against x laid out the same way (XPrep::xg) the
+// maddubs products of one lane all belong to one block: 8 of them add up in int16 lanes
+// (|sum| <= 8 * 2 * 15 * 127 < 2^15), one madd gives the 8 blocks' integer sums in 8 lanes, and
+// the 8 scales convert with one vcvtph2ps: no horizontal sum and no per-block scale shuffling
+// (docs/KERNELS.md, "q4_0 grouped rows"). Only `linear` reads this format (PackedLinear, repacked
+// at construction); the FFN drivers keep GGUF rows (row copies to the GPU, the AXPY).
+constexpr int kGroupBlocks = 8;
+constexpr size_t kGroupBytes = 144;
+constexpr int kGroupXBytes = 256;  // x of one group in XPrep::xg
+
 // Two consecutive x blocks (2j, 2j+1) laid out for the AVX2 kernel, which reduces the integer
 // sums of two weight blocks into one vector (hadd: lanes a a b b | a a b b) before converting.
 struct XPairQ8 {
@@ -53,6 +70,12 @@ struct XPrep {
   const BlockQ8X* xq = nullptr;   // [b, d/32] (only for Q8_0 / Q4_0 weights)
   const XPairQ8* xpair = nullptr; // [b, d/64] (ditto)
   int b = 0, d = 0;
+  // Only for Q4_0G weights: the q8 values of xq regrouped as the weights (per token and group g
+  // of 8 blocks, for v = 0..3: 32 bytes with lane k = values 4v..4v+3 of block 8g+k, then 32
+  // with values 16+4v..16+4v+3), and the blocks' scales and 8 * sums as plain arrays.
+  const int8_t* xg = nullptr;     // [b, d/256, 256]
+  const float* xd = nullptr;      // [b, d/32]  = xq[.].d
+  const int32_t* xs8 = nullptr;   // [b, d/32]  = xq[.].sum8
 };
 
 // out[t] = row . x_t for t < b.     row: one packed row of d values (d % 32 == 0 for Q*).
@@ -117,10 +140,12 @@ inline size_t row_bytes(Fmt f, int d) {
     case Fmt::F16:
     case Fmt::BF16: return size_t(d) * 2;
     case Fmt::Q8_0: return size_t(d / QK) * 34;
-    case Fmt::Q4_0: return size_t(d / QK) * 18;
+    case Fmt::Q4_0:
+    case Fmt::Q4_0G: return size_t(d / QK) * 18;
   }
   return 0;
 }
-constexpr bool is_quant(Fmt f) { return f == Fmt::Q8_0 || f == Fmt::Q4_0; }
+constexpr bool is_quant(Fmt f) { return f == Fmt::Q8_0 || f == Fmt::Q4_0 || f == Fmt::Q4_0G; }
+constexpr bool is_grouped(Fmt f) { return f == Fmt::Q4_0G; }
 
 }  // namespace hi

@@ -85,6 +85,37 @@ void dot_quant(const uint8_t* row, const XPrep& x, float* out) {
   }
 }
 
+// Q4_0G (kernels.h): block i of a grouped row: its scale and its nibble byte j (j < 16) where
+// the grouping put them; the tail blocks (i >= 8 * (nb / 8)) are GGUF blocks. The same integer
+// sums and float order as dot_quant<Q4_0> over the ungrouped row.
+void dot_q4g(const uint8_t* row, const XPrep& x, float* out) {
+  const int nb = x.d / QK, ng = nb / kGroupBlocks;
+  for (int t = 0; t < x.b; ++t) {
+    const BlockQ8X* xq = x.xq + size_t(t) * nb;
+    float acc = 0.f;
+    for (int i = 0; i < nb; ++i) {
+      float scale;
+      int32_t s = 0;
+      if (i < ng * kGroupBlocks) {
+        const uint8_t* g = row + size_t(i / kGroupBlocks) * kGroupBytes;
+        const int k = i % kGroupBlocks;
+        scale = f16_to_f32(rd16(g + 2 * k));
+        for (int j = 0; j < QK / 2; ++j) {
+          const uint8_t q = g[16 + 32 * (j / 4) + 4 * k + j % 4];
+          s += int32_t(q & 0x0F) * xq[i].q[j] + int32_t(q >> 4) * xq[i].q[j + QK / 2];
+        }
+        s -= xq[i].sum8;
+      } else {
+        const uint8_t* blk = row + size_t(ng) * kGroupBytes + size_t(i - ng * kGroupBlocks) * 18;
+        scale = f16_to_f32(rd16(blk));
+        s = block_isum<Fmt::Q4_0>(blk, xq[i]);
+      }
+      acc += scale * xq[i].d * float(s);
+    }
+    out[t] = acc;
+  }
+}
+
 // Gate and up of one id: two dots (the prefetch hints are not needed here).
 template <Fmt F>
 void dot2(const uint8_t* row_a, const uint8_t* row_b, const XPrep& x, float* out,
@@ -186,11 +217,12 @@ double read_sum(const float* p, size_t n) {
 const Kernels kRef = {
     "scalar",
     {dot_float<Fmt::F32>, dot_float<Fmt::F16>, dot_float<Fmt::BF16>, dot_quant<Fmt::Q8_0>,
-     dot_quant<Fmt::Q4_0>},
-    {axpy<Fmt::F32>, axpy<Fmt::F16>, axpy<Fmt::BF16>, axpy<Fmt::Q8_0>, axpy<Fmt::Q4_0>},
+     dot_quant<Fmt::Q4_0>, dot_q4g},
+    // Q4_0G: no AXPY (only `linear` reads grouped rows; the drivers check)
+    {axpy<Fmt::F32>, axpy<Fmt::F16>, axpy<Fmt::BF16>, axpy<Fmt::Q8_0>, axpy<Fmt::Q4_0>, nullptr},
     quantize_q8,
     read_sum,
-    {dot2<Fmt::F32>, dot2<Fmt::F16>, dot2<Fmt::BF16>, dot2<Fmt::Q8_0>, dot2<Fmt::Q4_0>},
+    {dot2<Fmt::F32>, dot2<Fmt::F16>, dot2<Fmt::BF16>, dot2<Fmt::Q8_0>, dot2<Fmt::Q4_0>, nullptr},
 };
 
 }  // namespace

@@ -108,6 +108,41 @@ def unpack(packed, fmt: str, cols: int) -> torch.Tensor:
     return (q * d).reshape(rows, cols)
 
 
+# q4_0 "grouped" rows (csrc/kernels.h, Q4_0G): the same bytes per row, the first 8 * (nb // 8)
+# blocks regrouped 8 at a time as [8 f16 scales][for v < 4, k < 8: nibble bytes 4v..4v+3 of
+# block k]; the nb % 8 last blocks stay GGUF blocks. The AVX2 dot then needs no horizontal sums.
+GROUP_BLOCKS = 8
+
+
+def group_q4_0(packed: torch.Tensor) -> torch.Tensor:
+    """GGUF q4_0 rows uint8 [rows, nb * 18] -> the same rows grouped (a new tensor)."""
+    return _regroup(packed, True)
+
+
+def ungroup_q4_0(grouped: torch.Tensor) -> torch.Tensor:
+    """The inverse of group_q4_0: grouped rows -> GGUF q4_0 rows (a new tensor)."""
+    return _regroup(grouped, False)
+
+
+def _regroup(packed, to_grouped: bool) -> torch.Tensor:
+    p = _as_tensor(packed)
+    if p.dtype != torch.uint8 or p.dim() != 2 or p.shape[1] % 18:
+        raise ValueError(f"q4_0 (un)grouping expects uint8 [rows, nb * 18], got {p.dtype} {tuple(p.shape)}")
+    rows, ng = p.shape[0], p.shape[1] // 18 // GROUP_BLOCKS
+    out = p.clone()
+    if ng:
+        g = p[:, :ng * 144].reshape(rows, ng, 144 if not to_grouped else GROUP_BLOCKS * 18)
+        if to_grouped:   # [8 blocks][2 + 16] -> [8 x 2 scales][v: 4][k: 8][4 bytes]
+            g = g.reshape(rows, ng, GROUP_BLOCKS, 18)
+            parts = [g[..., :2].reshape(rows, ng, 16),
+                     g[..., 2:].reshape(rows, ng, GROUP_BLOCKS, 4, 4).transpose(2, 3).reshape(rows, ng, 128)]
+        else:
+            parts = [g[..., :16].reshape(rows, ng, GROUP_BLOCKS, 2),
+                     g[..., 16:].reshape(rows, ng, 4, GROUP_BLOCKS, 4).transpose(2, 3).reshape(rows, ng, GROUP_BLOCKS, 16)]
+        out[:, :ng * 144] = torch.cat(parts, dim=-1).reshape(rows, ng * 144)
+    return out
+
+
 class PackedRows:
     """Mixin of a linear layer's weight held as packed rows (`weight` uint8 [out_features,
     row_bytes(in_features, fmt)]: kernels.cpu.PackedLinear, kernels.gpu.DeviceLinear). device /

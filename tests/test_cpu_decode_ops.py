@@ -143,7 +143,7 @@ def test_cpu_qkv_is_one_stacked_packed_linear():
     fused = a.project_qkv(x)
     for part, y in zip((a.q, a.k, a.v), fused):
         torch.testing.assert_close(y.reshape(-1), cpu.linear(x.reshape(-1), part), rtol=0, atol=0)
-        W = quant.unpack(part.weight, "q4_0", part.in_features).double()
+        W = quant.unpack(part.rows(), "q4_0", part.in_features).double()   # grouped rows
         ref = W @ x.reshape(-1).double()
         torch.testing.assert_close(y.reshape(-1).double(), ref, rtol=0.02, atol=0.02 * float(ref.abs().max()))
 
@@ -229,15 +229,18 @@ def test_relu_mlp_t_matches_float64(path, fmt):
     g = torch.Generator().manual_seed(3)
     d, r, n2 = 96, 70, 160
     fc1 = cpu.PackedLinear.from_weight(torch.randn(r, d, generator=g), fmt)
-    fc2t = cpu.PackedLinear.from_weight(torch.randn(r, n2, generator=g), fmt)
+    fc2t = cpu.PackedLinear.from_weight(torch.randn(r, n2, generator=g), fmt, grouped=False)
     x = torch.randn(d, generator=g)
-    W1 = quant.unpack(fc1.weight, fmt, d).double()
+    W1 = quant.unpack(fc1.rows(), fmt, d).double()                   # q4_0 fc1: grouped rows
     W2t = quant.unpack(fc2t.weight, fmt, n2).double()
     h = (W1 @ x_effective(x, fmt)).clamp_min(0)
     ref = h @ W2t
     assert 0 < int((h > 0).sum()) < r                       # some rows skipped, some read
     y = cpu.relu_mlp_t(x, fc1, fc2t)
     torch.testing.assert_close(y.double(), ref, rtol=0.02, atol=0.02 * float(ref.abs().max()))
+    if fmt == "q4_0":                                       # fc2t's rows go through the AXPY
+        with pytest.raises(ValueError, match="fc2t must be plain"):
+            cpu.relu_mlp_t(x, fc1, cpu.PackedLinear.from_weight(torch.randn(r, n2, generator=g), fmt))
 
 
 @pytest.mark.parametrize("policy", ["cpu-dense", "cpu-sparse"])

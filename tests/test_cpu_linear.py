@@ -24,14 +24,14 @@ def _restore_dispatch():
 
 def reference(m: cpu.PackedLinear, x: torch.Tensor):
     """(y, bound) float64 for x [b, in] f32."""
-    W = quant.unpack(m.weight, m.fmt, m.in_features).double()            # [out, in]
+    W = quant.unpack(m.rows(), m.fmt, m.in_features).double()            # [out, in] (GGUF order)
     xe = torch.stack([x_effective(xt, m.fmt) for xt in x])              # [b, in]
     return xe @ W.T, TOL * (xe.abs() @ W.abs().T) + 1e-30
 
 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("fmt", quant.FORMATS)
-@pytest.mark.parametrize("shape", [(64, 1), (96, 37), (256, 129), (70, 33)])
+@pytest.mark.parametrize("shape", [(64, 1), (96, 37), (256, 129), (70, 33), (288, 7), (736, 5)])
 @pytest.mark.parametrize("b", [1, 3, 7])
 def test_linear_matches_reference(path, fmt, shape, b):
     d, n = shape
@@ -63,6 +63,62 @@ def test_linear_big_rows_threads_and_paths_agree(fmt):
         for t in (1, 2, 5):
             cpu.set_num_threads(t)
             assert_within(cpu.linear(x, m), ref, bound, f"{fmt} {path} {t} threads")
+
+
+def test_q4_0_grouping_is_a_row_permutation():
+    """quant.group_q4_0 (csrc/kernels.h Q4_0G) against a per-byte re-implementation: group g of 8
+    blocks = their 8 scales, then for v < 4, k < 8 nibble bytes 4v..4v+3 of block k; tail blocks
+    (nb % 8) unchanged; ungroup_q4_0 inverts it."""
+    g = torch.Generator().manual_seed(21)
+    for nb in (1, 7, 8, 9, 16, 23):
+        p = torch.randint(0, 256, (3, nb * 18), dtype=torch.uint8, generator=g)
+        want = p.clone()
+        for r in range(3):
+            for grp in range(nb // 8):
+                src, dst = p[r, grp * 144:(grp + 1) * 144], want[r, grp * 144:(grp + 1) * 144]
+                for k in range(8):
+                    dst[2 * k:2 * k + 2] = src[18 * k:18 * k + 2]
+                    for v in range(4):
+                        dst[16 + 32 * v + 4 * k:16 + 32 * v + 4 * k + 4] = src[18 * k + 2 + 4 * v:18 * k + 6 + 4 * v]
+        got = quant.group_q4_0(p)
+        assert torch.equal(got, want), nb
+        assert torch.equal(quant.ungroup_q4_0(got), p), nb
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("d", [32, 256, 288, 512 + 7 * 32, 4096])
+def test_grouped_q4_0_rows_odd_shapes_threads(path, d):
+    """q4_0 PackedLinear rows are grouped (from_weight); the grouped kernel against float64 and
+    against the same weights as plain GGUF rows: 1-7, 9 and 67 rows (odd pairs for dot2, chunk
+    tails), 1-5 tokens, groups with and without GGUF tail blocks, 1 and 2 threads."""
+    use_path(path)
+    g = torch.Generator().manual_seed(d)
+    for n in (1, 2, 3, 4, 5, 6, 7, 9, 67):
+        w = torch.randn(n, d, generator=g) * d ** -0.5
+        m = cpu.PackedLinear.from_weight(w, "q4_0")
+        plain = cpu.PackedLinear.from_weight(w, "q4_0", grouped=False)
+        assert m.grouped and not plain.grouped and torch.equal(m.rows(), plain.weight)
+        assert (d < 256) == torch.equal(m.weight, plain.weight)  # no full group: nothing moves
+        for b in (1, 2, 5):
+            x = torch.randn(b, d, generator=g)
+            ref, bound = reference(plain, x)
+            for t in (1, 2):
+                cpu.set_num_threads(t)
+                y = cpu.linear(x, m)
+                assert_within(y, ref, bound, f"grouped {path} d={d} n={n} b={b} t={t}")
+                assert_within(y, cpu.linear(x, plain).double(), bound, f"grouped vs plain n={n} b={b}")
+
+
+def test_grouped_rows_checks():
+    w = torch.randn(8, 64)
+    with pytest.raises(ValueError, match="q4_0 only"):
+        cpu.PackedLinear("q8_0", 64, 8, quant.pack(w, "q8_0"), True)
+    whole, views = cpu.stacked_linears([(lambda: w, 8), (lambda: w[:3], 3)], 64, "q4_0")
+    assert whole.grouped and all(v.grouped for v in views)
+    x = torch.randn(64)
+    ref = cpu.linear(x, cpu.PackedLinear.from_weight(w, "q4_0"))
+    torch.testing.assert_close(cpu.linear(x, whole), torch.cat([ref, ref[:3]]))
+    torch.testing.assert_close(cpu.linear(x, views[1]), ref[:3])
 
 
 def test_one_row_changed_is_caught():

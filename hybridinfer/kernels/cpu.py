@@ -34,6 +34,7 @@ except ImportError as e:  # pragma: no cover - only without a build
 
 ACTIVATIONS = {"drelu": 0, "relu": 1, "fatrelu": 2, "silu": 3}
 _FMT_CODE = {f: i for i, f in enumerate(quant.FORMATS)}  # matches hi::Fmt in csrc/kernels.h
+_GROUPED_CODE = len(quant.FORMATS)                         # hi::Fmt::Q4_0G (PackedLinear.grouped)
 
 
 def _native():
@@ -248,15 +249,23 @@ def down_sparse(ffn: PackedFFN, a, ids, skip_zero: bool = False):
 class PackedLinear(quant.PackedRows):
     """A dense linear layer's weight packed for the CPU kernels: weight uint8 [out_features,
     row_bytes(in_features, fmt)], row r = W[r, :] of nn.Linear's W [out, in]. Built once; calls
-    never copy it."""
+    never copy it.
+
+    grouped (q4_0 only): each row's bytes are permuted for the AVX2 dot (quant.group_q4_0,
+    csrc/kernels.h Q4_0G; ~2x less arithmetic per block). from_weight and stacked_linears group
+    q4_0 rows; the constructor takes `weight` as given (GGUF rows unless grouped=True). Grouped
+    rows are read by `linear` only (not as relu_mlp_t's fc2t); `rows()` gives GGUF bytes."""
     fmt: str
     in_features: int
     out_features: int
     weight: torch.Tensor
+    grouped: bool = False
 
     def __post_init__(self):
         if self.fmt not in quant.FORMATS:
             raise ValueError(f"unknown weight format {self.fmt!r}; expected one of {quant.FORMATS}")
+        if self.grouped and self.fmt != "q4_0":
+            raise ValueError(f"PackedLinear: grouped rows exist for q4_0 only, not {self.fmt}")
         rb = quant.row_bytes(self.in_features, self.fmt)
         t = _tensor(self.weight, "PackedLinear.weight")
         object.__setattr__(self, "weight", t)
@@ -266,20 +275,42 @@ class PackedLinear(quant.PackedRows):
                              f"{tuple(t.shape)}{'' if t.is_contiguous() else ' non-contiguous'}")
 
     @classmethod
-    def from_weight(cls, w, fmt: str) -> "PackedLinear":
-        """w: [out_features, in_features] float (nn.Linear's layout), packed in `fmt`."""
+    def from_weight(cls, w, fmt: str, grouped: bool | None = None) -> "PackedLinear":
+        """w: [out_features, in_features] float (nn.Linear's layout), packed in `fmt`; q4_0 rows
+        grouped unless grouped=False (rows another kernel reads as GGUF, e.g. relu_mlp_t's fc2t)."""
         w = _tensor(w, "w")
         if w.dim() != 2:
             raise ValueError(f"from_weight: expected w [out, in], got {tuple(w.shape)}")
-        return cls(fmt, w.shape[1], w.shape[0], to_weights(quant.pack(w, fmt)))
+        g = fmt == "q4_0" if grouped is None else bool(grouped)
+        p = quant.pack(w, fmt)
+        return cls(fmt, w.shape[1], w.shape[0], to_weights(quant.group_q4_0(p) if g else p), g)
+
+    @property
+    def code(self) -> int:
+        """The native format code of these rows (Q4_0G for grouped q4_0)."""
+        return _GROUPED_CODE if self.grouped else _FMT_CODE[self.fmt]
+
+    def rows(self) -> torch.Tensor:
+        """The weight as GGUF / plain packed rows (a copy when grouped, else `weight` itself)."""
+        return quant.ungroup_q4_0(self.weight) if self.grouped else self.weight
+
+
+def _pack_linear(w: torch.Tensor, fmt: str) -> torch.Tensor:
+    """A dense layer's rows as PackedLinear keeps them: q4_0 grouped, other formats as packed."""
+    p = quant.pack(w, fmt)
+    return quant.group_q4_0(p) if fmt == "q4_0" else p
 
 
 def stacked_linears(parts: list, in_features: int, fmt: str) -> tuple[PackedLinear, list[PackedLinear]]:
     """q, k, v in ONE PackedLinear, each a view of its rows (quant.PackedRows.stacked): one
     native call (one pool hand-off, one ramp of the row streams) instead of three."""
     whole = alloc_weights(sum(n for _, n in parts), quant.row_bytes(in_features, fmt))
-    return PackedLinear.stacked(parts, in_features, fmt, whole,
-                                lambda w: quant.pack(_tensor(w, "w"), fmt))
+    whole_l, views = PackedLinear.stacked(parts, in_features, fmt, whole,
+                                          lambda w: _pack_linear(_tensor(w, "w"), fmt))
+    if fmt != "q4_0":
+        return whole_l, views
+    g = lambda m: PackedLinear(m.fmt, m.in_features, m.out_features, m.weight, True)  # noqa: E731
+    return g(whole_l), [g(v) for v in views]
 
 
 def linear(x, m: PackedLinear):
@@ -289,7 +320,7 @@ def linear(x, m: PackedLinear):
         raise ValueError(f"expected PackedLinear, got {type(m).__name__}")
     xt, one, was_np = _x2d(x, m.in_features)
     y = torch.empty(xt.shape[0], m.out_features, dtype=torch.float32)
-    _call(_native().linear, _FMT_CODE[m.fmt], m.in_features, m.out_features, m.weight.data_ptr(),
+    _call(_native().linear, m.code, m.in_features, m.out_features, m.weight.data_ptr(),
           xt.data_ptr(), xt.shape[0], y.data_ptr())
     return _out(y, one, was_np)
 
@@ -301,9 +332,11 @@ def relu_mlp_t(x: torch.Tensor, fc1: PackedLinear, fc2t: PackedLinear) -> torch.
     if not isinstance(fc1, PackedLinear) or not isinstance(fc2t, PackedLinear) \
             or fc2t.out_features != fc1.out_features:
         raise ValueError("relu_mlp_t: fc1 [r, d] and fc2t [r, n2] must be PackedLinear with the same r")
+    if fc2t.grouped:
+        raise ValueError("relu_mlp_t: fc2t must be plain q4_0 rows (grouped rows are read by linear only)")
     x = _f32(x, "x", fc1.in_features)
     h, y = torch.empty(fc1.out_features), torch.empty(fc2t.in_features)
-    _call(_native().relu_mlp_t, _FMT_CODE[fc1.fmt], fc1.in_features, fc1.out_features,
+    _call(_native().relu_mlp_t, fc1.code, fc1.in_features, fc1.out_features,
           fc1.weight.data_ptr(), _FMT_CODE[fc2t.fmt], fc2t.in_features, fc2t.weight.data_ptr(),
           x.data_ptr(), h.data_ptr(), y.data_ptr())
     return y

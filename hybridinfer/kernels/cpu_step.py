@@ -35,8 +35,8 @@ class AttnStep:
             raise ValueError("AttnStep: qkv and o must be PackedLinear")
         self._keep = (n1, n2, qkv, o, kc, vc)
         self.d, self.hd, self.cap = d, hd, cap
-        self._a = _call(_native().attn_step, n1.data_ptr(), _FMT_CODE[qkv.fmt], d, qkv.out_features,
-                        qkv.weight.data_ptr(), _FMT_CODE[o.fmt], o.in_features, o.weight.data_ptr(),
+        self._a = _call(_native().attn_step, n1.data_ptr(), qkv.code, d, qkv.out_features,
+                        qkv.weight.data_ptr(), o.code, o.in_features, o.weight.data_ptr(),
                         n2.data_ptr(), float(eps), kc.data_ptr(), vc.data_ptr(), int(n_heads), KV,
                         hd, cap)
 
