@@ -36,6 +36,9 @@ std::vector<XPairQ8> g_xpair;     // the same, paired for the AVX2 kernel [b, d/
 std::vector<int8_t> g_xg;         // the same, regrouped for Q4_0G rows [b, d/256, 256]
 std::vector<float> g_xd;          // block scales [b, d/32]
 std::vector<int32_t> g_xs8;       // 8 * block sums [b, d/32]
+std::vector<int8_t> g_xh;         // one token's blocks in pairs for GGUF q4_0 dot2 [d/64, 64]
+std::vector<float> g_xdo;         // its scales per group of 8 in lane order 0 2 4 6 1 3 5 7
+std::vector<int32_t> g_xs8o;      // its 8 * sums, same order
 
 struct Chunk { int e; int64_t j0, j1; };
 
@@ -96,8 +99,10 @@ void check_ids(const int32_t* ids, int64_t k, int n_ff) {
 }
 
 // Quantise x once per call when any FFN uses integer dot products.
-// grouped: also the Q4_0G layout of the quantised x (kernels.h XPrep::xg).
-XPrep prepare_x(const Kernels& K, const float* x, int b, int d, bool need_q8, bool grouped = false) {
+// grouped: also the Q4_0G layout of the quantised x (kernels.h XPrep::xg); pairs: (one token)
+// the block pairs and lane-ordered scales of GGUF q4_0's dot2 (XPrep::xh).
+XPrep prepare_x(const Kernels& K, const float* x, int b, int d, bool need_q8, bool grouped = false,
+                bool pairs = false) {
   XPrep xp;
   xp.xf = x; xp.b = b; xp.d = d;
   if (need_q8) {
@@ -135,6 +140,28 @@ XPrep prepare_x(const Kernels& K, const float* x, int b, int d, bool need_q8, bo
       xp.xg = g_xg.data();
       xp.xd = g_xd.data();
       xp.xs8 = g_xs8.data();
+    }
+    if (pairs && b == 1) {
+      g_xh.resize(size_t(np) * 64);
+      for (int p = 0; p < np; ++p) {
+        int8_t* o = g_xh.data() + size_t(p) * 64;
+        std::memcpy(o, g_xq[2 * p].q, 16);
+        std::memcpy(o + 16, g_xq[2 * p + 1].q, 16);
+        std::memcpy(o + 32, g_xq[2 * p].q + 16, 16);
+        std::memcpy(o + 48, g_xq[2 * p + 1].q + 16, 16);
+      }
+      const int ng = nb / kGroupBlocks;
+      g_xdo.resize(size_t(ng) * kGroupBlocks);
+      g_xs8o.resize(size_t(ng) * kGroupBlocks);
+      static constexpr int order[kGroupBlocks] = {0, 2, 4, 6, 1, 3, 5, 7};
+      for (int g = 0; g < ng; ++g)
+        for (int l = 0; l < kGroupBlocks; ++l) {
+          g_xdo[size_t(g) * kGroupBlocks + l] = g_xq[size_t(g) * kGroupBlocks + order[l]].d;
+          g_xs8o[size_t(g) * kGroupBlocks + l] = g_xq[size_t(g) * kGroupBlocks + order[l]].sum8;
+        }
+      xp.xh = g_xh.data();
+      xp.xdo = g_xdo.data();
+      xp.xs8o = g_xs8o.data();
     }
   }
   return xp;
@@ -253,16 +280,17 @@ void ffn_sparse_multi(const FFNDesc* ffns, int E, const float* x, int b,
                       float thr, bool exact, float* y, bool trusted_ids) {
   if (E < 1 || b < 1) throw std::invalid_argument("need at least one FFN and one token");
   const int d = ffns[0].d;
-  bool need_q8 = false;
+  bool need_q8 = false, q4 = false;
   for (int e = 0; e < E; ++e) {
     check_ffn(ffns[e], d);
     if (!trusted_ids) check_ids(ids[e], k[e], ffns[e].n_ff);
     need_q8 |= is_quant(ffns[e].fmt);
+    q4 |= ffns[e].fmt == Fmt::Q4_0;
   }
   std::lock_guard<std::mutex> lk(pool_lock());
   ThreadPool& P = pool();
   const Kernels& K = active_kernels();
-  const XPrep xp = prepare_x(K, x, b, d, need_q8);
+  const XPrep xp = prepare_x(K, x, b, d, need_q8, false, q4 && !exact);
   prepare_scratch(P.size(), b, d, true);
   const std::vector<Chunk> chunks = make_chunks(k, E, P.size());
   size_t bytes = 0;                                   // at most, read per token batch
@@ -429,7 +457,7 @@ void linear(Fmt fmt, int d, int n, const uint8_t* w, const float* x, int b, floa
   std::lock_guard<std::mutex> lk(pool_lock());
   ThreadPool& P = pool();
   const Kernels& K = active_kernels();
-  const XPrep xp = prepare_x(K, x, b, d, is_quant(fmt), is_grouped(fmt));
+  const XPrep xp = prepare_x(K, x, b, d, is_quant(fmt), is_grouped(fmt), fmt == Fmt::Q4_0);
   prepare_scratch(P.size(), b, d, false);
   const size_t rb = row_bytes(fmt, d);
   const DotFn dot = K.dot[int(fmt)];

@@ -76,6 +76,13 @@ struct XPrep {
   const int8_t* xg = nullptr;     // [b, d/256, 256]
   const float* xd = nullptr;      // [b, d/32]  = xq[.].d
   const int32_t* xs8 = nullptr;   // [b, d/32]  = xq[.].sum8
+  // Only for GGUF Q4_0 rows, one token (the AVX2 dot2's groups of 8 blocks): per block pair p
+  // 64 bytes = values 0..15 of block 2p, of block 2p+1, then values 16..31 of each (the halves of
+  // a [block 2p | block 2p+1] weight vector); per group of 8 blocks the x scales and 8 * sums in
+  // the lane order 0 2 4 6 1 3 5 7 that the kernel's hadd reduction leaves.
+  const int8_t* xh = nullptr;      // [d/64, 64]
+  const float* xdo = nullptr;      // [d/256 * 8]
+  const int32_t* xs8o = nullptr;   // [d/256 * 8]
 };
 
 // out[t] = row . x_t for t < b.     row: one packed row of d values (d % 32 == 0 for Q*).

@@ -196,6 +196,59 @@ inline void prefetch_pair(const uint8_t* row, size_t o) {
 // the fused pass alone took dense q4_0 from 11.7 to 10.8-11.3 ms at one thread, the streams of
 // the down row and the next id's rows to ~8.2 ms. A batch (b > 1) takes two dot calls after the
 // three rows were prefetched up front into L2.
+// The lines of [p, p + kGroupBytes) (a group may span 3 or 4 lines; a repeated line is cheap).
+template <int Locality>
+inline void prefetch_group(const uint8_t* p) {
+  __builtin_prefetch(p, 0, Locality);
+  __builtin_prefetch(p + 64, 0, Locality);
+  __builtin_prefetch(p + kGroupBytes - 1, 0, Locality);
+}
+
+// dot2's streams, one 144-byte group at offset o: its own rows kPrefetch ahead (clipped at the
+// row end), the next pair's rows into L1 and `later` into L2 at the same offset.
+inline void prefetch_dot2_group(const uint8_t* row_a, const uint8_t* row_b, size_t o, size_t rb,
+                                const uint8_t* next_a, const uint8_t* next_b, const uint8_t* later) {
+  if (o + kPrefetch < rb) {
+    prefetch_group<HI_PREFETCH_LOCALITY>(row_a + o + kPrefetch);
+    prefetch_group<HI_PREFETCH_LOCALITY>(row_b + o + kPrefetch);
+  }
+  if (next_a) prefetch_group<3>(next_a + o);
+  if (next_b) prefetch_group<3>(next_b + o);
+  if (later) prefetch_group<2>(later + o);
+}
+
+// GGUF q4_0, one token, 8 blocks (144 bytes) of one row at p: the integer sums of the 8 blocks
+// in int32 lanes ordered 0 2 4 6 1 3 5 7, corrected for the nibble offset. Block pairs load as
+// [block 2j | block 2j+1] (one insert), their nibble products against XPrep::xh add up in int16
+// (8 per block and half); three hadd16 fold the 4 pair vectors into 2 int16 per block (|.| <=
+// 4 * 4 * 15 * 127 < 2^15) and one madd finishes: no per-pair hadd32, convert, scale blend and
+// FMA as in the pair loop below (docs/KERNELS.md, "GGUF q4_0 dot2 in groups of 8").
+inline __m256i q4_gguf_isum8(const uint8_t* p, const int8_t* xh, const int32_t* s8o) {
+  const __m256i m0f = _mm256_set1_epi8(0x0F);
+  __m256i T[4];
+  for (int j = 0; j < 4; ++j) {
+    const uint8_t* b = p + 36 * j;
+    const __m256i w = _mm256_loadu2_m128i(reinterpret_cast<const __m128i*>(b + 20),
+                                          reinterpret_cast<const __m128i*>(b + 2));
+    const __m256i xl = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xh + 64 * j));
+    const __m256i xhh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xh + 64 * j + 32));
+    T[j] = _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_and_si256(w, m0f), xl),
+                            _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(w, 4), m0f), xhh));
+  }
+  const __m256i h = _mm256_hadd_epi16(_mm256_hadd_epi16(T[0], T[1]), _mm256_hadd_epi16(T[2], T[3]));
+  return _mm256_sub_epi32(_mm256_madd_epi16(h, _mm256_set1_epi16(1)),
+                          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s8o)));
+}
+
+// The 8 f16 scales of those blocks in the same lane order, gathered with scalar loads and
+// shifts (integer ports, idle in this loop) instead of vector shuffles.
+inline __m256 q4_gguf_scales8(const uint8_t* p) {
+  auto h = [&](int k) { uint16_t v; std::memcpy(&v, p + 18 * k, 2); return uint64_t(v); };
+  const uint64_t lo = h(0) | h(2) << 16 | h(4) << 32 | h(6) << 48;
+  const uint64_t hi = h(1) | h(3) << 16 | h(5) << 32 | h(7) << 48;
+  return _mm256_cvtph_ps(_mm_set_epi64x(int64_t(hi), int64_t(lo)));
+}
+
 template <Fmt F>
 void dot2_quant(const uint8_t* row_a, const uint8_t* row_b, const XPrep& x, float* out,
                 const uint8_t* next_a, const uint8_t* next_b, const uint8_t* later) {
@@ -210,7 +263,20 @@ void dot2_quant(const uint8_t* row_a, const uint8_t* row_b, const XPrep& x, floa
     return;
   }
   __m256 accA = _mm256_setzero_ps(), accB = accA;
-  for (int j = 0; j < np; ++j) {
+  int j = 0;
+  if constexpr (F == Fmt::Q4_0) {   // groups of 8 blocks, then the pair loop for the rest
+    for (int g = 0; x.xh && g < nb / kGroupBlocks; ++g, j += kGroupBlocks / 2) {
+      const size_t o = size_t(g) * kGroupBytes;
+      prefetch_dot2_group(row_a, row_b, o, rb, next_a, next_b, later);
+      const int8_t* xh = x.xh + size_t(g) * 4 * 64;
+      const int32_t* s8 = x.xs8o + size_t(g) * kGroupBlocks;
+      const __m256 dx = _mm256_loadu_ps(x.xdo + size_t(g) * kGroupBlocks);
+      const __m256i ia = q4_gguf_isum8(row_a + o, xh, s8), ib = q4_gguf_isum8(row_b + o, xh, s8);
+      accA = _mm256_fmadd_ps(_mm256_mul_ps(q4_gguf_scales8(row_a + o), dx), _mm256_cvtepi32_ps(ia), accA);
+      accB = _mm256_fmadd_ps(_mm256_mul_ps(q4_gguf_scales8(row_b + o), dx), _mm256_cvtepi32_ps(ib), accB);
+    }
+  }
+  for (; j < np; ++j) {
     const size_t o = size_t(2 * j) * BB;
     prefetch_ahead(row_a, o, rb);
     prefetch_ahead(row_b, o, rb);
@@ -253,14 +319,6 @@ void dot2_quant(const uint8_t* row_a, const uint8_t* row_b, const XPrep& x, floa
 // vcvtph2ps times the x scales, one FMA. About 33 vector ops per 8 row-blocks against ~60 for the
 // GGUF pair loop (dot_quant_tile), whose per-pair hadd, scale blend and convert dominate; hot
 // (rows in L2, Zen 4 dev VM): 0.69 vs 1.45-1.65 ns a row-block (.dev prototype, docs/KERNELS.md).
-
-// The lines of [p, p + kGroupBytes) (a group may span 3 or 4 lines; a repeated line is cheap).
-template <int Locality>
-inline void prefetch_group(const uint8_t* p) {
-  __builtin_prefetch(p, 0, Locality);
-  __builtin_prefetch(p + 64, 0, Locality);
-  __builtin_prefetch(p + kGroupBytes - 1, 0, Locality);
-}
 
 // Integer sums of group g's 8 blocks of one row against one token's regrouped x: lane k = block k,
 // already corrected for the nibble offset (- 8 sum q).
@@ -341,13 +399,7 @@ void dot2_q4g(const uint8_t* row_a, const uint8_t* row_b, const XPrep& x, float*
   __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
   for (int g = 0; g < ng; ++g) {
     const size_t o = size_t(g) * kGroupBytes;
-    if (o + kPrefetch < rb) {
-      prefetch_group<HI_PREFETCH_LOCALITY>(row_a + o + kPrefetch);
-      prefetch_group<HI_PREFETCH_LOCALITY>(row_b + o + kPrefetch);
-    }
-    if (next_a) prefetch_group<3>(next_a + o);
-    if (next_b) prefetch_group<3>(next_b + o);
-    if (later) prefetch_group<2>(later + o);
+    prefetch_dot2_group(row_a, row_b, o, rb, next_a, next_b, later);
     const int8_t* xg = x.xg + size_t(g) * kGroupXBytes;
     const int32_t* s8 = x.xs8 + size_t(g) * kGroupBlocks;
     const __m256 dx = _mm256_loadu_ps(x.xd + size_t(g) * kGroupBlocks);

@@ -245,6 +245,34 @@ def test_q4_down_integer_coefficients(d):
         assert float(((ys["scalar"].double() - part).abs() / bound).max()) > 1.0
 
 
+@pytest.mark.parametrize("d", [256, 288, 352, 544, 4192])
+def test_q4_dot2_groups_of_8_blocks(d):
+    """One token, exact=False: the AVX2 dot2 reads GGUF q4_0 rows 8 blocks at a time (XPrep::xh,
+    hadd16 reduction), then the pair loop and an odd block for the rest (d = 288: 1 group + 1
+    block, 352: + 3, 544: 2 groups + 1, 4192: 16 groups + 3). Against float64 on both paths at 1
+    and 2 threads, and the AVX2 gate/up values against the scalar reference's at the float bound
+    (gate_up_sparse on one id set vs the fused FFN is not comparable, so through `linear` of the
+    same GGUF rows, which takes dot2 for row pairs)."""
+    n = 41
+    ffn = make_ffn("q4_0", d, n, seed=d)
+    x = torch.randn(1, d, generator=torch.Generator().manual_seed(d + 1))
+    for kind in ("all", "random"):
+        ids = id_set(kind, n, d)
+        ref, bound = reference(ffn, x, ids, "drelu")
+        for t in (1, 2):
+            cpu.set_num_threads(t)
+            for path in PATHS:
+                use_path(path)
+                assert_within(cpu.ffn_sparse(ffn, x, ids), ref, bound, f"{kind} {path} d={d} threads={t}")
+    m = cpu.PackedLinear("q4_0", d, n, ffn.gate)                 # GGUF rows: dot2 in pairs
+    W = quant.unpack(ffn.gate, "q4_0", d).double()
+    xe = x_effective(x[0], "q4_0")
+    lref, lbound = W @ xe, TOL * (W.abs() @ xe.abs()) + 1e-30
+    for path in PATHS:
+        use_path(path)
+        assert_within(cpu.linear(x[0], m), lref, lbound, f"linear {path} d={d}")
+
+
 @pytest.mark.parametrize("k", [7, 9, 65, 129, 300, 449])
 def test_q4_axpy_next_group_prefetch(k):
     """The FFN and down drivers hand each q4_0 AXPY group the next group's rows to prefetch
