@@ -38,10 +38,7 @@ no predictor on the CPU): the host does not stand between two layers at all. The
 host flag ready[l] once layer l's inputs for its cold half are on the host (a kernel after the
 D2H copies), and before layer l+1 adds the CPU half it waits on the device for done[l]
 (kernels.gpu.flag_signal / flag_await, captured into the graphs). The whole token (every layer
-and the final merge) is captured as a few graphs of doubling length (layers [0,1), [1,3), [3,7),
-... `token_pieces`) launched back to back: a graph's launch costs the host ~0.6 us a node (~500 us
-for 32 layers' ~800), and the GPU starts on the first small piece while the host launches the
-rest, while a native service thread
+and the final merge) is ONE graph the host launches once, while a native service thread
 (kernels.cpu_step.ColdChain) waits for each ready[l], runs ColdStep l and sets done[l]. Critical
 path per layer: GPU work -> flag -> CPU half -> flag -> GPU work; no launch and no Python between
 layers. HYBRIDINFER_NO_CHAIN=1 or chain=False keep the per-layer host loop below.
@@ -69,32 +66,6 @@ from .kernels.gpu import SyncCounter, attend_cached, flag_await, flag_signal
 from .predictor import host_active, predictor_device
 
 MAX_GROUPS = 64        # expert choices per layer captured as one graph each (else per expert)
-
-
-def token_pieces(layers: int, whole: bool = False) -> list[tuple[int, int]]:
-    """The chained token's graphs as layer ranges [lo, hi): doubling lengths 1, 2, 4, ... so that
-    launching piece i+1 (host time ~ its length) hides behind the GPU running piece i; the final
-    merge joins the last piece. whole: one graph for every layer."""
-    if whole:
-        return [(0, layers)]
-    out, lo, n = [], 0, 1
-    while lo < layers:
-        out.append((lo, min(layers, lo + n)))
-        lo, n = lo + n, 2 * n
-    return out
-
-
-def split_segments(segs: list, pieces: list[tuple[int, int]]) -> list[list]:
-    """segs [(key, fn, args)] in token order cut before the first segment ("A", lo) of each
-    piece after the first: a layer's segments stay together, the final merge joins the last."""
-    bounds = {lo for lo, _ in pieces[1:]}
-    groups, cur = [], []
-    for seg in segs:
-        if seg[0][0] == "A" and seg[0][1] in bounds and cur:
-            groups.append(cur)
-            cur = []
-        cur.append(seg)
-    return groups + [cur]
 
 
 def attn_step(hp, ya, yc, an_w, fn_w, eps: float, q, k, v, o, qb, kb, vb, ob, qkv, cos_t, sin_t,
@@ -241,7 +212,6 @@ class GraphDecoder:
                 self._attn = attn_step
             self._clear()
         self._graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
-        self._token: list[torch.cuda.CUDAGraph] = []   # chained: the token's graphs, in order
         self._segs = list(self._segments())     # (key, segment, args); chained: in token order
         if self.graphs:
             self._capture()
@@ -500,9 +470,9 @@ class GraphDecoder:
         final merge, one launch a token); the chain serves the cold halves."""
         self._chain.begin()
         try:
-            if self._token:
-                for g in self._token:                   # back to back: the GPU starts on the first
-                    g.replay()
+            token = self._graphs.get(("T",))
+            if token is not None:
+                token.replay()
             else:                                       # uncaptured: the same segments, in order
                 for _, fn, args in self._segs:
                     fn(*args)
@@ -599,7 +569,11 @@ class GraphDecoder:
         pool = None
         with torch.inference_mode():
             if self._chained:                   # _segments yields them in token order
-                self.capture_token(token_pieces(self.m.cfg.num_layers))
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g):
+                    for _, fn, args in segs:
+                        fn(*args)
+                self._graphs[("T",)] = g
             else:
                 for key, fn, args in segs:
                     g = torch.cuda.CUDAGraph()
@@ -608,23 +582,6 @@ class GraphDecoder:
                     pool = g.pool() if pool is None else pool
                     self._graphs[key] = g
         self._clear()
-
-    def capture_token(self, pieces: list[tuple[int, int]]) -> None:
-        """(Re)capture the chained token as one graph per layer range of `pieces` (token_pieces;
-        the final merge goes with the last), sharing one memory pool: they run in order on one
-        stream, and a cut between two segments is safe (the per-layer loop replays segments as
-        separate graphs of one pool too)."""
-        self._token = []                            # the old graphs (and their pool) go first
-        pool, graphs = None, []
-        with torch.inference_mode():
-            for group in split_segments(self._segs, pieces):
-                g = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(g, pool=pool):
-                    for _, fn, args in group:
-                        fn(*args)
-                pool = g.pool() if pool is None else pool
-                graphs.append(g)
-        self._token = graphs
 
     def _reset_flags(self) -> None:
         """Every flag back to 0 once the device is idle (after a failed chained step, and after

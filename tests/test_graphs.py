@@ -171,18 +171,3 @@ def test_predictor_device_names_the_index():
     if torch.cuda.is_available():
         P.device = "cuda"
         assert predictor_device(P(), torch.device("cpu")) == torch.device("cuda", torch.cuda.current_device())
-
-
-def test_token_pieces_and_split_segments():
-    from hybridinfer.graphs import split_segments, token_pieces
-    assert token_pieces(32) == [(0, 1), (1, 3), (3, 7), (7, 15), (15, 31), (31, 32)]
-    assert token_pieces(2) == [(0, 1), (1, 2)] and token_pieces(1) == [(0, 1)]
-    assert token_pieces(32, whole=True) == [(0, 32)]
-    # segments of fused layers (one "A" each) and of host-loop layers ("A", "P", "H"), then "F"
-    segs = [(("A", 0), None, ()), (("A", 1), None, ()), (("P", 1, (0, 1)), None, ()),
-            (("H", 1, (0, 1)), None, ()), (("A", 2), None, ()), (("A", 3), None, ()),
-            (("F",), None, ())]
-    groups = split_segments(segs, token_pieces(4))              # (0,1) (1,3) (3,4)
-    assert [[s[0] for s in g] for g in groups] == [
-        [("A", 0)], [("A", 1), ("P", 1, (0, 1)), ("H", 1, (0, 1)), ("A", 2)], [("A", 3), ("F",)]]
-    assert split_segments(segs, token_pieces(4, whole=True)) == [segs]
