@@ -219,3 +219,27 @@ def test_synth_slots_sample_kernel_under_the_interpreter():
     advances itself (CUDA-graph replays), and a dependency on the scores."""
     from test_triton_kernels import run_kernel_script
     assert "ok" in run_kernel_script(SAMPLE_SCRIPT, "cpu", 300)
+
+
+def test_bench_kernels_cli_json(tmp_path, monkeypatch):
+    # `hybridinfer bench kernels` end to end at a tiny shape (small flush buffer and weight pool):
+    # the JSON the issue asks for, one row per format x density x threads, sane figures
+    from hybridinfer import cli
+    from hybridinfer.bench import kernels as bk, machine
+    monkeypatch.setattr(bk, "POOL_BYTES", 1 << 20)
+    monkeypatch.setattr(machine, "default_buffer_bytes", lambda: 8 << 20)
+    out = tmp_path / "k.json"
+    rc = cli.main(["bench", "kernels", "--threads", "1", "2", "--formats", "q4_0", "f16",
+                   "--densities", "1.0", "0.1", "--repeat", "2", "--d-model", "256", "--n-ff", "512",
+                   "--no-torch", "--json", str(out)])
+    assert rc == 0
+    d = json.loads(out.read_text())
+    assert d["read_bandwidth_gbs"] > 0 and d["shape"] == {"d_model": 256, "n_ff": 512,
+                                                          "activation": "drelu", "exact": False,
+                                                          "batch": 1}
+    keys = {(r["format"], r["density"], r["threads"]) for r in d["rows"]}
+    assert keys == {(f, p, t) for f in ("q4_0", "f16") for p in (1.0, 0.1) for t in (1, 2)}
+    for r in d["rows"]:
+        assert r["seconds"] > 0 and r["gbs"] > 0
+        assert r["ratio"] == pytest.approx(r["gbs"] / d["read_bandwidth_gbs_by_threads"][str(r["threads"])])
+    machine.release_buffer()

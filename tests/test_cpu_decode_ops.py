@@ -248,7 +248,6 @@ def test_model_cpu_plan_equals_the_block_path(monkeypatch, policy):
     """A CPU-only hybrid model (the benchmark's cpu-dense / cpu-sparse on T7): one-token decode
     through the bound plan (Transformer._cpu_plan: two native calls a layer) gives the logits of
     the Block-by-Block path, token after token (two builds from one seed: the same masks)."""
-    from hybridinfer import model as M
     from hybridinfer.bench.decode_policies import build
     from hybridinfer.bench.workload import make_workload
     toks = [3, 40, 7, 300, 12, 5]

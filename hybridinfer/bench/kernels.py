@@ -142,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
                 rows.append(row)
                 print(f"{fmt:6} {dens:7.2f} {t:3d} {s * 1e3:8.2f} {gbs:7.1f} {gbs / bw[t]:6.2f} "
                       f"{row.get('speedup_vs_torch', float('nan')):8.2f}", flush=True)
-        del copies
+        copies = None        # this format's weight copies freed before the next format's
 
     print()
     for fmt in args.formats:

@@ -128,7 +128,8 @@ def time_llama(path: str, threads: int, n_gpu_layers: int, tokens: int, warmup: 
 def run_peer(wl: Workload, threads: int, args, rows) -> dict:
     """Write the GGUF, time llama.cpp at each --peer-gpu-layers; errors are reported, not raised."""
     try:
-        import gguf  # noqa: F401
+        import importlib
+        importlib.import_module("gguf")     # write_gguf's dependency: checked here, reported below
         import llama_cpp
     except ImportError as e:
         msg = f"peer skipped: {e} (pip install gguf llama-cpp-python)"
