@@ -1,8 +1,8 @@
 // hybridinfer CPU kernels: the one header that declares every kernel once.
 //
 // Two implementations share these signatures: a scalar reference (kernels_ref.cpp) and an
-// AVX2+FMA+F16C version (kernels_avx2.cpp). dispatch picks one table at runtime (cpuid, or
-// HYBRIDINFER_FORCE_REF=1 / force_reference(true) for the reference). The FFN drivers in
+// AVX2+FMA+F16C version (the *_avx2.cpp files, table in kernels_avx2.cpp). dispatch picks one
+// table at runtime (cpuid, or HYBRIDINFER_FORCE_REF=1 / force_reference(true) for the reference). The FFN drivers in
 // ffn.cpp (threads, sparsity, activations) are ISA-independent and call only these tables.
 //
 // Row formats (one packed row = one neuron, bytes contiguous; GGUF-compatible blocks):
@@ -23,7 +23,7 @@ constexpr int kNumFmts = 6;
 constexpr int QK = 32;  // values per quantisation block
 
 // Bytes the kernels prefetch ahead inside a row; the drivers prefetch this much of the head of
-// the next id's rows (see kernels_avx2.cpp).
+// the next id's rows (see avx2_common.h).
 #ifndef HI_PREFETCH_BYTES
 #define HI_PREFETCH_BYTES 1024
 #endif
