@@ -100,7 +100,7 @@ using Dot2Fn = void (*)(const uint8_t* row_a, const uint8_t* row_b, const XPrep&
 // Several rows per call let the AVX2 kernel keep partial sums in registers.
 // pf[0 .. npf): rows (each as long as a row; pf may be null when npf = 0) the caller passes to
 // its next call; the kernel may prefetch them into L2 while it computes (the AVX2 q4_0 kernel
-// does, in step with its first pass), so the reads of the next group overlap this one's compute
+// does, in step with its second pass), so the reads of the next group overlap this one's compute
 // (docs/KERNELS.md, "Memory behaviour"). They do not change the result.
 // q4_0: the rows go in groups of kAxpyGroup (rows [0, 8), [8, 16), ... of the call); per group,
 // token and 32-column block the coefficients s_r = coef * block scale are quantised to int8

@@ -55,7 +55,11 @@ void axpy_q8(const uint8_t* const* rows, const float* coef, int b, float* y, int
 //      the way, the exact final value is in range). One convert + FMA per 8 columns for all
 //      rows instead of one convert + FMA per row.
 // Pass 1 reads every cache line of the chunk's rows (the scales sit in each 18-byte block), so it
-// also carries the prefetches; pass 2 then reads the rows from L1.
+// also carries their prefetch ahead; pass 2 then reads the rows from L1. The caller's next rows
+// (pf) are prefetched into L2 during pass 2, a line or so per block and row: issued in pass 1
+// (~27% of the time, 8 rows x 144 bytes per step) they came in bursts the memory system did not
+// keep up with. down_sparse 14336 x 4096 q4_0, one thread, LLC flushed, in-process A/B:
+// dense 4.24 -> 3.83 ms, 10% 0.67 -> 0.60 ms (benchmarks/results/q4_axpy_dev2core.txt).
 struct Q4Rec {
   static constexpr int kChunk = 128;  // blocks per pass
   alignas(32) uint8_t q[kChunk][8];   // int8 q of rows 0 4 1 5 2 6 3 7
@@ -65,8 +69,7 @@ struct Q4Rec {
 
 // Records of blocks i .. i+7 (all inside the rows). rows[r] for r >= R is not read.
 template <int R>
-inline void q4_records8(const uint8_t* const* rows, const float* c, size_t rb, int i, Q4Rec& rec, int k,
-                        const uint8_t* const* pf, int npf) {
+inline void q4_records8(const uint8_t* const* rows, const float* c, size_t rb, int i, Q4Rec& rec, int k) {
   const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
   // 32-byte loads at blocks i, i+2, i+4, i+6: scale of block i+2j at bytes 0..1 (low lane), of
   // block i+2j+1 at bytes 18..19 (high lane bytes 2..3); pshufb moves them to 16-bit slot 2j of
@@ -95,9 +98,6 @@ inline void q4_records8(const uint8_t* const* rows, const float* c, size_t rb, i
     S[r] = _mm256_mul_ps(_mm256_set1_ps(c[r]), _mm256_cvtph_ps(h));
     M = _mm256_max_ps(M, _mm256_and_ps(S[r], absmask));
   }
-  // the caller's next rows, the same 144 bytes of each (into L2: read by the next call)
-  for (int r = 0; r < npf; ++r)
-    for (size_t o = 0; o < 144 && off + o < rb; o += 64) __builtin_prefetch(pf[r] + off + o, 0, 2);
   const __m256 inv = _mm256_div_ps(_mm256_set1_ps(127.f), M);
   _mm256_store_ps(rec.gs + k, _mm256_mul_ps(M, _mm256_set1_ps(1.f / 127.f)));
   __m256i Q[8];
@@ -161,10 +161,13 @@ void axpy_q4(const uint8_t* const* rows_in, const float* coef, int b, float* y, 
     for (int i0 = 0; i0 < nb; i0 += Q4Rec::kChunk) {
       const int n = std::min(Q4Rec::kChunk, nb - i0);
       int k = 0;
-      for (; k + 8 <= n; k += 8) q4_records8<R>(rows, c, rb, i0 + k, rec, k, pf, t == 0 ? npf : 0);
+      for (; k + 8 <= n; k += 8) q4_records8<R>(rows, c, rb, i0 + k, rec, k);
       for (; k < n; ++k) q4_record1<R>(rows, c, i0 + k, rec, k);
+      const int np = t == 0 ? npf : 0;    // the next rows, once (into L2: read by the next call)
       for (k = 0; k < n; ++k) {
         const size_t off = size_t(i0 + k) * 18;
+        if (!(k & 1))                       // every 36 bytes: each line of the 18-byte blocks
+          for (int r = 0; r < np; ++r) __builtin_prefetch(pf[r] + off, 0, 2);
         int64_t q8;
         std::memcpy(&q8, rec.q[k], 8);
         const __m256i qv = _mm256_set1_epi64x(q8);

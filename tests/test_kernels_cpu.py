@@ -273,15 +273,19 @@ def test_q4_dot2_groups_of_8_blocks(d):
         assert_within(cpu.linear(x[0], m), lref, lbound, f"linear {path} d={d}")
 
 
+@pytest.mark.parametrize("d", [4192, 288])
 @pytest.mark.parametrize("k", [7, 9, 65, 129, 300, 449])
-def test_q4_axpy_next_group_prefetch(k):
+def test_q4_axpy_next_group_prefetch(k, d):
     """The FFN and down drivers hand each q4_0 AXPY group the next group's rows to prefetch
     (kernels.h AxpyFn pf): at group and chunk boundaries, on the one-token fused path
     (ffn_sparse, b = 1, exact=False) and through down_sparse with skipped zero rows (the next
     group found past them); chunks of 4-64 ids, so the larger k have groups with a next one in
     their chunk. AVX2 and the scalar reference (no prefetch) agree at the float bound
-    with one thread (the same groups) and are within the float64 bound at 1 and 2 threads."""
-    d, n = 4192, 1400                      # 131 blocks: a 128-block pass and a tail
+    with one thread (the same groups) and are within the float64 bound at 1 and 2 threads.
+    The AVX2 kernel prefetches the next rows during its second pass (every even block of a
+    chunk): d = 4192 is 131 blocks (a 128-block pass and an odd tail), 288 is 9 (one record of 8
+    blocks and one single)."""
+    n = 1400
     ffn = make_ffn("q4_0", d, n, seed=31)
     ids = id_set("random", n, 31)[:k]
     x = torch.randn(1, d, generator=torch.Generator().manual_seed(32))
