@@ -13,6 +13,7 @@
 #error "avx2_common.h is for the *_avx2.cpp files only (built with -mavx2 -mfma -mf16c)"
 #endif
 #include <immintrin.h>
+#include <initializer_list>
 
 #include <cstring>
 #include <type_traits>
@@ -92,6 +93,14 @@ inline void prefetch_dot2_group(const uint8_t* row_a, const uint8_t* row_b, size
   if (next_a) prefetch_group<3>(next_a + o);
   if (next_b) prefetch_group<3>(next_b + o);
   if (later) prefetch_group<2>(later + o);
+}
+
+// dot2 with a batch (b > 1) runs two dot calls: the next pair's rows and `later` (rb bytes
+// each, any may be null) are prefetched into L2 up front instead of in step.
+inline void prefetch_dot2_rows_l2(size_t rb, const uint8_t* next_a, const uint8_t* next_b,
+                                  const uint8_t* later) {
+  for (const uint8_t* p : {next_a, next_b, later})
+    for (size_t o = 0; p && o < rb; o += 64) _mm_prefetch(reinterpret_cast<const char*>(p + o), _MM_HINT_T1);
 }
 
 // The rows of one AXPY call (kernels.h AxpyFn) in groups of kAxpyGroup: group(R, r, np) adds rows

@@ -1,7 +1,5 @@
 // AVX2 dot and dot2 over q4_0 grouped rows (Q4_0G, kernels.h; only `linear` reads them).
 // See avx2_common.h for the file layout.
-#include <initializer_list>
-
 #include "avx2_common.h"
 
 namespace hi {
@@ -87,8 +85,7 @@ void dot2_q4g(const uint8_t* row_a, const uint8_t* row_b, const XPrep& x, float*
   const int nb = x.d / QK, ng = nb / kGroupBlocks;
   const size_t rb = size_t(nb) * 18;
   if (x.b != 1) {
-    for (const uint8_t* p : {next_a, next_b, later})
-      for (size_t o = 0; p && o < rb; o += 64) _mm_prefetch(reinterpret_cast<const char*>(p + o), _MM_HINT_T1);
+    prefetch_dot2_rows_l2(rb, next_a, next_b, later);
     dot_q4g(row_a, x, out);
     dot_q4g(row_b, x, out + x.b);
     return;

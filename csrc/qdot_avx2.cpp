@@ -3,7 +3,6 @@
 // unsigned nibbles to maddubs and subtracts 8 * sum(x_q) (precomputed per x block) instead of
 // re-centring. Batches of tokens: the weight block is loaded/expanded once for every token.
 // See avx2_common.h for the file layout.
-#include <initializer_list>
 #include <utility>
 
 #include "avx2_common.h"
@@ -122,8 +121,7 @@ void dot2_quant(const uint8_t* row_a, const uint8_t* row_b, const XPrep& x, floa
   const int nb = x.d / QK, np = nb / 2;
   const size_t rb = size_t(nb) * BB;
   if (x.b != 1 || np == 0) {
-    for (const uint8_t* p : {next_a, next_b, later})
-      for (size_t o = 0; p && o < rb; o += 64) _mm_prefetch(reinterpret_cast<const char*>(p + o), _MM_HINT_T1);
+    prefetch_dot2_rows_l2(rb, next_a, next_b, later);
     dot_quant<F>(row_a, x, out);
     dot_quant<F>(row_b, x, out + x.b);
     return;

@@ -112,6 +112,7 @@ def unpack(packed, fmt: str, cols: int) -> torch.Tensor:
 # blocks regrouped 8 at a time as [8 f16 scales][for v < 4, k < 8: nibble bytes 4v..4v+3 of
 # block k]; the nb % 8 last blocks stay GGUF blocks. The AVX2 dot then needs no horizontal sums.
 GROUP_BLOCKS = 8
+GROUP_BYTES = GROUP_BLOCKS * 18      # 144: a group is as long as its 8 GGUF blocks
 
 
 def group_q4_0(packed: torch.Tensor) -> torch.Tensor:
@@ -128,10 +129,10 @@ def _regroup(packed, to_grouped: bool) -> torch.Tensor:
     p = _as_tensor(packed)
     if p.dtype != torch.uint8 or p.dim() != 2 or p.shape[1] % 18:
         raise ValueError(f"q4_0 (un)grouping expects uint8 [rows, nb * 18], got {p.dtype} {tuple(p.shape)}")
-    rows, ng = p.shape[0], p.shape[1] // 18 // GROUP_BLOCKS
+    rows, ng = p.shape[0], p.shape[1] // GROUP_BYTES
     out = p.clone()
     if ng:
-        g = p[:, :ng * 144].reshape(rows, ng, 144 if not to_grouped else GROUP_BLOCKS * 18)
+        g = p[:, :ng * GROUP_BYTES].reshape(rows, ng, GROUP_BYTES)
         if to_grouped:   # [8 blocks][2 + 16] -> [8 x 2 scales][v: 4][k: 8][4 bytes]
             g = g.reshape(rows, ng, GROUP_BLOCKS, 18)
             parts = [g[..., :2].reshape(rows, ng, 16),
@@ -139,7 +140,7 @@ def _regroup(packed, to_grouped: bool) -> torch.Tensor:
         else:
             parts = [g[..., :16].reshape(rows, ng, GROUP_BLOCKS, 2),
                      g[..., 16:].reshape(rows, ng, 4, GROUP_BLOCKS, 4).transpose(2, 3).reshape(rows, ng, GROUP_BLOCKS, 16)]
-        out[:, :ng * 144] = torch.cat(parts, dim=-1).reshape(rows, ng * 144)
+        out[:, :ng * GROUP_BYTES] = torch.cat(parts, dim=-1).reshape(rows, ng * GROUP_BYTES)
     return out
 
 
@@ -165,11 +166,13 @@ class PackedRows:
         return self.weight.numel()
 
     @classmethod
-    def stacked(cls, parts: list, in_features: int, fmt: str, whole: torch.Tensor, pack) -> tuple:
+    def stacked(cls, parts: list, in_features: int, fmt: str, whole: torch.Tensor, pack,
+                **fields) -> tuple:
         """Linear layers on the same input (attention's q, k, v) as ONE layer of this kind whose
         rows are theirs stacked, each part a view of its rows (one kernel call reads all three).
         parts: (get, out_features) with get() the float weight [out, in_features]; whole: the
-        uint8 [sum out, row_bytes] allocation; pack(w) -> w's packed rows. The parts are fetched
+        uint8 [sum out, row_bytes] allocation; pack(w) -> w's packed rows; `fields`: further
+        fields of every layer made (PackedLinear's grouped). The parts are fetched
         and packed one at a time into `whole` (transient copies of the others fragmented a full
         VRAM budget). -> (the whole layer, [the parts' views])."""
         views, r = [], 0
@@ -179,6 +182,6 @@ class PackedRows:
                 raise ValueError(f"stacked_linears: expected [{n}, {in_features}], got {tuple(w.shape)}")
             whole[r:r + n] = pack(w)
             del w
-            views.append(cls(fmt, in_features, n, whole[r:r + n]))
+            views.append(cls(fmt, in_features, n, whole[r:r + n], **fields))
             r += n
-        return cls(fmt, in_features, r, whole), views
+        return cls(fmt, in_features, r, whole, **fields), views

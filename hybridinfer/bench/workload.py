@@ -34,8 +34,8 @@ RANK = 1024              # predictor rank (the checkpoint's size implies ~1036; 
 MEAN_FIRE = 0.15         # ~85% of an expert's neurons inactive per token (TurboSparse paper)
 TOP20_SHARE = 0.80       # share of firings carried by the 20% most frequent neurons
 P_MAX = 0.98
-O_GAIN = 0.5
 QK_GAIN = 3.0            # q/k weights this much larger: scores of std ~9, each token attends to a few keys
+O_GAIN = 0.5             # o_proj this much smaller: attention adds less of a context shared by all tokens
 
 _BASE = {"hidden_act": "relu", "rms_norm_eps": 1e-5, "max_position_embeddings": 32768,
          "torch_dtype": "bfloat16"}

@@ -282,8 +282,7 @@ class PackedLinear(quant.PackedRows):
         if w.dim() != 2:
             raise ValueError(f"from_weight: expected w [out, in], got {tuple(w.shape)}")
         g = fmt == "q4_0" if grouped is None else bool(grouped)
-        p = quant.pack(w, fmt)
-        return cls(fmt, w.shape[1], w.shape[0], to_weights(quant.group_q4_0(p) if g else p), g)
+        return cls(fmt, w.shape[1], w.shape[0], to_weights(_pack_rows(w, fmt, g)), g)
 
     @property
     def code(self) -> int:
@@ -295,22 +294,19 @@ class PackedLinear(quant.PackedRows):
         return quant.ungroup_q4_0(self.weight) if self.grouped else self.weight
 
 
-def _pack_linear(w: torch.Tensor, fmt: str) -> torch.Tensor:
-    """A dense layer's rows as PackedLinear keeps them: q4_0 grouped, other formats as packed."""
+def _pack_rows(w: torch.Tensor, fmt: str, grouped: bool) -> torch.Tensor:
+    """w [out, in] float -> its packed rows, q4_0 grouped when `grouped`."""
     p = quant.pack(w, fmt)
-    return quant.group_q4_0(p) if fmt == "q4_0" else p
+    return quant.group_q4_0(p) if grouped else p
 
 
 def stacked_linears(parts: list, in_features: int, fmt: str) -> tuple[PackedLinear, list[PackedLinear]]:
     """q, k, v in ONE PackedLinear, each a view of its rows (quant.PackedRows.stacked): one
     native call (one pool hand-off, one ramp of the row streams) instead of three."""
     whole = alloc_weights(sum(n for _, n in parts), quant.row_bytes(in_features, fmt))
-    whole_l, views = PackedLinear.stacked(parts, in_features, fmt, whole,
-                                          lambda w: _pack_linear(_tensor(w, "w"), fmt))
-    if fmt != "q4_0":
-        return whole_l, views
-    g = lambda m: PackedLinear(m.fmt, m.in_features, m.out_features, m.weight, True)  # noqa: E731
-    return g(whole_l), [g(v) for v in views]
+    g = fmt == "q4_0"                        # grouped, as from_weight packs q4_0 rows
+    return PackedLinear.stacked(parts, in_features, fmt, whole,
+                                lambda w: _pack_rows(_tensor(w, "w"), fmt, g), grouped=g)
 
 
 def linear(x, m: PackedLinear):
