@@ -3,9 +3,10 @@
 //     (dynamic: a thread that hits slow memory simply claims fewer chunks);
 //   - each id is fused: gate dot, up dot, activation, then its down row is accumulated into the
 //     claiming thread's private y buffer [b, d];
-//   - then the private buffers are summed into y: on the pool by the same job after a barrier,
-//     each thread one slice of columns (accumulate_chunks). No thread ever writes memory another
-//     thread writes.
+//   - then the private buffers are summed into y: on the pool by the same job once every chunk
+//     is done, slices of columns claimed from a second counter (accumulate_chunks). No thread
+//     ever writes memory another thread writes. No driver relies on every pool thread taking
+//     part (ThreadPool::run's contract: a worker whose core is taken may never enter a job).
 #include "ffn.h"
 
 #include <algorithm>
@@ -162,11 +163,13 @@ void sum_parts(float* y, size_t lo, size_t hi, int T) {
 }
 
 // parallel_chunks whose bodies add into the threads' private accumulators, then y [n] = their
-// sum. On the pool the same job sums after a barrier, thread t over one slice of columns
-// (16-float aligned): no second hand-off and no pass of one core over T accumulators in other
-// cores' caches (the decode step's cold half at 8 threads, d = 4096: 128 KiB of cross-core
-// reads). H100 machine, 8 threads, with the pool's lock-free wake: 96 cold rows 56 -> 47 us
-// (benchmarks/results/cold_step_latency_pool_ab.txt).
+// sum. On the pool the same job sums: a thread whose claims are exhausted waits until every
+// chunk is done (every accumulator final; only claimed work is waited for, never a thread that
+// has not entered: ThreadPool's contract), then claims slices of columns (16-float aligned)
+// from a second counter: no second hand-off and no pass of one core over T accumulators in
+// other cores' caches (the decode step's cold half at 8 threads, d = 4096: 128 KiB of
+// cross-core reads). H100 machine, 8 threads, with the pool's lock-free wake: 96 cold rows
+// 56 -> 47 us (benchmarks/results/cold_step_latency_pool_ab.txt).
 // body(tid, chunk, peek): peek() is the chunk the next claim would get (not claimed: some
 // thread's next chunk, or null), for prefetching across the chunk's end.
 template <class Body>
@@ -179,21 +182,25 @@ void accumulate_chunks(ThreadPool& P, const std::vector<Chunk>& chunks, const Bo
     sum_parts(y, 0, n, T);
     return;
   }
-  std::atomic<size_t> next{0};
-  std::atomic<int> arrived{0};
-  const size_t step = ((n + size_t(T) - 1) / size_t(T) + 15) / 16 * 16;
+  std::atomic<size_t> next{0}, done{0}, next_slice{0};
+  // 2T slices: a thread that arrives late at the reduction still finds some left
+  const size_t step = ((n + size_t(2 * T) - 1) / size_t(2 * T) + 15) / 16 * 16;
+  const size_t slices = (n + step - 1) / step;
   // peek(): the chunk the next claim would get (some thread's next chunk), not claimed
   auto peek = [&]() -> const Chunk* {
     const size_t p = next.load(std::memory_order_relaxed);
     return p < chunks.size() ? &chunks[p] : nullptr;
   };
   P.run([&](int tid) {
-    for (size_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < chunks.size();)
+    for (size_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < chunks.size();) {
       body(tid, chunks[c], peek);
-    arrived.fetch_add(1, std::memory_order_acq_rel);     // every accumulator is final after it
-    spin_until([&] { return arrived.load(std::memory_order_acquire) >= T; });
-    const size_t lo = std::min(n, step * size_t(tid)), hi = std::min(n, lo + step);
-    if (lo < hi) sum_parts(y, lo, hi, T);
+      done.fetch_add(1, std::memory_order_release);   // this chunk's adds (and `used`) published
+    }
+    // every chunk is claimed; wait for those still running elsewhere, then every used
+    // accumulator (and each thread's `used` flag, set before its first done) is final
+    spin_until([&] { return done.load(std::memory_order_acquire) == chunks.size(); });
+    for (size_t sl; (sl = next_slice.fetch_add(1, std::memory_order_relaxed)) < slices;)
+      sum_parts(y, sl * step, std::min(n, (sl + 1) * step), T);
   });
 }
 
@@ -430,7 +437,8 @@ double read_sum(const float* p, size_t n) {
   const Kernels& K = active_kernels();
   constexpr size_t kStep = size_t(1) << 20;  // 4 MiB per claimed piece
   const size_t pieces = (n + kStep - 1) / kStep;
-  std::vector<double> part(size_t(P.size()) * 8, 0.0);  // padded: one cache line per thread
+  // padded: one cache line per thread; zeroed, as a tid may not run (ThreadPool::run)
+  std::vector<double> part(size_t(P.size()) * 8, 0.0);
   std::atomic<size_t> next{0};
   P.run([&](int tid) {
     double s = 0;

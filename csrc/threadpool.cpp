@@ -16,8 +16,8 @@ ThreadPool::ThreadPool(int n) : n_(n < 1 ? 1 : n) {
 ThreadPool::~ThreadPool() {
   {
     std::lock_guard<std::mutex> lk(mu_);
-    stop_.store(true, std::memory_order_release);
-    gen_.fetch_add(1, std::memory_order_release);
+    stop_.store(true, std::memory_order_relaxed);   // published by the release below
+    state_.store((++gen_ << kGenShift) | kClosed, std::memory_order_release);
   }
   cv_.notify_all();
   for (auto& th : threads_) th.join();
@@ -25,40 +25,51 @@ ThreadPool::~ThreadPool() {
 
 void ThreadPool::run(const std::function<void(int)>& fn) {
   if (n_ == 1) { fn(0); return; }
+  // The last job is closed and every worker that entered it has finished: nobody reads these.
+  job_.store(&fn, std::memory_order_relaxed);
+  finished_.store(0, std::memory_order_relaxed);
   {
-    std::lock_guard<std::mutex> lk(mu_);  // sleeping workers check gen_ under it (no lost wake)
-    job_.store(&fn, std::memory_order_relaxed);
-    pending_.store(n_ - 1, std::memory_order_relaxed);
-    gen_.fetch_add(1, std::memory_order_release);
+    std::lock_guard<std::mutex> lk(mu_);  // sleeping workers check the generation under it
+    state_.store(++gen_ << kGenShift, std::memory_order_release);   // open, none entered
   }
   cv_.notify_all();
   fn(0);
-  // Workers finish at about the same time as we do: spin, yielding now and then.
-  spin_until([&] { return pending_.load(std::memory_order_acquire) == 0; });
+  // fn(0) returned: every piece of work is claimed. Close the job; wait only for the workers
+  // that entered it (they may still be in a claimed piece), never for one yet to arrive.
+  const uint64_t s = state_.fetch_or(kClosed, std::memory_order_acq_rel);
+  const int entered = int(s & kEntered);
+  spin_until([&] { return finished_.load(std::memory_order_acquire) == entered; });
 }
 
 void ThreadPool::worker(int tid) {
-  uint64_t seen = 0;
+  uint64_t seen = 0;   // the generation of the last job this worker woke for
   for (;;) {
     // Spin up to kSpin for the next job before sleeping on the condition variable: a decode
     // step calls every ~100-300 us, and a futex wake costs tens of microseconds. Timed, not
     // counted: a PAUSE is ~10 cycles on some x86 cores and ~140 on others.
-    uint64_t g = seen;
+    uint64_t s;
     const auto t0 = std::chrono::steady_clock::now();
-    for (uint32_t i = 1; (g = gen_.load(std::memory_order_acquire)) == seen; ++i) {
+    for (uint32_t i = 1; gen_of(s = state_.load(std::memory_order_acquire)) == seen; ++i) {
       cpu_relax();
       if ((i & 63) == 0 && std::chrono::steady_clock::now() - t0 > kSpin) break;
     }
-    if (g == seen) {
+    if (gen_of(s) == seen) {
       std::unique_lock<std::mutex> lk(mu_);
-      cv_.wait(lk, [&] { return gen_.load() != seen; });
-      g = gen_.load();
+      cv_.wait(lk, [&] { return gen_of(state_.load(std::memory_order_acquire)) != seen; });
+      s = state_.load(std::memory_order_acquire);
     }
-    seen = g;
-    if (stop_.load(std::memory_order_acquire)) return;
-    // the next run() waits for this job to finish, so job_ still holds it
-    (*job_.load(std::memory_order_acquire))(tid);
-    pending_.fetch_sub(1, std::memory_order_acq_rel);
+    seen = gen_of(s);
+    if (stop_.load(std::memory_order_relaxed)) return;   // after the acquire of its generation
+    // Enter only the job of generation `seen`, only while it is open. Late (closed, or a later
+    // generation already): skip it; the loop above then waits for / picks up the next one.
+    while (!(s & kClosed) && gen_of(s) == seen) {
+      if (state_.compare_exchange_weak(s, s + 1, std::memory_order_acquire,
+                                       std::memory_order_acquire)) {
+        (*job_.load(std::memory_order_relaxed))(tid);   // job_ stays put until we finish
+        finished_.fetch_add(1, std::memory_order_release);
+        break;
+      }
+    }
   }
 }
 

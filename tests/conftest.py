@@ -10,3 +10,12 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def cpu_kernels_restored():
+    """After the test: the CPU kernels' AVX2 dispatch and the suite's pool of 2 threads."""
+    yield
+    from hybridinfer.kernels import cpu
+    cpu.force_reference(False)
+    cpu.set_num_threads(2)

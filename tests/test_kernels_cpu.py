@@ -392,8 +392,8 @@ def test_threads_agree(fmt):
 
 def test_decode_step_on_a_wide_pool():
     """One token, two experts, few rows of d = 4096 on 8 threads (the GPU machine's cold half:
-    the pool's in-job barrier, then each thread sums one slice of columns): within the float64
-    bound, and equal to one thread's result within twice the bound."""
+    the in-job wait for every chunk, then slices of columns claimed dynamically): within the
+    float64 bound, and equal to one thread's result within twice the bound."""
     d, n = 4096, 512
     ffns = [make_ffn("q4_0", d, n, seed=s) for s in (21, 22)]
     x = torch.randn(1, d, generator=torch.Generator().manual_seed(23))
