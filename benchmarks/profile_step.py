@@ -9,15 +9,25 @@ kernel name (graph replays included), and the GPU's busy share of the token time
 import argparse
 import cProfile
 import pstats
+import random
 import time
 
 import torch
 
+from hybridinfer.bench.decode import budget_scale
+from hybridinfer.bench.decode_measure import spread_token
 from hybridinfer.bench.decode_policies import build
 from hybridinfer.bench.workload import make_workload, synthetic_profile
 from hybridinfer.graphs import GraphDecoder
 from hybridinfer.kernels import cpu
 from hybridinfer.budget import parse_budget, pcie_share_arg
+
+_RNG = random.Random(0)
+
+
+def nxt(logits) -> int:
+    """The benchmark's next token (argmax + seeded offset: real MoE routing, not a greedy loop)."""
+    return spread_token(logits, _RNG)
 
 
 def main():
@@ -46,7 +56,7 @@ def main():
     dev, dt = torch.device(a.device), torch.bfloat16
     wl = make_workload("M47", a.layers, 0)
     prof = synthetic_profile(wl)
-    scale = a.layers / 32
+    scale = budget_scale(wl, a.capacity)         # as bench decode scales a budget to fewer layers
     b = build(a.policy, wl, dev, dt, dt, int(parse_budget(a.budget) * scale), prof, a.capacity,
               a.pcie_share)
     if a.prefill:
@@ -55,17 +65,17 @@ def main():
     print(f"chained step: {gd._chained}; warm layers: {gd.warm_layers}")
     tok = 1
     for _ in range(2):
-        tok = int(gd.step(tok).argmax())
+        tok = nxt(gd.step(tok))
     if dev.type == "cuda":
         torch.cuda.synchronize()
     t = time.perf_counter()
     for _ in range(a.steps):
-        tok = int(gd.step(tok).argmax())
+        tok = nxt(gd.step(tok))
     print(f"{(time.perf_counter() - t) / a.steps * 1e3:.2f} ms/token ({a.layers} layers)")
     pr = cProfile.Profile()
     pr.enable()
     for _ in range(a.steps):
-        tok = int(gd.step(tok).argmax())
+        tok = nxt(gd.step(tok))
     pr.disable()
     pstats.Stats(pr).sort_stats("tottime").print_stats(22)
     if a.host:
@@ -102,7 +112,7 @@ def host_table(gd, tok, steps):
             cs.run = timed(cs.run, "cold")
     t = time.perf_counter()
     for _ in range(steps):
-        tok = int(gd.step(tok).argmax())
+        tok = nxt(gd.step(tok))
     wall = (time.perf_counter() - t) / steps
     GraphDecoder._wait = wait
     GraphDecoder._join_chain = join
@@ -154,7 +164,7 @@ def kernel_table(gd, tok, steps, layers):
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
         t = time.perf_counter()
         for _ in range(steps):
-            tok = int(gd.step(tok).argmax())
+            tok = nxt(gd.step(tok))
         torch.cuda.synchronize()
         wall = (time.perf_counter() - t) / steps
     rows, total, n = {}, 0.0, 0

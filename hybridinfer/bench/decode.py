@@ -76,14 +76,20 @@ def _model_gpu_bytes(wl, context) -> int:
     return fixed_gpu_bytes(wl.cfg, context) + wl.expert_bytes + wl.predictor_bytes
 
 
+def budget_scale(wl, context: int) -> float:
+    """The factor a full model's VRAM budget takes for a workload of fewer layers: the scaled
+    model's device bytes over the full model's (embeddings and lm_head do not scale)."""
+    if wl.cfg.num_layers == wl.full_cfg.num_layers:
+        return 1.0
+    full = (fixed_gpu_bytes(wl.full_cfg, context)
+            + (wl.expert_bytes + wl.predictor_bytes) * wl.full_cfg.num_layers // wl.cfg.num_layers)
+    return _model_gpu_bytes(wl, context) / full
+
+
 def _runs(args, wl, dev) -> tuple[list[tuple[str, int | None, str | None]], float]:
     """(policy, budget bytes) in order; budgets scaled for scaled-down models."""
     free = torch.cuda.mem_get_info(dev)[0] if dev.type == "cuda" else None
-    scale = 1.0
-    if wl.cfg.num_layers != wl.full_cfg.num_layers:
-        full = (fixed_gpu_bytes(wl.full_cfg, args.context)
-                + (wl.expert_bytes + wl.predictor_bytes) * wl.full_cfg.num_layers // wl.cfg.num_layers)
-        scale = _model_gpu_bytes(wl, args.context) / full
+    scale = budget_scale(wl, args.context)
     budgets = [(b, int(parse_budget(b) * scale)) for b in args.vram_budget]
     pol = args.policies or (POLICIES if dev.type == "cuda" else ("cpu-dense", "cpu-sparse"))
     out = []

@@ -108,21 +108,26 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
+def spread_token(logits, rng: random.Random) -> int:
+    """The next token of a benchmark decode: the argmax (read: the real sync of sampling) shifted
+    by a seeded uniform offset. Greedy decoding of random weights settles into a loop of a few
+    tokens, which would route every token to the same experts (benchmarks/routing_spread.py)."""
+    vocab = logits.shape[-1]
+    return (int(logits.argmax()) + rng.randrange(vocab)) % vocab
+
+
 @torch.inference_mode()
 def decode(step, n: int, token: int = 1, waits: list | None = None, seed: int = 0) -> list[float]:
     """Decode n tokens with step(token) -> logits, seconds per token; `waits` gets the seconds
     each token's argmax waited (the host blocked until the device finished the token: a sync,
-    not Python). The argmax is read (the real sync of sampling) and the next token is it shifted
-    by a seeded uniform offset: greedy decoding of random weights settles into a loop of a few
-    tokens, which would route every token to the same experts (benchmarks/routing_spread.py)."""
+    not Python); the next token is spread_token's."""
     rng = random.Random(seed)
     out = []
     for _ in range(n):
         t = time.perf_counter()
         logits = step(token)
         t1 = time.perf_counter()
-        vocab = logits.shape[-1]
-        token = (int(logits.argmax()) + rng.randrange(vocab)) % vocab
+        token = spread_token(logits, rng)
         t2 = time.perf_counter()
         out.append(t2 - t)
         if waits is not None:
