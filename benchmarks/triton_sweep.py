@@ -6,6 +6,11 @@ the shapes of a decode step's critical path (GPU machine):
   qkv      matvec 6144 x 4096 (q, k, v stacked)        o      matvec 4096 x 4096
   fc1      matvec_slots, 2 slots of 1024 x 4096        lm     matvec 32000 x 4096
   fc2      down_slots, 2 slots of 1024 rows of 14336 columns, half of the coefficients 0 (relu)
+With --density D (the hot half of a decode step's MoE layer, a share D of the hot rows live):
+  gu       gate_up_slots, 2 slots of 14336 hot rows x 4096, drelu, the mask set on a share D
+           (bytes: the live gate rows + the up rows of the half whose gate fires)
+  dn       down_slots, 2 slots of 14336 rows of 4096 columns, a share D of the coefficients != 0
+  both over 8 experts, each call's two slots another pair (4 pairs: 800 MB, not the 50 MB L2).
 Each configuration is captured in a CUDA graph of 50 calls and timed over replays (as
 benchmarks/triton_matvec.py); the default (triton_ffn.config) is marked '*'. Prints the best per
 shape and its speed-up over the default; checks every result against the default's.
@@ -28,10 +33,40 @@ def q4(n, d, dev, seed):
     return DeviceLinear.from_weight(w, "q4_0", dev).weight
 
 
+def hot_ops(d: int, nff: int, dens: float, dev) -> dict:
+    """gu@D and dn@D (module docstring): name -> (fn(cfg) -> result, bytes a call reads)."""
+    g = torch.Generator(device="cpu").manual_seed(int(dens * 1000))
+    E, k = 8, 2
+    mk = lambda seed: [q4(nff, d, dev, seed + e) for e in range(E)]
+    gt, ut, dt = (tk.RowTable.build("q4_0", d, mk(s), dev) for s in (100, 200, 300))
+    it = tk.RowTable.build(None, d, [torch.arange(nff, dtype=torch.int32, device=dev)] * E, dev)
+    sels = [torch.tensor([2 * i, 2 * i + 1], device=dev) for i in range(E // k)]
+    mask = (torch.rand(k, nff, generator=g) < dens).to(dev)
+    x = torch.randn(d, device=dev, dtype=torch.bfloat16)
+    a = torch.zeros(k, nff, device=dev)
+    coef = torch.randn(k, nff, generator=g).to(dev) * mask
+    y = torch.zeros(1, d, device=dev)
+    rb = d * 18 // 32
+    turn = [0]
+
+    def sel(check):                 # another pair of experts each call (captured in turn)
+        turn[0] += 1
+        return sels[0 if check else turn[0] % len(sels)]
+
+    live = float(mask.sum())
+    return {f"gu@{dens}": (lambda c, check=False: tk.gate_up_slots(
+                "q4_0", d, gt, ut, it, x, "drelu", 0.0, mask, sel(check), a, c), int(live * 1.5 * rb)),
+            f"dn@{dens}": (lambda c, check=False: tk.down_slots(
+                "q4_0", d, dt, coef, nff, y.zero_()[0], 0, sel(check), None, c), int(live * rb))}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json")
     ap.add_argument("--budget-s", type=float, default=240.0)
+    ap.add_argument("--density", type=float, nargs="*", default=[],
+                    help="also sweep the hot half (gu, dn) at these live shares of the hot rows")
+    ap.add_argument("--only", nargs="*", default=None, help="sweep only these ops (e.g. gu dn)")
     a = ap.parse_args()
     dev = torch.device("cuda")
     t_end = time.time() + a.budget_s
@@ -46,29 +81,40 @@ def main():
     ys = torch.zeros(2, nff, device=dev)
 
     ops = {
-        "qkv": (lambda c: tk.matvec("q4_0", d, W["qkv"], x, c), W["qkv"].numel()),
-        "o": (lambda c: tk.matvec("q4_0", d, W["o"], x, c), W["o"].numel()),
-        "lm": (lambda c: tk.matvec("q4_0", d, W["lm"], x, c), W["lm"].numel()),
-        "fc1": (lambda c: tk.matvec_slots("q4_0", d, fc1, x, 0, yh, sel, c), 2 * rank * d * 18 // 32),
-        "fc2": (lambda c: tk.down_slots("q4_0", nff, fc2, h, rank, ys.zero_(), nff, sel, None, c),
+        "qkv": (lambda c, check=False: tk.matvec("q4_0", d, W["qkv"], x, c), W["qkv"].numel()),
+        "o": (lambda c, check=False: tk.matvec("q4_0", d, W["o"], x, c), W["o"].numel()),
+        "lm": (lambda c, check=False: tk.matvec("q4_0", d, W["lm"], x, c), W["lm"].numel()),
+        "fc1": (lambda c, check=False: tk.matvec_slots("q4_0", d, fc1, x, 0, yh, sel, c), 2 * rank * d * 18 // 32),
+        "fc2": (lambda c, check=False: tk.down_slots("q4_0", nff, fc2, h, rank, ys.zero_(), nff, sel, None, c),
                 2 * rank * nff * 18 // 32),
     }
+    for dens in a.density:
+        ops.update(hot_ops(d, nff, dens, dev))
+    if a.only is not None:
+        ops = {k: v for k, v in ops.items() if k.split("@")[0] in a.only}
     dot_cfgs = [dict(CHUNK=c, R=r, BK=128, num_warps=w)
                 for c, r, w in itertools.product([4, 8, 16, 32], [1, 2, 4], [2, 4, 8]) if r <= c]
     axpy_cfgs = [dict(CHUNK=c, R=r, BK=b, num_warps=w)
                  for c, r, b, w in itertools.product([32, 64, 128, 256], [8, 16], [4, 8, 16], [4, 8])]
+    hot_dot_cfgs = [dict(CHUNK=c, R=r, BK=128, num_warps=w)
+                    for c, r, w in itertools.product([16, 32, 64, 128], [2, 4, 8], [4, 8])]
+    hot_axpy_cfgs = [dict(CHUNK=c, R=r, BK=b, num_warps=w)
+                     for c, r, b, w in itertools.product([256, 512, 1024], [16, 32], [4, 8], [4])]
     out = {}
     for name, (fn, nbytes) in ops.items():
-        kind = "down" if name == "fc2" else "gate_up"
-        n = {"qkv": 6144, "o": d, "lm": 32000, "fc1": rank, "fc2": nff}[name]
-        default = tk.config("q4_0", nff if name == "fc2" else d, n if name != "fc2" else rank)[kind]
-        ref = fn(dict(default)).clone()
+        op = name.split("@")[0]
+        kind = "down" if op in ("fc2", "dn") else "gate_up"
+        n = {"qkv": 6144, "o": d, "lm": 32000, "fc1": rank, "fc2": nff, "gu": nff, "dn": nff}[op]
+        default = tk.config("q4_0", nff if op == "fc2" else d, n if op != "fc2" else rank,
+                            masked=op == "gu")[kind]
+        ref = fn(dict(default), True).clone()
         rows = []
-        for cfg in [dict(default)] + (axpy_cfgs if name == "fc2" else dot_cfgs):
+        cands = {"fc2": axpy_cfgs, "dn": hot_axpy_cfgs, "gu": hot_dot_cfgs}.get(op, dot_cfgs)
+        for cfg in [dict(default)] + cands:
             if time.time() > t_end:
                 break
             try:
-                y = fn(dict(cfg))
+                y = fn(dict(cfg), True)
                 err = float((y - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
                 s = timed(lambda: fn(dict(cfg)), reps=10)
             except Exception as e:          # noqa: BLE001 - a config that does not compile

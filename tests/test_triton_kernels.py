@@ -190,6 +190,30 @@ SCRIPT = textwrap.dedent("""
         note("gguf-slots-a", a[s, :ids.numel()], ra)
         ref += float(rw[s]) * (ra @ W2T)
     note("gguf-slots-y", y, ref)
+    # a large expert's hot half (n >= 8192 rows, a sparse mask): the long-chunk launch config
+    n_big, d = 8200, 64
+    assert tk.config("q4_0", d, n_big, masked=True)["gate_up"]["CHUNK"] == 128
+    assert tk.config("q4_0", d, n_big)["down"]["CHUNK"] == 1024
+    big = [HotFFN.build(*(torch.randn(n_big, d, generator=g) * 0.2 for _ in range(2)),
+                        torch.randn(d, n_big, generator=g) * 0.2, torch.arange(n_big), "q4_0", dev)
+           for _ in range(2)]
+    rows = lambda name: [getattr(h, name) for h in big]
+    tabs = [tk.RowTable.build("q4_0", d, rows(nm), dev) for nm in ("gate", "up", "down_t")]
+    it = tk.RowTable.build(None, d, rows("ids"), dev)
+    sel, x, rw = torch.tensor([1, 0]), torch.randn(d, generator=g), torch.rand(2, generator=g)
+    mask = torch.rand(2, n_big, generator=g) < 0.15
+    a = torch.zeros(2, n_big, device=dev)
+    tk.gate_up_slots("q4_0", d, tabs[0], tabs[1], it, x.to(dev), "drelu", 0.05, mask.to(dev),
+                     sel.to(dev), a)
+    y = tk.down_slots("q4_0", d, tabs[2], a, n_big, torch.zeros(d, device=dev), 0, sel.to(dev),
+                      rw.to(dev))
+    ref = torch.zeros(d, dtype=torch.float64)
+    for s, e in enumerate(sel.tolist()):
+        W1, W3, W2T = (t.double().cpu() for t in big[e]._weights(torch.float32))
+        ra = activate(W1 @ x.double(), W3 @ x.double(), "drelu", 0.05) * mask[s]
+        note("big-slots-a", a[s], ra)
+        ref += float(rw[s]) * (ra @ W2T)
+    note("big-slots-y", y, ref)
     print(worst)
     assert all(v < 1e-5 for v in worst.values()), worst
 """)
