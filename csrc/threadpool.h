@@ -9,8 +9,9 @@
 // wait inside fn may only wait for work already claimed, never for a tid to arrive.
 // Why: a worker whose core is taken by another process joins a scheduler time slice late; with
 // "every worker runs fn" the call waited for it though the caller could have done the work
-// (14336 x 4096 q4_0 linear, 2 threads, one core busy: 4.86 ms vs 4.24 at 1 thread before;
-// benchmarks/pool_contention.py, benchmarks/results/pool_contention_dev2core.txt).
+// (1024 x 4096 q4_0 linear, 2 threads, one core busy: a mean 595-1036 us a call -> 200-287, 1
+// thread 112-268; benchmarks/results/pool_contention_dev2core.txt). A worker that entered and is
+// preempted inside its chunk is still waited for (its chunk writes the caller's output).
 // Workers spin up to 1 ms for the next job (decode calls come back-to-back), then sleep.
 #pragma once
 #include <atomic>
