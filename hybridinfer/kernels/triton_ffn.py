@@ -392,15 +392,10 @@ def config(fmt: str, d: int, n: int, device: torch.device | None = None,
                   BK=min(nb2, 128), num_warps=4)
         # wide rows (a predictor's fc2^T, 14336 columns): 256-row chunks (12.9 -> 10.7 us)
         dn = dict(CHUNK=256 if n >= 8192 or d >= 8192 else 128, R=16, BK=min(nb2, 8), num_warps=4)
-        if n >= 8192 and not gguf:
-            # a decode step's hot half of a large expert, 15-40% of its rows live: longer row
-            # chunks keep whole tiles of live rows in flight (2 slots of 14336 x 4096, 8 experts
-            # rotated: gate_up 26.0 -> 20.8 us at 15% live, 43.7 -> 41.4 at 40%; down 19.4 ->
-            # 14.5 and 29.2 -> 23.9; benchmarks/results/triton_sweep_hot_h100.txt)
-            if masked:
-                gu = dict(gu, CHUNK=128, R=4)
-            if d < 8192:
-                dn = dict(dn, CHUNK=1024, R=32, BK=min(nb2, 4))
+        # (a sparse mask over a large expert's hot rows: the isolated sweep of
+        # triton_sweep.py --density found longer chunks faster, gate_up CHUNK 128 R 4 and down
+        # CHUNK 1024 R 32 BK 4, 26.0 -> 20.8 and 19.4 -> 14.5 us at 15% live; in the decode step
+        # they were not: gate_up 24.1 -> 25.6 us, the axpys unchanged; triton_sweep_hot_h100.txt)
     else:
         gu = dict(CHUNK=16, R=4, BK=min(triton.next_power_of_2(d), 4096), num_warps=8)
         dn = dict(CHUNK=64, R=8, BK=min(triton.next_power_of_2(d), 1024), num_warps=4)
