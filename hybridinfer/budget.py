@@ -15,8 +15,14 @@ AUTO_MARGIN = (512 << 20, 0.05)   # "auto" leaves max(512 MiB, 5% of free VRAM) 
 # Measured on the H100 machine (8 threads): the CPU's cold half in decode ~21 GB/s
 # (decode_M47_h100_v11), zero-copy row reads ~34 GB/s (zero_copy_rows_h100_v2), and the warm
 # kernels' fixed cost ~25-35 us a layer (profile_step at 24 GiB: +34 us of GPU time for 0.36 MB).
-# A small B (a large budget) gets no warm rows: a fixed share of 0.6 made 24 GiB 10% slower.
+# A CPU half also costs COLD_CPU_FIXED_S a call however few its rows (the cold step's own cost and
+# the device's flag round trip: cold_step_latency_gpumachine, 16 rows 28 us vs 5 us empty, and the
+# GPU's await of ~35-45 us a layer at 24 GiB), so the balanced split is weighed against making
+# every non-hot row warm (share 1: no CPU half, no wait): at 24 GiB (8 layers, scaled) that was
+# 1.56-1.62 vs 1.69-2.04 ms a token (session 8; a fixed share of 0.6, both paths, had been 10%
+# slower than none). Small B therefore goes all warm, large B keeps the balance.
 COLD_CPU_GBS, ZERO_COPY_GBS, PCIE_LATENCY_S = 21e9, 34e9, 30e-6
+COLD_CPU_FIXED_S = 40e-6
 PCIE_SHARE_CUDA = "auto"   # the runtime's default warm share on a CUDA device (0 elsewhere)
 
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -54,11 +60,13 @@ def pcie_share_arg(text: str) -> float | str:
 
 
 def balanced_share(nbytes: float) -> float:
-    """The "auto" warm share of an FFN whose non-hot rows read nbytes per call (see COLD_CPU_GBS)."""
-    if nbytes <= 0:
-        return 0.0
-    t_cpu, t_pcie = nbytes / COLD_CPU_GBS, nbytes / ZERO_COPY_GBS
-    return min(1.0, max(0.0, (t_cpu - PCIE_LATENCY_S) / (t_cpu + t_pcie)))
+    """The "auto" warm share of an FFN with non-hot rows that read nbytes per call (expected; see
+    COLD_CPU_GBS): the balanced split, or 1 (every non-hot row warm) where that is faster than
+    the split with the CPU half's fixed cost (always for small nbytes, also 0)."""
+    t_cpu, t_pcie = max(nbytes, 0.0) / COLD_CPU_GBS, max(nbytes, 0.0) / ZERO_COPY_GBS
+    s = 0.0 if t_cpu <= PCIE_LATENCY_S else min(1.0, (t_cpu - PCIE_LATENCY_S) / (t_cpu + t_pcie))
+    split = max((1 - s) * t_cpu + COLD_CPU_FIXED_S, PCIE_LATENCY_S + s * t_pcie if s > 0 else 0.0)
+    return 1.0 if PCIE_LATENCY_S + t_pcie < split else s
 
 
 def parse_budget(text: str, free_vram: int | None = None, total_vram: int | None = None) -> int:

@@ -376,16 +376,19 @@ def _warm_counts(pb: _Problem, counts: np.ndarray, pcie_share: float | str,
                  route: float = 1.0) -> np.ndarray:
     """Per FFN, how many neurons after the hot prefix (frequency order) are warm: the smallest
     prefix of the rest whose frequency mass reaches the FFN's share of the rest's (0 when that
-    is 0): pcie_share, or "auto": balanced_share of the rest's bytes per call (frequencies are per
-    token; an expert is called on `route` of them, top-k / experts: the MoE's average)."""
+    is 0; share 1: all of the rest): pcie_share, or "auto": balanced_share of the rest's bytes
+    per call (frequencies are per token; an expert is called on `route` of them, top-k /
+    experts: the MoE's average)."""
     out = np.zeros(len(pb.keys), dtype=np.int64)
     if pcie_share == 0:
         return out
     for j, fs in enumerate(pb.freq):
         cum = np.cumsum(fs[counts[j]:])
-        if cum.size and cum[-1] > 0:
+        if cum.size:
             s = balanced_share(cum[-1] * pb.read / route) if pcie_share == "auto" else pcie_share
-            if s > 0:   # cum[-1] is the mass itself (not fs.sum()): share 1 then reaches it exactly
+            if s >= 1:  # every non-hot row, also those the profile never saw fire: no CPU half
+                out[j] = cum.size
+            elif s > 0 and cum[-1] > 0:   # cum[-1] is the mass itself (not fs.sum())
                 out[j] = min(cum.size, int(np.searchsorted(cum, s * cum[-1], side="left")) + 1)
     return out
 

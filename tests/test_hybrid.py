@@ -286,6 +286,13 @@ def test_load_with_pcie_share_builds_the_plans_warm_rows(tmp_path):
     assert got == {k: len(warm.get(k, ())) for k in got}
     ref = a.logits(ids)
     assert float((b.logits(ids) - ref).abs().max() / ref.abs().max()) <= 1e-4
+    # share 1 (and "auto" for FFNs this small: a CPU half's fixed cost outweighs their bytes):
+    # every non-hot row warm, also those the profile never saw fire, so no FFN keeps a CPU half
+    for share in (1.0, "auto"):
+        c = hybridinfer.load(folder, pcie_share=share, **kw)
+        ffns = [f for blk in c.model.blocks for f in blk.ffn.experts if f.cold is not None]
+        assert ffns and all(f.n_warm == f.cold.n_ff for f in ffns), share
+        assert float((c.logits(ids) - ref).abs().max() / ref.abs().max()) <= 1e-4
     with pytest.raises(HybridInferError, match="pcie share"):
         hybridinfer.load(folder, pcie_share=1.5, **kw)
 

@@ -204,8 +204,9 @@ def test_plan_cli(tmp_path, capsys):
     # the realised share over all FFNs: each FFN's smallest prefix reaching 0.5 of its mass
     assert p.warm_count() > 0 and p.stats["pcie_share"] == pytest.approx(0.5, abs=0.05)
     assert p.gpu_bytes <= 250_000
-    assert main(args + ["--pcie-share", "auto"]) == 0             # the tiny FFNs: too few bytes a call
-    assert Placement.load(out).warm == {}
+    assert main(args + ["--pcie-share", "auto"]) == 0   # tiny FFNs: a CPU half's fixed cost
+    p = Placement.load(out)                              # outweighs their few bytes: all warm
+    assert p.warm_count() > 0 and p.stats["cpu_bytes_per_token"] == 0
     with pytest.raises(SystemExit) as e:                          # argparse's usage error, one line
         main(args + ["--pcie-share", "2"])
     assert e.value.code == 2 and "pcie share 2.0 is outside" in capsys.readouterr().err
@@ -228,9 +229,12 @@ def test_warm_tier_is_the_next_frequency_prefix(solver):
 
     cfg = tiny_cfg()
     prof = random_profile(cfg, seed=5, tokens=4000, skewed=True)
+    for c in prof.counts.values():          # some neurons the profile never saw fire
+        c[::7] = 0
     n_all = cfg.num_layers * cfg.num_experts * cfg.intermediate_size
     core = core_bytes(cfg, 512)
     base_kw = dict(context=512, solver=solver, min_active_bytes=0, group_size=4, predictor_numel=2000)
+    never_fired_warm = 0
     for extra in (0, warm_ids_bytes(n_all) - 1, warm_ids_bytes(n_all) + 30 * KiB, 300 * KiB, 10 * MiB):
         for share in (0.0, 0.3, 0.6, 1.0):
             budget = core + extra
@@ -255,6 +259,9 @@ def test_warm_tier_is_the_next_frequency_prefix(solver):
                     other = np.setdiff1d(rest, warm)
                     assert len(other) == 0 or f[warm].min() >= f[other].max() - 1e-12
                 mass, wm = f[rest].sum(), f[warm].sum()
+                if share == 1.0:   # every non-hot neuron, also those never seen firing (no CPU half)
+                    assert np.array_equal(warm, rest.astype(np.int32))
+                    never_fired_warm += int((f[warm] == 0).sum())
                 assert wm >= share * mass * (1 - 1e-9)           # reaches the share ...
                 if len(warm):                                     # ... and is the smallest such prefix
                     assert wm - f[warm].min() < share * mass * (1 + 1e-9)
@@ -262,6 +269,7 @@ def test_warm_tier_is_the_next_frequency_prefix(solver):
             assert p.stats["pcie_bytes_per_token"] == pytest.approx(pcie)
             assert p.stats["warm_neurons"] == p.warm_count()
             assert (p.warm_count() > 0) == (p.hot_count() < n_all)   # all hot: nothing left to be warm
+    assert never_fired_warm > 0
     # the CPU's share excludes what the GPU reads over PCIe; the totals stay the same
     a = plan(cfg, prof, core + 300 * KiB, pcie_share=0.0, **base_kw)
     b = plan(cfg, prof, core + 300 * KiB + warm_ids_bytes(n_all), pcie_share=0.5, **base_kw)
@@ -277,17 +285,27 @@ def test_warm_tier_is_the_next_frequency_prefix(solver):
 def test_auto_warm_share_balances_cpu_and_pcie_time():
     """pcie_share "auto": per FFN, the share s that makes the CPU's time for its cold rows,
     (1 - s) B / COLD_CPU_GBS, equal to the GPU's over PCIe, PCIE_LATENCY_S + s B / ZERO_COPY_GBS,
-    for B its expected non-hot bytes per call; none where B is too small to pay the latency."""
-    from hybridinfer.budget import COLD_CPU_GBS, PCIE_LATENCY_S, ZERO_COPY_GBS, balanced_share
+    for B its expected non-hot bytes per call; or 1 (all warm: no CPU half) where the GPU reading
+    all of it is faster than that split plus the CPU half's fixed cost, COLD_CPU_FIXED_S."""
+    from hybridinfer.budget import (COLD_CPU_FIXED_S, COLD_CPU_GBS, PCIE_LATENCY_S, ZERO_COPY_GBS,
+                                    balanced_share)
 
-    assert balanced_share(0) == 0 and balanced_share(COLD_CPU_GBS * PCIE_LATENCY_S) == 0
-    prev = 0.0
-    for mb in (1, 2, 5, 20, 100, 10_000):
+    for mb in (0, 0.1, 0.63, 1, 2):          # small B: the CPU half's fixed cost decides
+        assert balanced_share(mb * 1e6) == 1.0
+    prev, n_split = 0.0, 0
+    for mb in (1, 2, 3, 5, 20, 100, 10_000):
         b = mb * 1e6
         s = balanced_share(b)
+        t_cpu, t_pcie = b / COLD_CPU_GBS, b / ZERO_COPY_GBS
+        if s == 1.0:
+            assert (1 - (t_cpu - PCIE_LATENCY_S) / (t_cpu + t_pcie)) * t_cpu + COLD_CPU_FIXED_S \
+                > PCIE_LATENCY_S + t_pcie
+            continue
         assert prev < s < ZERO_COPY_GBS / (ZERO_COPY_GBS + COLD_CPU_GBS)   # rises to the bandwidths' ratio
-        assert (1 - s) * b / COLD_CPU_GBS == pytest.approx(PCIE_LATENCY_S + s * b / ZERO_COPY_GBS)
-        prev = s
+        assert (1 - s) * t_cpu == pytest.approx(PCIE_LATENCY_S + s * t_pcie)
+        assert (1 - s) * t_cpu + COLD_CPU_FIXED_S <= PCIE_LATENCY_S + t_pcie   # the split is faster
+        prev, n_split = s, n_split + 1
+    assert n_split >= 4
     # a model whose experts read MBs a call (M47's shapes, 2 layers): each FFN's warm mass is its
     # balanced share of its non-hot mass; a budget that holds far more hot rows leaves less per
     # call, so a smaller share
@@ -296,7 +314,7 @@ def test_auto_warm_share_balances_cpu_and_pcie_time():
     cfg, prof = wl.cfg, synthetic_profile(wl)
     route = cfg.experts_per_token / cfg.num_experts
     shares = []
-    for gib in (0.6, 1.0):           # M47 at ~10 and ~16 GiB, scaled to 2 layers
+    for gib in (0.3, 0.5, 1.0):      # M47 at ~5, ~8 and ~16 GiB, scaled to 2 layers
         p = plan(cfg, prof, int(gib * GiB), context=512, fmt="q4_0", pcie_share="auto", solver="greedy")
         assert p.warm_count() > 0 and p.gpu_bytes <= gib * GiB
         read = 3 * 4096 // 32 * 18
@@ -308,7 +326,8 @@ def test_auto_warm_share_balances_cpu_and_pcie_time():
             wm = f[p.warm.get(k, [])].sum()
             assert wm >= s * mass * (1 - 1e-9) and wm - (f[p.warm[k]].min() if k in p.warm else 0) < s * mass + 1e-12
         shares.append(p.stats["pcie_share"])
-    assert shares[0] > shares[1] > 0
+    assert 1 > shares[0] > shares[1] > 0     # the balance: more hot rows, fewer bytes a call
+    assert shares[2] == 1.0                   # a few MB a call: all warm, no CPU half
 
 
 def test_placement_file_with_warm_and_without(tmp_path):
