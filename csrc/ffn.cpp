@@ -246,6 +246,19 @@ void ffn_sparse_multi(const FFNDesc* ffns, int E, const float* x, int b,
       const bool next = j + 1 < c.j1;
       const size_t nx = next ? size_t(ids[c.e][j + 1]) * rb : 0;
       if (dot2) {
+        // Sparse ids (the row after next is not adjacent: no hardware stream covers it): that
+        // row's gate and up go into L2 now, two ids ahead, so more of them is in flight while
+        // this row computes (random rows are latency-bound). q4_0 ffn_sparse 14336 x 4096 at
+        // 10%, dev VM, 4 alternating processes each: 1 thread 1.77-2.09 -> 1.60-1.82 ms, 2
+        // threads 1.10-1.43 -> 0.86-1.08; dense unchanged (adjacent ids: none issued)
+        // (benchmarks/results/q4_sparse_prefetch2_dev2core.txt).
+        if (j + 2 < c.j1 && ids[c.e][j + 2] != ids[c.e][j + 1] + 1) {
+          const size_t o2 = size_t(ids[c.e][j + 2]) * rb;
+          for (size_t o = 0; o < rb; o += 64) {
+            __builtin_prefetch(f.gate + o2 + o, 0, 2);   // locality 2: prefetcht1, into L2
+            __builtin_prefetch(f.up + o2 + o, 0, 2);
+          }
+        }
         // While gate and up are computed, the next id's gate and up rows stream into L1 and
         // the down row of this id into L2 (read by the axpy up to kRows ids later: L2 keeps
         // it, L1 would not). q4_0 dense, 1 thread: 10.8-11.3 -> 8.2-8.3 ms, docs/KERNELS.md.
