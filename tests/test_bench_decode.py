@@ -243,3 +243,25 @@ def test_bench_kernels_cli_json(tmp_path, monkeypatch):
         assert r["seconds"] > 0 and r["gbs"] > 0
         assert r["ratio"] == pytest.approx(r["gbs"] / d["read_bandwidth_gbs_by_threads"][str(r["threads"])])
     machine.release_buffer()
+
+
+@pytest.mark.parametrize("policy", ["cpu-sparse", "cpu-dense"])
+def test_timers_count_a_cpu_models_attention_halves(policy):
+    """A CPU model decodes through its bound plan, whose attention halves are native calls held
+    in the plan itself: the timers must count them (under cpu / "linear"), or bench decode
+    reports their time as Python (M7 cpu-sparse read 49% "Python" before)."""
+    from hybridinfer.bench.decode_measure import _Timers, decode as run_tokens, stepper
+    from hybridinfer.bench.decode_policies import build
+
+    wl = workload.make_workload("T7", None, 0)
+    b = build(policy, wl, torch.device("cpu"), torch.float32, torch.float32)
+    cache, step = stepper(b.model, 32, False)
+    run_tokens(step, 2)                                   # binds the plan
+    assert b.model._plan[1], "the CPU model should decode through its bound plan"
+    plan_before = list(b.model._plan[1])
+    n = 3
+    with _Timers(b.model, torch.device("cpu")) as tm:
+        run_tokens(step, n)
+    assert tm.calls["linear"] >= n * wl.cfg.num_layers    # every layer's attention half, each token
+    assert tm.parts["linear"] > 0 and tm.cpu >= tm.parts["linear"]
+    assert b.model._plan[1] == plan_before                # restored

@@ -158,11 +158,11 @@ class _Timers:
         self.chain_cpu = 0.0               # the chained decoder's service thread, in cold steps
         self.syncs = 0
         self.parts = {"ffn": 0.0, "linear": 0.0, "predictor": 0.0}
+        self.calls = {"ffn": 0, "linear": 0, "predictor": 0}     # timed calls per part
         self._in_pred = 0
 
-    def _wrap(self, mod, name, field, part=None):
-        orig = getattr(mod, name)
-
+    def _timer(self, orig, field, part=None):
+        """orig wrapped: its seconds added to `field` (and to parts[part], outside a predictor)."""
         def timed(*a, **k):
             t = time.perf_counter()
             try:
@@ -172,8 +172,23 @@ class _Timers:
                 setattr(self, field, getattr(self, field) + dt)
                 if part is not None and not self._in_pred:
                     self.parts[part] += dt
-        setattr(mod, name, timed)
+                    self.calls[part] += 1
+        return timed
+
+    def _wrap(self, mod, name, field, part=None):
+        orig = getattr(mod, name)
+        setattr(mod, name, self._timer(orig, field, part))
         self._undo.append((mod, name, orig))
+
+    def _wrap_cpu_plan(self):
+        """A CPU model's bound decode plan (model._cpu_plan) holds each layer's native attention
+        call itself (not AttnStep.run_trusted): time those entries in place, restored on exit."""
+        plan = getattr(self.model, "_plan", (None, None))[1]
+        if not plan:
+            return
+        orig = list(plan)
+        plan[:] = [(self._timer(e[0], "cpu", "linear"), *e[1:]) for e in orig]
+        self._undo.append(lambda: plan.__setitem__(slice(None), orig))
 
     def _wrap_static(self, cls, name, field):
         """_wrap for a staticmethod of cls (restored as a staticmethod)."""
@@ -212,6 +227,7 @@ class _Timers:
         # call, and the benchmark predictor's fc1 + fc2 (counted under "predictor")
         self._wrap(cpu_step.AttnStep, "run_trusted", "cpu", "linear")
         self._wrap(cpu_k, "relu_mlp_t", "cpu")
+        self._wrap_cpu_plan()
         self._wrap_predictor()
         self._wrap(gpu_k, "to_host", "sync")
         self._wrap(gpu_k, "to_device", "sync")
@@ -237,7 +253,11 @@ class _Timers:
         return self
 
     def __exit__(self, *exc):
-        for mod, name, orig in reversed(self._undo):
+        for item in reversed(self._undo):
+            if callable(item):
+                item()
+                continue
+            mod, name, orig = item
             if orig is None:
                 mod.__dict__.pop(name, None)
             else:
