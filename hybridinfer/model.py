@@ -332,6 +332,22 @@ def build_model(cfg: ModelConfig, ckpt: Checkpoint, device: torch.device, dtype:
             placed[component] = placed.get(component, 0) + w.nbytes
         return w
 
+    def lin_t(name, shape, component, fmt):
+        """A [out, in] weight packed transposed for the CPU kernels (rows of W^T, plain, read
+        by relu_mlp_t / rows_axpy: a predictor's fc2) where lin would pack it for the CPU
+        (f32 rows where W^T's rows do not hold whole blocks); else None."""
+        on_gpu_side = places.get(component, True)
+        if cpu_linear_fmt is None or torch.device(device if on_gpu_side else "cpu").type != "cpu":
+            return None
+        if fmt in quant.BLOCK_FORMATS and shape[0] % quant.QK:    # blocks do not fit: f32 rows
+            fmt = "f32"
+        w = cpu_kernels.PackedLinear.from_weight(ckpt.get(name, shape).t().contiguous(), fmt,
+                                                 grouped=False)
+        ckpt.release(name)
+        if on_gpu_side:
+            placed[component] = placed.get(component, 0) + w.nbytes
+        return w
+
     def ffn(layer, expert=None):
         n = ffn_names(cfg.family, layer, expert)
         pred = None
@@ -339,8 +355,11 @@ def build_model(cfg: ModelConfig, ckpt: Checkpoint, device: torch.device, dtype:
             rank = ckpt.shape(n["fc1"])[0]
             # on the CPU with a quantised format: q8_0 rows (the scores' sign decides the mask,
             # so the predictor keeps more precision than the FFN rows)
-            pred = Predictor(lin(n["fc1"], (rank, d), "predictors", "q8_0", None),
-                             lin(n["fc2"], (ff, rank), "predictors", "q8_0", None))
+            fc1 = lin(n["fc1"], (rank, d), "predictors", "q8_0", None)
+            fc2t = lin_t(n["fc2"], (ff, rank), "predictors", "q8_0") \
+                if isinstance(fc1, cpu_kernels.PackedLinear) else None
+            pred = Predictor(fc1, None if fc2t is not None else
+                             lin(n["fc2"], (ff, rank), "predictors", "q8_0", None), fc2t=fc2t)
         if ffn_factory is not None:
             shapes = {"gate": (ff, d), "up": (ff, d), "down": (d, ff)}
             module = ffn_factory(layer, expert, lambda key: ckpt.get(n[key], shapes[key]), pred)

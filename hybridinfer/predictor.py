@@ -32,16 +32,32 @@ PREDICTOR_FILE = "predictors.safetensors"
 
 
 class Predictor(nn.Module):
-    """x [n, d] -> scores [n, n_ff]."""
+    """x [n, d] -> scores [n, n_ff].
+    fc2t: for the CPU kernels, fc2 stored transposed (kernels.cpu.PackedLinear of plain rows
+    [rank, n_ff], in place of fc2, which is then None): the scores are the rows of fc2^T weighted
+    by relu(fc1 x), and a row whose weight is zero (about half of them) is never read; one
+    token is one native call (relu_mlp_t). fc2 as a GEMV reads every row."""
 
-    def __init__(self, fc1: torch.Tensor, fc2: torch.Tensor, threshold: float = 0.0):
+    def __init__(self, fc1: torch.Tensor, fc2: torch.Tensor | None, threshold: float = 0.0,
+                 fc2t=None):
         super().__init__()
+        if (fc2 is None) == (fc2t is None):
+            raise ValueError("Predictor: give fc2 [n_ff, rank] or fc2t [rank, n_ff], one of them")
         self.fc1 = fc1  # [rank, d]
         self.fc2 = fc2  # [n_ff, rank]
+        self.fc2t = fc2t
         self.threshold = threshold
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(F.relu(linear(x, self.fc1)), self.fc2)
+        if self.fc2t is None:
+            return linear(F.relu(linear(x, self.fc1)), self.fc2)
+        from .kernels import cpu
+        x2 = x.reshape(-1, x.shape[-1]).float().contiguous()
+        if x2.shape[0] == 1:
+            y = cpu.relu_mlp_t(x2[0], self.fc1, self.fc2t)[None]
+        else:
+            y = cpu.rows_axpy(F.relu(cpu.linear(x2, self.fc1)), self.fc2t)
+        return y.view(*x.shape[:-1], y.shape[-1])
 
     def input(self, x: torch.Tensor) -> torch.Tensor:
         """x in the dtype the predictor computes in: its weights' (float32 for packed CPU rows)."""

@@ -243,6 +243,44 @@ def test_relu_mlp_t_matches_float64(path, fmt):
             cpu.relu_mlp_t(x, fc1, cpu.PackedLinear.from_weight(torch.randn(r, n2, generator=g), fmt))
 
 
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("fmt", ["q4_0", "q8_0", "f32"])
+def test_rows_axpy_matches_float64(path, fmt):
+    """kernels.cpu.rows_axpy (a batch of coefficient rows over a matrix stored as its transpose's
+    packed rows; rows whose coefficients are all zero are skipped) against float64, for one and
+    several rows of coefficients with zero columns; its errors."""
+    from hybridinfer import quant
+    use_path(path)
+    g = torch.Generator().manual_seed(5)
+    r, n2 = 70, 160
+    m = cpu.PackedLinear.from_weight(torch.randn(r, n2, generator=g), fmt, grouped=False)
+    W = quant.unpack(m.weight, fmt, n2).double()
+    tol = 0.02 if fmt == "q4_0" else 1e-5      # the q4_0 AXPY rounds its coefficients (integer maths)
+    for b in (1, 4):
+        a = torch.randn(b, r, generator=g).clamp_min(0)     # relu's output: about half zero
+        a[:, 7] = 0.0                                        # a row no token uses
+        ref = a.double() @ W
+        y = cpu.rows_axpy(a, m)
+        assert y.shape == (b, n2)
+        torch.testing.assert_close(y.double(), ref, rtol=tol, atol=tol * float(ref.abs().max()))
+    torch.testing.assert_close(cpu.rows_axpy(a[0], m).double(), ref[0], rtol=tol,
+                               atol=tol * float(ref.abs().max()))       # 1-D a -> 1-D y
+    with pytest.raises(ValueError, match="expected shape"):
+        cpu.rows_axpy(torch.zeros(2, r + 1), m)
+    if fmt == "q4_0":
+        with pytest.raises(ValueError, match="plain rows"):
+            cpu.rows_axpy(a, cpu.PackedLinear.from_weight(torch.randn(r, n2, generator=g), fmt))
+
+
+def test_predictor_takes_fc2_or_fc2t():
+    from hybridinfer.predictor import Predictor
+    fc1 = torch.randn(4, 8)
+    with pytest.raises(ValueError, match="one of them"):
+        Predictor(fc1, None)
+    with pytest.raises(ValueError, match="one of them"):
+        Predictor(fc1, torch.randn(16, 4), fc2t=cpu.PackedLinear.from_weight(torch.randn(4, 32), "f32"))
+
+
 @pytest.mark.parametrize("policy", ["cpu-dense", "cpu-sparse"])
 def test_model_cpu_plan_equals_the_block_path(monkeypatch, policy):
     """A CPU-only hybrid model (the benchmark's cpu-dense / cpu-sparse on T7): one-token decode

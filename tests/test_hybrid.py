@@ -179,9 +179,10 @@ def test_bad_placements_and_options(tmp_path):
 
 
 def test_cpu_predictors_are_packed_q8_0_with_a_quantised_cpu_format(tmp_path):
-    """Predictors on the CPU with a quantised --weights format: q8_0 rows read by the C++ linear
-    kernel (torch's float matmul is slow on AVX2 CPUs); scores agree with the float predictor
-    up to the rounding of q8_0 weights and the q8-quantised input."""
+    """Predictors on the CPU with a quantised --weights format: q8_0 rows for the C++ kernels
+    (torch's float matmul is slow on AVX2 CPUs), fc2 stored transposed (fc2t [rank, n_ff]: the
+    rows relu zeroes are skipped; one token is relu_mlp_t, a batch rows_axpy); scores agree
+    with the float predictor up to the rounding of q8_0 weights and the q8-quantised input."""
     from hybridinfer.kernels.cpu import PackedLinear
     from hybridinfer.predictor import Predictor
     folder, _, _ = write_model(tmp_path / "m", "TurboSparseMixtralForCausalLM", seed=41)
@@ -194,13 +195,17 @@ def test_cpu_predictors_are_packed_q8_0_with_a_quantised_cpu_format(tmp_path):
         for e in range(cfg.num_experts):
             p = packed.model.blocks[layer].ffn.experts[e].predictor
             f = plain.model.blocks[layer].ffn.experts[e].predictor
-            assert isinstance(p.fc1, PackedLinear) and isinstance(p.fc2, PackedLinear)
-            x = torch.randn(3, cfg.hidden_size, generator=g)
-            ref = Predictor(f.fc1.double(), f.fc2.double())(x.double())
-            got = p(p.input(x)).double()
-            assert float((got - ref).abs().max() / ref.abs().max()) <= 3e-2
-            far = (ref.abs() > 0.1 * ref.abs().max())          # clear of the threshold: same mask
-            assert torch.equal((got > 0)[far], (ref > 0)[far])
+            assert isinstance(p.fc1, PackedLinear) and p.fc2 is None
+            assert isinstance(p.fc2t, PackedLinear) and p.fc2t.fmt == "q8_0" and not p.fc2t.grouped
+            assert (p.fc2t.out_features, p.fc2t.in_features) == tuple(f.fc2.shape[::-1])
+            for n in (3, 1):                                   # a batch, and one token
+                x = torch.randn(n, cfg.hidden_size, generator=g)
+                ref = Predictor(f.fc1.double(), f.fc2.double())(x.double())
+                got = p(p.input(x)).double()
+                assert got.shape == ref.shape
+                assert float((got - ref).abs().max() / ref.abs().max()) <= 3e-2
+                far = (ref.abs() > 0.1 * ref.abs().max())      # clear of the threshold: same mask
+                assert torch.equal((got > 0)[far], (ref > 0)[far])
     ids = random_ids(6, seed=44)
     assert torch.isfinite(packed.logits(ids)).all()
     assert decode_logits(packed, ids).isfinite().all()

@@ -329,13 +329,28 @@ def relu_mlp_t(x: torch.Tensor, fc1: PackedLinear, fc2t: PackedLinear) -> torch.
             or fc2t.out_features != fc1.out_features:
         raise ValueError("relu_mlp_t: fc1 [r, d] and fc2t [r, n2] must be PackedLinear with the same r")
     if fc2t.grouped:
-        raise ValueError("relu_mlp_t: fc2t must be plain q4_0 rows (grouped rows are read by linear only)")
+        raise ValueError("relu_mlp_t: fc2t must be plain rows (grouped rows are read by linear only)")
     x = _f32(x, "x", fc1.in_features)
     h, y = torch.empty(fc1.out_features), torch.empty(fc2t.in_features)
     _call(_native().relu_mlp_t, fc1.code, fc1.in_features, fc1.out_features,
           fc1.weight.data_ptr(), _FMT_CODE[fc2t.fmt], fc2t.in_features, fc2t.weight.data_ptr(),
           x.data_ptr(), h.data_ptr(), y.data_ptr())
     return y
+
+
+def rows_axpy(a, m: PackedLinear) -> torch.Tensor:
+    """y [b, n] = sum_j a[:, j] * m[j, :] over m's rows (m [r, n] plain packed rows: a matrix
+    stored transposed, e.g. a predictor's fc2^T), rows whose coefficients are all zero unread.
+    a [b, r] float32 (relu's output: about half of it zero). The batch form of relu_mlp_t's
+    second half."""
+    if not isinstance(m, PackedLinear) or m.grouped:
+        raise ValueError("rows_axpy: m must be a PackedLinear of plain rows")
+    at, one, was_np = _x2d(a, m.out_features, "a")
+    ids = torch.arange(m.out_features, dtype=torch.int32)
+    y = torch.empty(at.shape[0], m.in_features, dtype=torch.float32)
+    _call(_native().down_sparse, _FMT_CODE[m.fmt], m.in_features, m.out_features, m.weight.data_ptr(),
+          at.data_ptr(), at.shape[0], ids.data_ptr(), ids.numel(), True, y.data_ptr())
+    return _out(y, one, was_np)
 
 
 def _f32(t, name: str, numel: int | None = None) -> torch.Tensor:
