@@ -105,8 +105,7 @@ def main():
         op = name.split("@")[0]
         kind = "down" if op in ("fc2", "dn") else "gate_up"
         n = {"qkv": 6144, "o": d, "lm": 32000, "fc1": rank, "fc2": nff, "gu": nff, "dn": nff}[op]
-        default = tk.config("q4_0", nff if op == "fc2" else d, n if op != "fc2" else rank,
-                            masked=op == "gu")[kind]
+        default = tk.config("q4_0", nff if op == "fc2" else d, n if op != "fc2" else rank)[kind]
         ref = fn(dict(default), True).clone()
         rows = []
         cands = {"fc2": axpy_cfgs, "dn": hot_axpy_cfgs, "gu": hot_dot_cfgs}.get(op, dot_cfgs)

@@ -63,7 +63,8 @@ def balanced_share(nbytes: float) -> float:
     """The "auto" warm share of an FFN with non-hot rows that read nbytes per call (expected; see
     COLD_CPU_GBS): the balanced split, or 1 (every non-hot row warm) where that is faster than
     the split with the CPU half's fixed cost (always for small nbytes, also 0)."""
-    t_cpu, t_pcie = max(nbytes, 0.0) / COLD_CPU_GBS, max(nbytes, 0.0) / ZERO_COPY_GBS
+    b = max(nbytes, 0.0)
+    t_cpu, t_pcie = b / COLD_CPU_GBS, b / ZERO_COPY_GBS
     s = 0.0 if t_cpu <= PCIE_LATENCY_S else min(1.0, (t_cpu - PCIE_LATENCY_S) / (t_cpu + t_pcie))
     split = max((1 - s) * t_cpu + COLD_CPU_FIXED_S, PCIE_LATENCY_S + s * t_pcie if s > 0 else 0.0)
     return 1.0 if PCIE_LATENCY_S + t_pcie < split else s

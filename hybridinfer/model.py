@@ -313,36 +313,28 @@ def build_model(cfg: ModelConfig, ckpt: Checkpoint, device: torch.device, dtype:
             placed[component] = placed.get(component, 0) + out.numel() * out.element_size()
         return out
 
-    def lin(name, shape, component="attention", fmt=cpu_linear_fmt, gpu_fmt=gpu_linear_fmt):
+    def lin(name, shape, component="attention", fmt=cpu_linear_fmt, gpu_fmt=gpu_linear_fmt,
+            transposed=False):
         """A linear layer's weight: packed for the CPU kernels (in fmt) when it lives on the CPU
         and cpu_linear_fmt is set; else packed for the GPU side's GEMV (gpu_fmt) when it lives
-        there and its rows hold whole blocks; else the tensor of get()."""
+        there and its rows hold whole blocks; else the tensor of get().
+        transposed: on the CPU, the rows of W^T instead (plain rows, read by relu_mlp_t /
+        rows_axpy: a predictor's fc2); only where the layer is packed for the CPU."""
         on_gpu_side = places.get(component, True)
         on_cpu = torch.device(device if on_gpu_side else "cpu").type == "cpu"
         if cpu_linear_fmt is not None and on_cpu:
-            if fmt in quant.BLOCK_FORMATS and shape[1] % quant.QK:   # blocks do not fit: f32 rows
+            w = ckpt.get(name, shape)
+            if transposed:
+                w = w.t().contiguous()
+            if fmt in quant.BLOCK_FORMATS and w.shape[1] % quant.QK:   # blocks do not fit: f32 rows
                 fmt = "f32"
-            w = cpu_kernels.PackedLinear.from_weight(ckpt.get(name, shape), fmt)
+            w = cpu_kernels.PackedLinear.from_weight(w, fmt, grouped=False if transposed else None)
+        elif transposed:
+            raise AssertionError("lin: transposed rows are made for the CPU kernels only")
         elif gpu_fmt is not None and on_gpu_side and shape[1] % quant.QK == 0:
             w = gpu_kernels.DeviceLinear.from_weight(ckpt.get(name, shape), gpu_fmt, device)
         else:
             return get(name, shape, component)
-        ckpt.release(name)
-        if on_gpu_side:
-            placed[component] = placed.get(component, 0) + w.nbytes
-        return w
-
-    def lin_t(name, shape, component, fmt):
-        """A [out, in] weight packed transposed for the CPU kernels (rows of W^T, plain, read
-        by relu_mlp_t / rows_axpy: a predictor's fc2) where lin would pack it for the CPU
-        (f32 rows where W^T's rows do not hold whole blocks); else None."""
-        on_gpu_side = places.get(component, True)
-        if cpu_linear_fmt is None or torch.device(device if on_gpu_side else "cpu").type != "cpu":
-            return None
-        if fmt in quant.BLOCK_FORMATS and shape[0] % quant.QK:    # blocks do not fit: f32 rows
-            fmt = "f32"
-        w = cpu_kernels.PackedLinear.from_weight(ckpt.get(name, shape).t().contiguous(), fmt,
-                                                 grouped=False)
         ckpt.release(name)
         if on_gpu_side:
             placed[component] = placed.get(component, 0) + w.nbytes
@@ -355,11 +347,11 @@ def build_model(cfg: ModelConfig, ckpt: Checkpoint, device: torch.device, dtype:
             rank = ckpt.shape(n["fc1"])[0]
             # on the CPU with a quantised format: q8_0 rows (the scores' sign decides the mask,
             # so the predictor keeps more precision than the FFN rows)
+            # packed for the CPU: fc2 as the rows of fc2^T (Predictor.fc2t: relu's zeros unread)
             fc1 = lin(n["fc1"], (rank, d), "predictors", "q8_0", None)
-            fc2t = lin_t(n["fc2"], (ff, rank), "predictors", "q8_0") \
-                if isinstance(fc1, cpu_kernels.PackedLinear) else None
-            pred = Predictor(fc1, None if fc2t is not None else
-                             lin(n["fc2"], (ff, rank), "predictors", "q8_0", None), fc2t=fc2t)
+            cpu_rows = isinstance(fc1, cpu_kernels.PackedLinear)
+            fc2 = lin(n["fc2"], (ff, rank), "predictors", "q8_0", None, transposed=cpu_rows)
+            pred = Predictor(fc1, None, fc2t=fc2) if cpu_rows else Predictor(fc1, fc2)
         if ffn_factory is not None:
             shapes = {"gate": (ff, d), "up": (ff, d), "down": (d, ff)}
             module = ffn_factory(layer, expert, lambda key: ckpt.get(n[key], shapes[key]), pred)

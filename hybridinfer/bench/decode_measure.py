@@ -178,7 +178,7 @@ class _Timers:
     def _wrap(self, mod, name, field, part=None):
         orig = getattr(mod, name)
         setattr(mod, name, self._timer(orig, field, part))
-        self._undo.append((mod, name, orig))
+        self._undo.append(lambda: setattr(mod, name, orig))
 
     def _wrap_cpu_plan(self):
         """A CPU model's bound decode plan (model._cpu_plan) holds each layer's native attention
@@ -201,7 +201,7 @@ class _Timers:
             finally:
                 setattr(self, field, getattr(self, field) + time.perf_counter() - t)
         setattr(cls, name, staticmethod(timed))
-        self._undo.append((cls, name, staticmethod(orig)))
+        self._undo.append(lambda: setattr(cls, name, staticmethod(orig)))
 
     def _wrap_predictor(self):
         orig = SynthPredictor.active
@@ -215,7 +215,7 @@ class _Timers:
                 self._in_pred -= 1
                 self.parts["predictor"] += time.perf_counter() - t
         SynthPredictor.active = timed
-        self._undo.append((SynthPredictor, "active", orig))
+        self._undo.append(lambda: setattr(SynthPredictor, "active", orig))
 
     def __enter__(self):
         self._undo = []
@@ -249,19 +249,12 @@ class _Timers:
                         self.syncs += 1
                         return out
                     blk.ffn.route = route
-                    self._undo.append((blk.ffn, "route", None))
+                    self._undo.append(lambda f=blk.ffn: f.__dict__.pop("route", None))
         return self
 
     def __exit__(self, *exc):
-        for item in reversed(self._undo):
-            if callable(item):
-                item()
-                continue
-            mod, name, orig = item
-            if orig is None:
-                mod.__dict__.pop(name, None)
-            else:
-                setattr(mod, name, orig)
+        for undo in reversed(self._undo):     # each a callable restoring what was wrapped
+            undo()
         self.syncs += gpu_k.SyncCounter.syncs - self._s0[0] + Counters.syncs - self._s0[2]
         self.sync += Counters.sync_s - self._s0[1]
         self.chain_cpu = cpu_step.ColdChain.busy_s - self._s0[3]

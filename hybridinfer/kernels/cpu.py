@@ -237,11 +237,17 @@ def gate_up_sparse(ffn: PackedFFN, x, ids, act: str = "drelu", threshold: float 
 
 def down_sparse(ffn: PackedFFN, a, ids, skip_zero: bool = False):
     """y [b, d] (or [d]) = sum_j a[:, j] W2[:, ids[j]]. a: [k] or [b, k] float32."""
-    idt = _ids(ids)
+    return _axpy_rows(ffn.fmt, ffn.d_model, ffn.n_ff, ffn.down_t, a, _ids(ids), skip_zero)
+
+
+def _axpy_rows(fmt: str, d: int, n: int, rows: torch.Tensor, a, idt: torch.Tensor,
+               skip_zero: bool):
+    """y [b, d] = sum_j a[:, j] * rows[idt[j]] (rows: n packed rows of d values; the native
+    down_sparse): down_sparse's and rows_axpy's one call."""
     at, one, was_np = _x2d(a, idt.numel(), "a")
-    y = torch.empty(at.shape[0], ffn.d_model, dtype=torch.float32)
-    _call(_native().down_sparse, _FMT_CODE[ffn.fmt], ffn.d_model, ffn.n_ff, ffn.down_t.data_ptr(),
-          at.data_ptr(), at.shape[0], idt.data_ptr(), idt.numel(), bool(skip_zero), y.data_ptr())
+    y = torch.empty(at.shape[0], d, dtype=torch.float32)
+    _call(_native().down_sparse, _FMT_CODE[fmt], d, n, rows.data_ptr(), at.data_ptr(), at.shape[0],
+          idt.data_ptr(), idt.numel(), bool(skip_zero), y.data_ptr())
     return _out(y, one, was_np)
 
 
@@ -345,12 +351,8 @@ def rows_axpy(a, m: PackedLinear) -> torch.Tensor:
     second half."""
     if not isinstance(m, PackedLinear) or m.grouped:
         raise ValueError("rows_axpy: m must be a PackedLinear of plain rows")
-    at, one, was_np = _x2d(a, m.out_features, "a")
-    ids = torch.arange(m.out_features, dtype=torch.int32)
-    y = torch.empty(at.shape[0], m.in_features, dtype=torch.float32)
-    _call(_native().down_sparse, _FMT_CODE[m.fmt], m.in_features, m.out_features, m.weight.data_ptr(),
-          at.data_ptr(), at.shape[0], ids.data_ptr(), ids.numel(), True, y.data_ptr())
-    return _out(y, one, was_np)
+    return _axpy_rows(m.fmt, m.in_features, m.out_features, m.weight, a,
+                      torch.arange(m.out_features, dtype=torch.int32), True)
 
 
 def _f32(t, name: str, numel: int | None = None) -> torch.Tensor:

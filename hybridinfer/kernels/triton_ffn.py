@@ -375,15 +375,13 @@ def _matvec_kernel(x_ptr, w_ptr, y_ptr, lst_ptr, N, D, NB, RS, sel_ptr, wtab, nt
 
 # ---- launch configuration --------------------------------------------------------------------
 
-def config(fmt: str, d: int, n: int, device: torch.device | None = None,
-           masked: bool = False, gguf: bool = False) -> dict:
+def config(fmt: str, d: int, n: int, device: torch.device | None = None) -> dict:
     """Launch parameters per shape class: the best measured ones of the sweeps in
     benchmarks/results/triton_hot_ffn_h100.md and triton_sweep_*_h100.txt (H100, d = 4096).
     CHUNK: rows per program (compacted in-program), R: live rows per tile, BK: K tile (q4_0:
     blocks of 32 values; float: columns; one tile covers d <= 4096 for gate_up; down's column
-    tile), num_warps; optional WORDS=False reads q4_0 rows as int16 halfwords. masked: gate_up
-    over a predictor's mask (a sparse share of the rows live), not every row; gguf: rows in GGUF's
-    layout (the warm tier, over PCIe). device is unused (kept for callers)."""
+    tile), num_warps; optional WORDS=False reads q4_0 rows as int16 halfwords. device is unused
+    (kept for callers)."""
     if fmt == "q4_0":
         nb2 = triton.next_power_of_2(d // 32)
         # n <= 1024 (a predictor's fc1 per slot): more programs (benchmarks/results/
@@ -419,11 +417,11 @@ def _words(fmt: str, d: int, cfg: dict) -> bool:
 
 
 def _dot_launch(fmt: str, d: int, n: int, cfg: dict | None, device, slots: int = 1,
-                gguf: bool = False, masked: bool = False) -> tuple[dict, int, torch.Tensor, bool]:
+                gguf: bool = False) -> tuple[dict, int, torch.Tensor, bool]:
     """The row-dot kernels' (gate_up, matvec) launch: (constexpr kwargs incl. WORDS, GGUF, NK and
     num_warps, grid size along the rows, the row-list scratch for `slots` slots, WORDS).
-    gguf: q4_0 rows in GGUF's layout (read as halfwords); masked: a gate_up with a mask."""
-    c = dict(cfg or config(fmt, d, n, device, masked, gguf)["gate_up"])
+    gguf: q4_0 rows in GGUF's layout (read as halfwords)."""
+    c = dict(cfg or config(fmt, d, n, device)["gate_up"])
     grid = triton.cdiv(n, c["CHUNK"])
     lst = torch.empty(slots * grid * c["CHUNK"], dtype=torch.int32, device=device)
     words = _words(fmt, d, c) and not gguf
@@ -435,7 +433,7 @@ def _dot_launch(fmt: str, d: int, n: int, cfg: dict | None, device, slots: int =
 def _down_launch(fmt: str, d: int, n: int, cfg: dict | None, device, slots: int = 1,
                  gguf: bool = False):
     """The axpy kernel's launch: (constexpr kwargs, grid (column tiles, row chunks), scratch)."""
-    c = dict(cfg or config(fmt, d, n, device, gguf=gguf)["down"])
+    c = dict(cfg or config(fmt, d, n, device)["down"])
     units = d // 32 if fmt == "q4_0" else d
     grid = (triton.cdiv(units, c["BK"]), triton.cdiv(n, c["CHUNK"]))
     lst = torch.empty(slots * grid[0] * grid[1] * c["CHUNK"], dtype=torch.int32, device=device)
@@ -488,7 +486,7 @@ def gate_up(fmt: str, d: int, gate: torch.Tensor, up: torch.Tensor, x: torch.Ten
     """a [n] f32 = act(gate·x, up·x) on the rows whose mask is set (0 elsewhere).
     gguf: q4_0 rows in GGUF's layout (else the GPU row layout)."""
     n = gate.shape[0]
-    c, grid, lst, words = _dot_launch(fmt, d, n, cfg, x.device, gguf=gguf, masked=mask is not None)
+    c, grid, lst, words = _dot_launch(fmt, d, n, cfg, x.device, gguf=gguf)
     a = torch.empty(n, dtype=torch.float32, device=x.device)
     g, rs = _rows_view(fmt, gate, words)
     u, _ = _rows_view(fmt, up, words)
@@ -506,7 +504,7 @@ def gate_up_slots(fmt: str, d: int, gt: RowTable, ut: RowTable, it: RowTable, x:
     a[s, :n_e] = act(gate_e·x, up_e·x) on the rows whose neuron (it: hot ids) mask[s] sets
     (mask bool [k, n_ff] or None); a f32 [k, AS], AS >= gt.n_max, written (rows past n_e untouched)."""
     k = sel.numel()
-    c, grid, lst, _ = _dot_launch(fmt, d, gt.n_max, cfg, x.device, k, gt.gguf, mask is not None)
+    c, grid, lst, _ = _dot_launch(fmt, d, gt.n_max, cfg, x.device, k, gt.gguf)
     m = mask.view(torch.uint8) if mask is not None else a
     LAST["gate_up_slots"] = _gate_up_kernel[(grid, k)](
         x, gt.like, ut.like, m, a, lst, 0, d, d // 32, gt.rs, float(threshold), sel, gt.ptr,
