@@ -53,10 +53,10 @@ ColdChain::~ColdChain() {
 
 void ColdChain::begin() {
   std::lock_guard<std::mutex> lk(mu_);
-  if (active_) throw std::logic_error("ColdChain: begin() twice without end()");
-  active_ = true;
-  err_ = nullptr;
-  cancel_.store(false);
+  if (gen_ - ended_ >= kAhead)
+    throw std::logic_error("ColdChain: begin() with " + std::to_string(kAhead) +
+                           " tokens in flight (end() the oldest first)");
+  if (gen_ == ended_) cancel_.store(false);   // nothing in flight: a past cancel is over
   ++gen_;
   cv_.notify_all();
 }
@@ -65,18 +65,21 @@ void ColdChain::end(bool cancel) {
   uint64_t want;
   {
     std::lock_guard<std::mutex> lk(mu_);
-    if (!active_) return;
-    want = gen_;
+    if (gen_ == ended_) return;
+    want = cancel ? gen_ : ended_ + 1;
   }
   if (cancel) cancel_.store(true);
   // the token's device work takes milliseconds: spin briefly, then yield
-  spin_until([&] { return served_.load(std::memory_order_acquire) == want; });
+  spin_until([&] { return served_.load(std::memory_order_acquire) >= want; });
   std::exception_ptr e;
   {
     std::lock_guard<std::mutex> lk(mu_);
-    active_ = false;
-    e = err_;
-    err_ = nullptr;
+    for (uint64_t t = ended_ + 1; t <= want; ++t) {
+      std::exception_ptr& slot = err_[t % kAhead];
+      if (!e) e = slot;
+      slot = nullptr;
+    }
+    ended_ = want;
   }
   if (e && !cancel) std::rethrow_exception(e);
 }
@@ -88,14 +91,15 @@ void ColdChain::serve() {
       std::unique_lock<std::mutex> lk(mu_);
       cv_.wait(lk, [&] { return stop_ || gen_ != seen; });
       if (stop_) return;
-      seen = gen_;
     }
-    serve_token();
+    ++seen;                                   // the tokens in order, one at a time
+    err_[seen % kAhead] = serve_token();
     served_.store(seen, std::memory_order_release);
   }
 }
 
-void ColdChain::serve_token() {
+std::exception_ptr ColdChain::serve_token() {
+  std::exception_ptr err;
   size_t i = 0;
   for (; i < links_.size(); ++i) {
     const ColdLink& k = links_[i];
@@ -106,7 +110,7 @@ void ColdChain::serve_token() {
     ++waits_;
     if (!ok) {
       if (!cancel_.load())
-        err_ = std::make_exception_ptr(std::runtime_error(
+        err = std::make_exception_ptr(std::runtime_error(
             "ColdChain: the device did not signal link " + std::to_string(i) + " within " +
             std::to_string(timeout_s_) + " s"));
       break;
@@ -114,7 +118,7 @@ void ColdChain::serve_token() {
     try {
       k.step->run();
     } catch (...) {
-      err_ = std::current_exception();
+      err = std::current_exception();
       std::memset(k.y, 0, sizeof(float) * size_t(k.d));
       store_release(k.done, 1);
       ++i;
@@ -127,6 +131,7 @@ void ColdChain::serve_token() {
     std::memset(links_[i].y, 0, sizeof(float) * size_t(links_[i].d));
     store_release(links_[i].done, 1);
   }
+  return err;
 }
 
 }  // namespace hi

@@ -11,6 +11,11 @@
 // Errors (an expert id out of range, or a flag that never comes within the timeout) do not
 // stall the device: the service thread zeroes that layer's y, sets done for it and every later
 // layer, and end() rethrows the first error.
+//
+// Run-ahead decode (GraphDecoder.stream) enqueues token t+1's graph before the host reads token
+// t: up to kAhead tokens are begun and not yet ended. The thread serves them in order (token
+// t+1's ready flags can only come after token t's device work, one stream); each has its own
+// error slot, so end() of token t never sees token t+1's error.
 #pragma once
 #include <atomic>
 #include <condition_variable>
@@ -42,11 +47,13 @@ class ColdChain {
   ~ColdChain();
   ColdChain(const ColdChain&) = delete;
   ColdChain& operator=(const ColdChain&) = delete;
-  // Start serving one token's links (the previous token must have ended).
+  static constexpr uint64_t kAhead = 2;   // tokens begun and not ended, at most
+  // Start serving one more token's links (at most kAhead tokens in flight: else logic_error).
   void begin();
-  // Wait until every link of the token was served; rethrow the first error. cancel: stop
-  // waiting for flags that will not come (the caller failed before enqueuing the device work);
-  // the links not yet served get done = 1 and a zero y.
+  // Wait until every link of the oldest token in flight was served; rethrow its first error.
+  // cancel: stop waiting for flags that will not come (the caller failed before enqueuing the
+  // device work) and end every token in flight; the links not yet served get done = 1 and a
+  // zero y; nothing is rethrown.
   void end(bool cancel = false);
   // Accumulated since construction: seconds in ColdStep::run, seconds spinning for ready
   // flags, flags waited for.
@@ -56,18 +63,20 @@ class ColdChain {
 
  private:
   void serve();
-  void serve_token();
+  std::exception_ptr serve_token();
   std::vector<ColdLink> links_;
   double timeout_s_;
   std::thread th_;
   std::mutex mu_;
   std::condition_variable cv_;
   uint64_t gen_ = 0;                 // tokens begun (guarded by mu_)
+  uint64_t ended_ = 0;               // tokens ended (guarded by mu_)
   std::atomic<uint64_t> served_{0};  // tokens fully served
   std::atomic<bool> cancel_{false};
   bool stop_ = false;
-  bool active_ = false;              // between begin() and end()
-  std::exception_ptr err_;
+  // token t's first error, slot t % kAhead: written by the thread before served_ passes t,
+  // read and cleared by end() (the slot is not reused before that end: begin's limit)
+  std::exception_ptr err_[kAhead];
   double busy_s_ = 0, wait_s_ = 0;
   int64_t waits_ = 0;
 };

@@ -3,7 +3,9 @@ text layer (incremental detokenisation, stop strings) used by LLM.stream.
 """
 from __future__ import annotations
 
+from contextlib import closing
 from dataclasses import dataclass, field, replace
+from itertools import chain
 from typing import Callable, Iterator
 
 import torch
@@ -44,10 +46,14 @@ class GenerationConfig:
         return replace(self, **{k: v for k, v in options.items() if v is not None}).validate()
 
 
-def sample(logits: torch.Tensor, g: GenerationConfig, gen: torch.Generator | None) -> int:
-    """logits [V] float32 -> one token id."""
+def choose(logits: torch.Tensor, g: GenerationConfig, u: torch.Tensor | None) -> torch.Tensor:
+    """logits [V] float32 -> the next token id, a one-element long tensor on the logits' device,
+    made without reading anything back to the host (a run-ahead decode chooses on the device).
+    Greedy at temperature 0; else temperature, top-k and top-p shape the distribution and the
+    token is where the uniform u in [0, 1) (a 0-d tensor on the same device, from uniforms())
+    falls in its cumulative sum: inverse-CDF sampling, the same draw wherever it runs."""
     if g.temperature == 0:
-        return int(torch.argmax(logits))
+        return torch.argmax(logits).reshape(1)
     logits = logits / g.temperature
     if g.top_k:
         kth = torch.topk(logits, min(g.top_k, logits.numel())).values[-1]
@@ -57,7 +63,31 @@ def sample(logits: torch.Tensor, g: GenerationConfig, gen: torch.Generator | Non
         sp, idx = torch.sort(probs, descending=True)
         keep = torch.cumsum(sp, 0) - sp < g.top_p        # the smallest prefix reaching top_p
         probs = torch.zeros_like(probs).scatter(0, idx, sp * keep)
-    return int(torch.multinomial(probs.cpu(), 1, generator=gen))
+    cdf = torch.cumsum(probs, 0)
+    # the first token whose cumulative sum passes u (scaled by the total: top-p leaves < 1);
+    # tokens of probability 0 are never that first one
+    at = torch.searchsorted(cdf, (u * cdf[-1]).reshape(1), right=True)
+    return at.clamp_(max=logits.numel() - 1)
+
+
+def uniforms(g: GenerationConfig, n: int, gen: torch.Generator | None = None) -> torch.Tensor | None:
+    """n draws in [0, 1) for choose(), float32 on the CPU, from `gen` or else the config's seed
+    (seed None: nondeterministic); None when greedy (no draws)."""
+    if g.temperature == 0:
+        return None
+    if gen is None:
+        gen = torch.Generator()
+        if g.seed is None:
+            gen.seed()
+        else:
+            gen.manual_seed(g.seed)
+    return torch.rand(n, generator=gen)
+
+
+def sample(logits: torch.Tensor, g: GenerationConfig, gen: torch.Generator | None) -> int:
+    """logits [V] float32 -> one token id (one draw from `gen` unless greedy)."""
+    u = uniforms(g, 1, gen)
+    return int(choose(logits, g, None if u is None else u[0].to(logits.device)))
 
 
 def prefill(model: Transformer, ids: list[int], cache: KVCache, chunk: int = 512) -> torch.Tensor:
@@ -78,7 +108,10 @@ def decode_one_token(model: Transformer, token: int, cache: KVCache) -> torch.Te
 @torch.inference_mode()
 def generate_tokens(model: Transformer, prompt: list[int], g: GenerationConfig,
                     eos_ids: tuple[int, ...] = ()) -> Iterator[int]:
-    """Yield up to max_new_tokens ids; stops after an EOS id (not yielded) when stop_on_eos."""
+    """Yield up to max_new_tokens ids; stops after an EOS id (not yielded) when stop_on_eos.
+    Token i is choose(logits, g, u[i]) with u = uniforms(g, n): the CUDA-graph decoder (where the
+    model has one) chooses on the device and runs one token ahead (GraphDecoder.stream); the
+    plain path chooses the same way on the host."""
     if not prompt:
         raise HybridInferError("the prompt is empty: give at least one token")
     if g.max_new_tokens == 0:
@@ -87,30 +120,34 @@ def generate_tokens(model: Transformer, prompt: list[int], g: GenerationConfig,
     if len(prompt) >= capacity:
         raise HybridInferError(
             f"the prompt has {len(prompt)} tokens; the model holds {model.cfg.max_position_embeddings}")
-    gen = None
-    if g.temperature > 0:
-        gen = torch.Generator()
-        if g.seed is None:
-            gen.seed()
-        else:
-            gen.manual_seed(g.seed)
+    n_new = capacity - len(prompt)
+    u = uniforms(g, n_new)
     graphs = getattr(model, "graph_decoder", None)       # CUDA graphs for batch-1 decode
     if graphs is not None and capacity <= graphs.C:
         cache = graphs.cache
         cache.length = 0
-        step = graphs.step
     else:
-        cache = model.new_cache(capacity)
-        step = lambda tok: decode_one_token(model, tok, cache)  # noqa: E731
+        graphs, cache = None, model.new_cache(capacity)
     logits = prefill(model, prompt, cache)
-    n_new = capacity - len(prompt)
-    for i in range(n_new):
-        tok = sample(logits, g, gen)
-        if g.stop_on_eos and tok in eos_ids:
-            return
+    dev = logits.device
+    u = None if u is None else u.to(dev)
+    tok = int(choose(logits, g, None if u is None else u[0]))
+    if graphs is not None:                # the last token needs no forward pass of its own
+        rest = graphs.stream(tok, n_new - 1, lambda lg, i: choose(lg, g, None if u is None else u[i + 1]))
+    else:
+        rest = _plain_stream(model, cache, tok, n_new - 1, g, u)
+    with closing(rest):
+        for tok in chain([tok], rest):
+            if g.stop_on_eos and tok in eos_ids:
+                return
+            yield tok
+
+
+def _plain_stream(model, cache, tok: int, n: int, g: GenerationConfig, u) -> Iterator[int]:
+    """The n tokens after `tok`, one eager forward pass each (GraphDecoder.stream's contract)."""
+    for i in range(n):
+        tok = int(choose(decode_one_token(model, tok, cache), g, None if u is None else u[i + 1]))
         yield tok
-        if i + 1 < n_new:               # the last token needs no forward pass of its own
-            logits = step(tok)
 
 
 @dataclass

@@ -34,7 +34,8 @@ host memory over PCIe (a second HotSlots over kernels.gpu.WarmRows, on a side st
 hot halves), and the layer's ColdStep gets only the rows after them.
 
 Chained step (the default where no layer needs a host decision mid-token: every MoE layer fused,
-no predictor on the CPU): the host does not stand between two layers at all. The device writes a
+no predictor on the CPU): the host does not stand between two layers at all. Layers without
+cold rows copy nothing to the host and nothing back (no flag, no copy nodes). The device writes a
 host flag ready[l] once layer l's inputs for its cold half are on the host (a kernel after the
 D2H copies), and before layer l+1 adds the CPU half it waits on the device for done[l]
 (kernels.gpu.flag_signal / flag_await, captured into the graphs). The whole token (every layer
@@ -42,6 +43,12 @@ and the final merge) is ONE graph the host launches once, while a native service
 (kernels.cpu_step.ColdChain) waits for each ready[l], runs ColdStep l and sets done[l]. Critical
 path per layer: GPU work -> flag -> CPU half -> flag -> GPU work; no launch and no Python between
 layers. HYBRIDINFER_NO_CHAIN=1 or chain=False keep the per-layer host loop below.
+
+Run-ahead (stream(): chained, the embedding table and lm_head on the device): the next token is
+chosen on the device (a `select` function of the logits: argmax, sampling with host-drawn
+uniforms, the benchmark's spread) and written into the graph's input, so token i+1's graph is
+launched before the host reads token i; the host's launch and bookkeeping then overlap the
+device's work instead of adding to it. The ColdChain serves up to two tokens in flight.
 
 The same code runs without capture (graphs=False): on the cpu device that is how CI tests the
 logic against the plain decode path (chained: the calling thread plays the device, the service
@@ -56,6 +63,7 @@ import os
 import warnings
 from functools import partial
 from itertools import combinations
+from typing import Iterator
 
 import torch
 
@@ -138,6 +146,7 @@ class GraphDecoder:
         self.ycpu_host = [host(1, d) for _ in range(L)]                          # CPU halves, summed
         self.ycpu_dev = [torch.zeros(1, d, device=dev) for _ in range(L)]
         self.logits = torch.zeros(cfg.vocab_size, device=dev)
+        self.tok_host = host(2, dtype=torch.long)     # stream(): the tokens in flight, a ring of 2
         self.xf_host = host(1, d, dtype=dt)                      # final hidden, when lm_head is on the CPU
         self.moe = [isinstance(b.ffn, (HybridMoE, MoE)) for b in model.blocks]
         k = cfg.experts_per_token
@@ -176,11 +185,17 @@ class GraphDecoder:
         if chain is None:
             chain = os.environ.get("HYBRIDINFER_NO_CHAIN", "") in ("", "0")
         self._links = [l for l in range(L) if self._coldstep[l] is not None]
-        self._chained = bool(chain and self._links and not self._cpu_pred
+        # one graph a token where no layer needs a host decision mid-token (a ColdChain serves
+        # the cold halves, if any)
+        self._chained = bool(chain and not self._cpu_pred
                              and all(self._fused[l] or not self.moe[l] for l in range(L)))
+        # layers whose FFN input, choice or masks the host reads: a cold half, a host-made
+        # choice (MoE not fused) or a predictor on the CPU; the others copy nothing to the host
+        self._to_host = [self._coldstep[l] is not None or (self.moe[l] and not self._fused[l])
+                         or any(k[0] == l for k in self._cpu_pred) for l in range(L)]
         self.flags = host(2, L, dtype=torch.int32)      # [ready, done] per layer, host memory
         self._chain = None
-        if self._chained:
+        if self._chained and self._links:
             from .kernels import cpu_step
             self._chain = cpu_step.ColdChain([self._coldstep[l] for l in self._links],
                                              [self.flags[0, l] for l in self._links],
@@ -192,6 +207,7 @@ class GraphDecoder:
         self._ev = [(torch.cuda.Event(), torch.cuda.Event(external=self._fused[l])) if cuda
                     else (None, None) for l in range(L)]
         self._ev_out = torch.cuda.Event() if cuda else None      # xf on the host (lm_head on the CPU)
+        self._ev_tok = [torch.cuda.Event() if cuda else None for _ in range(2)]   # tok_host slots
         # the warm rows' kernels run on a side stream, concurrent with the hot halves' (a fork and
         # a join in the captured graph): they wait on PCIe, the hot ones on HBM
         self._warm_stream = torch.cuda.Stream(self.dev) if cuda and self._ws else None
@@ -309,8 +325,7 @@ class GraphDecoder:
                 torch.index_select(m.embed, 0, self.tok, out=self.x0)                  # [1, d]
             parts = (self.x0, *self._zeros)
         else:
-            self._await_cold(l - 1)
-            self.ycpu_dev[l - 1].copy_(self.ycpu_host[l - 1], non_blocking=True)         # H2D
+            self._cpu_half_in(l - 1)
             parts = (self.h[l - 1], self.yacc[l - 1], self.ycpu_dev[l - 1])
         a, f = blk.attn, blk.ffn
         router = f.router if self.moe[l] else None
@@ -320,11 +335,12 @@ class GraphDecoder:
             self.cache.v[l], router, cfg.experts_per_token, cfg.num_heads, cfg.num_kv_heads,
             cfg.head_dim, cfg.sliding_window or 0, self.h[l], self.u[l], self.yacc[l],
             self.w_full[l])
-        self.u_host[l].copy_(uf, non_blocking=True)                                    # D2H
-        if self.moe[l]:
-            self.ids_host[l].copy_(ids, non_blocking=True)
-            self.w_host[l].copy_(w, non_blocking=True)
-        else:
+        if self._to_host[l]:
+            self.u_host[l].copy_(uf, non_blocking=True)                                # D2H
+            if self.moe[l]:
+                self.ids_host[l].copy_(ids, non_blocking=True)
+                self.w_host[l].copy_(w, non_blocking=True)
+        if not self.moe[l]:
             if (l, -1) in self._gpu_pred:
                 self.seg_predict(l, (-1,))
             self._signal_cold(l)
@@ -338,10 +354,11 @@ class GraphDecoder:
         mask = self.mslot.get(l)
         if mask is not None:
             self._ps[l].masks(uf, ids, mask)
-            self.mslot_host[l].copy_(mask, non_blocking=True)                          # D2H
+            if self._to_host[l]:
+                self.mslot_host[l].copy_(mask, non_blocking=True)                      # D2H
         if self._chained:
             self._signal_cold(l)
-        else:
+        elif self._to_host[l]:
             self._mark(self._ev[l][1])
         ws, side = self._ws.get(l), self._warm_stream
         if ws is not None and side is not None:       # the warm rows, over PCIe, beside the hot
@@ -363,7 +380,8 @@ class GraphDecoder:
                 continue
             mask = self._fm[l][e].predictor.active(self.u[l])[0]
             self.mask[(l, e)].copy_(mask)
-            self.mask_host[(l, e)].copy_(mask, non_blocking=True)                      # D2H
+            if self._to_host[l]:
+                self.mask_host[(l, e)].copy_(mask, non_blocking=True)                  # D2H
 
     def seg_hot(self, l: int, g: tuple[int, ...]) -> None:
         """The hot halves of the experts in g (or the dense FFN, g = (-1,)) into yacc[l]."""
@@ -390,15 +408,18 @@ class GraphDecoder:
         if self._chained and self._coldstep[l] is not None:
             flag_signal(self.flags[0, l], self.dev)
 
-    def _await_cold(self, l: int) -> None:
-        """Chained: wait (on the device) for layer l's CPU half in ycpu_host[l]."""
-        if self._chained and self._coldstep[l] is not None:
+    def _cpu_half_in(self, l: int) -> None:
+        """Layer l's CPU half onto the device (ycpu_dev[l]), chained: once the device saw it
+        done. A layer without cold rows has none: ycpu_dev[l] stays 0, no copy."""
+        if self._coldstep[l] is None:
+            return
+        if self._chained:
             flag_await(self.flags[1, l], self.dev)
+        self.ycpu_dev[l].copy_(self.ycpu_host[l], non_blocking=True)                    # H2D
 
     def seg_final(self) -> None:
         L = self.m.cfg.num_layers
-        self._await_cold(L - 1)
-        self.ycpu_dev[L - 1].copy_(self.ycpu_host[L - 1], non_blocking=True)
+        self._cpu_half_in(L - 1)
         x = (self.h[L - 1].float() + self.yacc[L - 1] + self.ycpu_dev[L - 1]).to(self.dt)
         xf = self.m.norm(x)
         if self.m.lm_head.device == self.dev:
@@ -466,25 +487,90 @@ class GraphDecoder:
         return self.logits
 
     def _step_chained(self) -> None:
-        """The token's GPU work enqueued at once (captured: ONE graph for every layer and the
-        final merge, one launch a token); the chain serves the cold halves."""
-        self._chain.begin()
+        """The token's GPU work enqueued at once and waited for (the chain, if any, serves the
+        cold halves meanwhile)."""
+        self._enqueue_token()
+        if self._chain is not None:
+            try:
+                self._join_chain(self._chain)
+            except Exception:
+                self._reset_flags()
+                raise
+
+    def _enqueue_token(self) -> None:
+        """Captured: ONE graph for every layer and the final merge, one launch a token; else the
+        same segments, in order. The chain (if any) begins the token first."""
+        if self._chain is not None:
+            self._chain.begin()
         try:
             token = self._graphs.get(("T",))
             if token is not None:
                 token.replay()
-            else:                                       # uncaptured: the same segments, in order
+            else:
                 for _, fn, args in self._segs:
                     fn(*args)
         except BaseException:
-            self._chain.end(cancel=True)
+            if self._chain is not None:
+                self._chain.end(cancel=True)
             self._reset_flags()
             raise
+
+    @property
+    def can_run_ahead(self) -> bool:
+        """stream() enqueues the next token before the host reads this one: the token is one
+        graph (chained) and the embedding table and lm_head are on the device."""
+        return (self._chained and self.m.embed.device == self.dev
+                and self.m.lm_head.device == self.dev)
+
+    @torch.inference_mode()
+    def stream(self, token: int, n: int, select) -> Iterator[int]:
+        """Decode from `token` at position cache.length; yields the n tokens that follow, each
+        chosen on the device by select(logits [V] f32, i) -> the i-th token id, a long tensor of
+        one element on the logits' device (made without reading anything back to the host).
+        Run-ahead (can_run_ahead): token i+1's work is enqueued before the host reads token i,
+        so the host's launch and its caller's work overlap the device's; otherwise step() a
+        token at a time. Closing the generator early waits for the token in flight, whose
+        position stays in the cache (cache.length counts it)."""
+        if not self.can_run_ahead:
+            for i in range(n):
+                token = int(select(self.step(token), i))
+                yield token
+            return
+        pending: list[int] = []           # ring slots of tokens enqueued and not yet read
+        self.tok.fill_(token)
         try:
-            self._join_chain(self._chain)
-        except Exception:
-            self._reset_flags()
-            raise
+            for i in range(n):
+                p = self.cache.length
+                if p >= self.C:
+                    raise RuntimeError("graph decoder: the static cache is full")
+                self.pos.fill_(p)
+                self._enqueue_token()
+                self.cache.length = p + 1
+                self.tok.copy_(select(self.logits, i).reshape(1))     # the next input, on the device
+                slot = i % 2
+                self.tok_host[slot:slot + 1].copy_(self.tok, non_blocking=True)   # D2H
+                self._mark(self._ev_tok[slot])
+                pending.append(slot)
+                if len(pending) == 2:
+                    yield self._read_token(pending.pop(0))
+            while pending:
+                yield self._read_token(pending.pop(0))
+        finally:                          # closed early or failed: finish what is in flight
+            while pending:
+                self._read_token(pending.pop(0))
+
+    def _read_token(self, slot: int) -> int:
+        """The oldest token in flight (ring slot `slot`): wait for it (a sync; counted), end its
+        chain (served by then: the device waited for every cold half of it)."""
+        self._wait(self._ev_tok[slot])
+        if self._chain is not None:
+            try:
+                self._chain.end()
+            except Exception:
+                self._chain.end(cancel=True)
+                self._reset_flags()
+                raise
+        return int(self.tok_host[slot])
 
     @staticmethod
     def _join_chain(chain) -> None:

@@ -47,6 +47,31 @@ def test_decode_tokens_spread_over_the_vocabulary():
     assert seen == first                           # seeded
 
 
+def test_decode_runs_a_graph_decoder_ahead_with_the_same_tokens(tmp_path, monkeypatch):
+    """A graph decoder that can run ahead is driven through stream() with the spread chosen on
+    the device: the same token sequence as step() + spread_token on the host."""
+    from test_hybrid import hybrid, placements
+    from tiny import write_model
+    from hybridinfer.bench import decode_measure as dm
+    from hybridinfer.config import ModelConfig
+    from hybridinfer.graphs import GraphDecoder
+    folder, _, _ = write_model(tmp_path / "m", "TurboSparseMixtralForCausalLM", seed=59)
+    llm = hybrid(folder, placements(ModelConfig.from_dir(folder), seed=60)["mixed"],
+                 torch.device("cpu"), sparsity="predictor")
+    host = []
+    spread = dm.spread_token
+    monkeypatch.setattr(dm, "spread_token", lambda lg, rng: host.append(spread(lg, rng)) or host[-1])
+    slow = GraphDecoder(llm.model, 32, chain=False)
+    assert not slow.can_run_ahead
+    assert len(dm.decode(slow.step, 12, seed=4)) == 12
+    fast, ahead = GraphDecoder(llm.model, 32), []
+    stream = fast.stream
+    fast.stream = lambda t, n, sel: (ahead.append(x) or x for x in stream(t, n, sel))
+    assert fast.can_run_ahead
+    assert len(dm.decode(fast.step, 12, seed=4)) == 12
+    assert ahead == host and len(set(host)) > 3
+
+
 def test_synthetic_prompt_routes_to_every_expert():
     # the residual stream stays token-specific: every layer of a prompt uses every expert, none
     # takes much more than its share (before the zero-mean nibbles and peaked attention, layers

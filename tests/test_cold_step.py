@@ -179,3 +179,45 @@ def test_cold_chain_timeout_and_cancel():
         cpu_step.ColdChain([layers[0][0]], [flags[0, 0]], [])
     with pytest.raises(ValueError, match="int32"):
         cpu_step.ColdChain([layers[0][0]], [flags[0, 0].long()], [flags[1, 0]])
+
+
+def test_cold_chain_two_tokens_in_flight():
+    """Run-ahead: token t+1 begins before token t ends. The thread serves the tokens in order,
+    each end() waits for the oldest, an error stays with its own token, and a third begin()
+    while two are in flight is refused."""
+    layers, flags = _chain_layers(5, n=2)
+    chain = cpu_step.ColdChain([lay[0] for lay in layers], list(flags[0]), list(flags[1]))
+
+    def play_token(corrupt=False):               # the device's side of one token
+        for i, lay in enumerate(layers):
+            _fill(lay)
+            if corrupt:                           # an expert id out of range: the thread
+                lay[6].fill_(99)                  # unblocks every later link of the token
+            if not corrupt or i == 0:
+                flags[0, i] = 1
+            assert cpu_step.wait_flag(flags[1, i], timeout=5.0)
+            got = lay[5].clone()
+            if corrupt:
+                assert torch.count_nonzero(got) == 0      # y zeroed
+            else:
+                lay[0].run()                              # the same step, again
+                assert torch.equal(got, lay[5])
+
+    chain.begin()
+    chain.begin()
+    with pytest.raises(RuntimeError, match="in flight"):
+        chain.begin()
+    play_token(corrupt=True)                      # token 1 fails: y zeroed, the device goes on
+    play_token()                                  # token 2 is served normally
+    with pytest.raises(ValueError, match="out of range"):
+        chain.end()                               # token 1's error
+    chain.end()                                   # token 2: no error
+    chain.end()                                   # nothing in flight: returns
+    assert int(flags.abs().sum()) == 0
+    chain.begin()                                 # usable again; cancel ends all in flight
+    chain.begin()
+    chain.end(cancel=True)
+    flags.zero_()
+    chain.begin()
+    play_token()
+    chain.end()

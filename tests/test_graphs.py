@@ -32,8 +32,12 @@ def test_graph_decoder_equals_plain_decode(tmp_path, arch, sparsity, placement, 
     moe = arch.startswith("TurboSparseMixtral")
     assert any(gd._fused) == (select_on_device and moe)
     has_cold = placement != "all_gpu"
-    assert gd._chained == (chain and has_cold and (select_on_device or not moe))
+    assert gd._chained == (chain and (select_on_device or not moe))      # one graph a token
+    assert (gd._chain is not None) == (gd._chained and has_cold)          # a chain for cold halves
     assert int(gd.flags.abs().sum()) == 0                  # every flag consumed after a token
+    # a layer copies its FFN input to the host only where the host reads it
+    assert gd._to_host == [gd._coldstep[l] is not None or (moe and not select_on_device)
+                           for l in range(len(gd._to_host))]
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
@@ -147,18 +151,60 @@ def _check_against_plain(tmp_path, arch, sparsity, placement, device, fuse=None,
     return gd
 
 
-def test_generate_uses_the_graph_decoder(tmp_path):
+@pytest.mark.parametrize("temperature", [0, 0.8])
+def test_generate_uses_the_graph_decoder(tmp_path, temperature):
+    """generate_tokens decodes through the model's graph decoder (stream: the next token chosen
+    on the device, one token run ahead) and yields what the plain path yields, greedy or
+    sampled with the same seed."""
     folder, _, _ = write_model(tmp_path / "m", "TurboSparseMixtralForCausalLM", seed=54)
     llm = hybridinfer.load(folder, device="cpu", sparsity="exact")
-    prompt, g = random_ids(4, seed=55), GenerationConfig(max_new_tokens=8, temperature=0)
+    prompt = random_ids(4, seed=55)
+    g = GenerationConfig(max_new_tokens=8, temperature=temperature, top_k=20, seed=3)
     plain = list(generate_tokens(llm.model, prompt, g))
-    llm.model.graph_decoder = GraphDecoder(llm.model, 32)
+    gd = llm.model.graph_decoder = GraphDecoder(llm.model, 32)
+    assert gd.can_run_ahead                           # chained; embedding and lm_head on the device
     calls = []
-    step = llm.model.graph_decoder.step
-    llm.model.graph_decoder.step = lambda t: calls.append(t) or step(t)
+    stream = gd.stream
+    gd.stream = lambda t, n, sel: calls.append(n) or stream(t, n, sel)
     assert list(generate_tokens(llm.model, prompt, g)) == plain
-    assert len(calls) == 7
+    assert calls == [7]                               # the last token needs no forward pass
     assert list(generate_tokens(llm.model, prompt, g)) == plain      # the static cache is reused
+    # EOS after the second token: the stream is closed with a token in flight (its position is
+    # in the cache) and the next generation starts clean
+    eos = plain[2]
+    assert list(generate_tokens(llm.model, prompt, g, eos_ids=(eos,))) == plain[:plain.index(eos)]
+    assert gd.cache.length == len(prompt) + plain.index(eos) + 1
+    assert list(generate_tokens(llm.model, prompt, g)) == plain
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("placement", ["mixed", "all_gpu"])
+def test_graph_decoder_stream_runs_ahead(tmp_path, device, placement):
+    """stream() (run-ahead: token i+1 enqueued before token i is read; a chain for the cold
+    halves, or none) yields the tokens step() + host argmax gives, the next token chosen by a
+    device-side select; step-at-a-time where it cannot run ahead (no chain: per-layer loop)."""
+    folder, _, _ = write_model(tmp_path / "m", "TurboSparseMixtralForCausalLM", seed=57)
+    from hybridinfer.config import ModelConfig
+    hot = placements(ModelConfig.from_dir(folder), seed=58)[placement]
+    llm = hybrid(folder, hot, torch.device(device), sparsity="predictor")
+    V = llm.model.cfg.vocab_size
+    offs = torch.tensor([(7 * i + 3) % V for i in range(9)], device=device)
+
+    def select(logits, i):                            # the benchmark's spread: argmax + offset
+        return (logits.argmax() + offs[i]) % V
+    ref = GraphDecoder(llm.model, 16, chain=False)
+    assert not ref.can_run_ahead
+    tok, want = 5, []
+    with torch.inference_mode():
+        for i in range(9):
+            tok = int(select(ref.step(tok), i))
+            want.append(tok)
+    gd = GraphDecoder(llm.model, 16)
+    assert gd.can_run_ahead and (gd._chain is not None) == (placement == "mixed")
+    assert list(gd.stream(5, 9, select)) == want
+    assert gd.cache.length == 9
+    assert int(gd.flags.abs().sum()) == 0
+    assert list(GraphDecoder(llm.model, 16, chain=False).stream(5, 9, select)) == want   # step by step
 
 
 def test_predictor_device_names_the_index():

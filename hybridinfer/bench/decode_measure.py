@@ -120,8 +120,21 @@ def spread_token(logits, rng: random.Random) -> int:
 def decode(step, n: int, token: int = 1, waits: list | None = None, seed: int = 0) -> list[float]:
     """Decode n tokens with step(token) -> logits, seconds per token; `waits` gets the seconds
     each token's argmax waited (the host blocked until the device finished the token: a sync,
-    not Python); the next token is spread_token's."""
+    not Python); the next token is spread_token's. A graph decoder that can run ahead
+    (GraphDecoder.stream) chooses the same tokens on the device, one token ahead: seconds per
+    token are then the intervals between tokens read, and its waits are its own (counted by
+    the _Timers as syncs), not in `waits`."""
     rng = random.Random(seed)
+    dec = getattr(step, "__self__", None)
+    if getattr(dec, "can_run_ahead", False):
+        vocab = dec.logits.shape[-1]
+        offs = torch.tensor([rng.randrange(vocab) for _ in range(n)], device=dec.logits.device)
+        out, t = [], time.perf_counter()
+        for _ in dec.stream(token, n, lambda logits, i: (logits.argmax() + offs[i]) % vocab):
+            t1 = time.perf_counter()
+            out.append(t1 - t)
+            t = t1
+        return out
     out = []
     for _ in range(n):
         t = time.perf_counter()
@@ -296,6 +309,7 @@ def measure(built, warmup: int, tokens: int, prefill: int, context: int, profile
     cache, step = stepper(model, max(context, need), graphs)
     dec = getattr(step, "__self__", None)          # the GraphDecoder, when decoding through one
     warm_layers = getattr(dec, "warm_layers", 0)   # layers whose warm rows the GPU reads
+    ahead = getattr(dec, "can_run_ahead", False)     # decode() runs it a token ahead
     decode(step, warmup)
     _sync(dev)
     secs = decode(step, tokens)
@@ -317,13 +331,14 @@ def measure(built, warmup: int, tokens: int, prefill: int, context: int, profile
            "ms_instrumented": statistics.median(inst) * 1e3,
            "split_ms": {"gpu": prof["gpu_s"] * 1e3, "cpu": cpu_s * 1e3, "sync": sync_s * 1e3,
                         "python": max(0.0, wall - cpu_s - sync_s) * 1e3},
-           "syncs_per_token": (tm.syncs + (tokens if dev.type == "cuda" else 0)) / tokens,
+           # + the argmax read a token, unless the decoder ran ahead (its reads are counted)
+           "syncs_per_token": (tm.syncs + (tokens if dev.type == "cuda" and not ahead else 0)) / tokens,
            # instrumented pass, ms/token: kernels by role; "rest" = its wall - those (torch ops
            # such as the attention maths and norms, interpreter, copies)
            "parts_ms": dict({k: v / tokens * 1e3 for k, v in tm.parts.items()},
                             rest=(sum(inst) - sum(tm.parts.values())) / tokens * 1e3,
                             aten=prof["aten_s"] * 1e3),
-           "context_mean": warmup + tokens * 1.5, "warm_layers": warm_layers}
+           "context_mean": warmup + tokens * 1.5, "warm_layers": warm_layers, "run_ahead": ahead}
     del cache, step
     if prefill:
         out["prefill_tok_s"] = _prefill(model, prefill, dev)

@@ -158,9 +158,10 @@ class ColdChain:
     """A decode step's cold halves served by a native host thread while the device runs ahead
     (csrc/cold_chain.h): for link i, the device sets ready[i] = 1 once ColdStep i's inputs are
     on the host; the thread resets it, runs the step and sets done[i] = 1, which the device
-    waits for (and resets) before it reads the step's y. begin() starts a token, end() waits
-    for all its links and raises the first error (RuntimeError / ValueError); after an error the
-    caller must bring the flags back to 0 once the device is idle.
+    waits for (and resets) before it reads the step's y. begin() starts a token (at most two in
+    flight: a run-ahead decode begins token t+1 before it ends token t), end() waits for all the
+    links of the oldest token in flight and raises its first error (RuntimeError / ValueError);
+    after an error the caller must bring the flags back to 0 once the device is idle.
 
     steps: ColdStep [n]; ready, done: int32 one-element views of host memory [n] each
     (page-locked where a GPU writes/reads them). Class-level totals for benchmarks: busy_s
@@ -188,8 +189,9 @@ class ColdChain:
         self._c.begin()
 
     def end(self, cancel: bool = False) -> None:
-        """Wait for the token's links (GIL released); cancel: stop waiting for flags the device
-        will not set (the rest get a zero y and done = 1); errors are then not raised."""
+        """Wait for the oldest token's links (GIL released); cancel: end every token in flight,
+        not waiting for flags the device will not set (the rest get a zero y and done = 1);
+        errors are then not raised."""
         try:
             self._c.end(bool(cancel))
         finally:
