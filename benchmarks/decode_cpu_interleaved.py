@@ -8,6 +8,10 @@ per policy and the median of the per-round ratios come from the same time window
 
   flock /tmp/hybridinfer-bench.lock python benchmarks/decode_cpu_interleaved.py --shape M7 \
       --threads 2 --rounds 8 --json benchmarks/results/decode_M7_cpu2_interleaved.json
+
+--ab-env NAME: a before/after of one build in one process: each policy runs twice a round, with
+the environment variable NAME set to 1 ("NAME=1", e.g. a scratch switch the native code reads
+per call that turns a change off) and to 0, named policy[NAME=v].
 """
 from __future__ import annotations
 
@@ -26,6 +30,17 @@ from hybridinfer.bench.workload import make_workload
 from hybridinfer.kernels import cpu
 
 
+def with_env(name, value, step):
+    """step, run with os.environ[name] = value (unchanged when value is None)."""
+    if value is None:
+        return step
+
+    def run(tok):
+        os.environ[name] = value
+        return step(tok)
+    return run
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", default="M7")
@@ -37,6 +52,8 @@ def main(argv=None) -> int:
     p.add_argument("--peer", action="store_true",
                    help="also llama.cpp (llama-cpp-python) on the same weights as GGUF, in the rounds")
     p.add_argument("--gguf-dir", default="/tmp")
+    p.add_argument("--ab-env", default=None, metavar="NAME",
+                   help="run each policy with env NAME=1 and NAME=0 in every round")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
     cpu.set_num_threads(a.threads)
@@ -45,12 +62,17 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)                 # as bench decode's default --torch-threads
     wl = make_workload(a.shape, a.layers, 0)
     steps = {}
+    states = ["1", "0"] if a.ab_env else [None]
+    names = []
     for name in a.policies:
         b = build(name, wl, torch.device("cpu"), torch.bfloat16, torch.float32)
-        cache, step = stepper(b.model, 4 + a.rounds * a.tokens + 8, False)
-        decode(step, 3)                      # warm-up
-        steps[name] = (b, cache, step)
-    names = list(a.policies)
+        cache, step = stepper(b.model, 4 + len(states) * (a.rounds * a.tokens + 3) + 8, False)
+        for v in states:
+            n = name if v is None else f"{name}[{a.ab_env}={v}]"
+            steps[n] = (b, cache, with_env(a.ab_env, v, step))
+            decode(steps[n][2], 3)           # warm-up
+            names.append(n)
+    first = names[0]
     gguf = None
     if a.peer:                               # llama.cpp's decode of the same weights (dense)
         from llama_cpp import Llama
@@ -76,11 +98,10 @@ def main(argv=None) -> int:
             per[n] += s
             r[n] = statistics.median(s)
         rounds.append(r)
-    out = {"command": " ".join(sys.argv), "machine": machine.machine_info(a.threads),
+    out = {"command": " ".join(sys.argv), "machine": machine.machine_info(a.threads), "ab_env": a.ab_env,
            "cpu_read_gbs": bw, "shape": a.shape, "layers": wl.cfg.num_layers,
            "rounds": a.rounds, "tokens_per_round": a.tokens, "per_round_s": rounds,
            "tok_s": {n: 1 / statistics.median(v) for n, v in per.items()}}
-    first = a.policies[0]
     for n in names[1:]:
         out[f"ratio_{first}_over_{n}"] = statistics.median(r[n] / r[first] for r in rounds)
     print(f"{a.shape} ({wl.cfg.num_layers} layers), {a.threads} threads, read {bw:.1f} GB/s, "

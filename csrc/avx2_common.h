@@ -5,8 +5,8 @@
 // would not build (or, worse, run AVX2 code on a machine dispatch had ruled out).
 //   kernels_avx2.cpp  the table, the f16 table, x -> q8, the read probe
 //   float_avx2.cpp    f32 / f16 / bf16 dot and AXPY
-//   qdot_avx2.cpp     q8_0 / q4_0 dot and dot2 over GGUF rows
-//   q4g_avx2.cpp      q4_0 grouped rows (Q4_0G): dot and dot2
+//   qdot_avx2.cpp     q8_0 / q4_0 dot, dot2 and dot_rows over GGUF rows
+//   q4g_avx2.cpp      q4_0 grouped rows (Q4_0G): dot and dot_rows
 //   qaxpy_avx2.cpp    q8_0 / q4_0 AXPY (the FFN's down rows)
 #pragma once
 #ifndef __AVX2__
@@ -103,6 +103,52 @@ inline void prefetch_dot2_rows_l2(size_t rb, const uint8_t* next_a, const uint8_
     for (size_t o = 0; p && o < rb; o += 64) _mm_prefetch(reinterpret_cast<const char*>(p + o), _MM_HINT_T1);
 }
 
+// dot2's prefetch streams for the FFN's gate / up (kernels.h Dot2Fn): each row kPrefetch ahead,
+// the next pair into L1 and `later` into L2 at the offset being read. group(o): the 144-byte
+// group at o (q4_0 groups of 8 blocks); pair<F>(o): the block pair at o.
+struct Dot2Streams {
+  const uint8_t *row_a, *row_b, *next_a, *next_b, *later;
+  size_t rb;
+  void group(size_t o) const { prefetch_dot2_group(row_a, row_b, o, rb, next_a, next_b, later); }
+  template <Fmt F> void pair(size_t o) const;   // qdot_avx2.cpp
+};
+
+// dot_rows' one stream (kernels.h DotRowsFn): rows are read in pairs from `pair_base`; once the
+// pair has been read up to offset o of each row, every line below pair_base + kRunAhead + 2 o
+// (and below `end`) has been prefetched into L2, each line once (`line` is the next one).
+struct RunStream {
+  const uint8_t* pair_base;
+  const uint8_t* end;
+  const uint8_t* line;
+  RunStream(const uint8_t* w, const uint8_t* e)
+      : pair_base(w), end(e),
+        line(reinterpret_cast<const uint8_t*>((reinterpret_cast<uintptr_t>(w) + kRunAhead) & ~uintptr_t(63))) {}
+  void to(size_t o) {
+    const uint8_t* t = pair_base + kRunAhead + 2 * o;
+    if (t > end) t = end;
+    for (; line < t; line += 64) _mm_prefetch(reinterpret_cast<const char*>(line), _MM_HINT_T1);
+  }
+  void group(size_t o) { to(o + kGroupBytes); }
+  template <Fmt F> void pair(size_t o) { to(o + 2 * kBlockBytes<F>); }
+};
+
+// A run of n rows (DotRowsFn) in pairs: pair(row_a, row_b, out, stream) computes two rows
+// advancing the stream as it reads; an odd last row goes to one(row, out) (its own in-row
+// prefetch). The stream is brought to the pair's end after each pair (a row's GGUF tail blocks
+// do not advance it).
+template <class Pair, class One>
+inline void dot_rows_run(const uint8_t* w, int n, size_t rb, float* out, const uint8_t* end,
+                         const Pair& pair, const One& one) {
+  RunStream s(w, end);
+  int r = 0;
+  for (; r + 2 <= n; r += 2) {
+    s.pair_base = w + size_t(r) * rb;
+    pair(s.pair_base, s.pair_base + rb, out + r, s);
+    s.to(rb);
+  }
+  if (r < n) one(w + size_t(r) * rb, out + r);
+}
+
 // The rows of one AXPY call (kernels.h AxpyFn) in groups of kAxpyGroup: group(R, r, np) adds rows
 // [r, r + R) with R = std::integral_constant<int, min(8, nrows - r)>, so each kernel keeps a
 // group's partial sums in registers; np = npf with the last group of the call (the caller's next
@@ -142,10 +188,11 @@ void dot2_q8_0(const uint8_t* row_a, const uint8_t* row_b, const XPrep& x, float
                const uint8_t* next_a, const uint8_t* next_b, const uint8_t* later);
 void dot2_q4_0(const uint8_t* row_a, const uint8_t* row_b, const XPrep& x, float* out,
                const uint8_t* next_a, const uint8_t* next_b, const uint8_t* later);
+void dot_rows_q8_0(const uint8_t* w, int n, const XPrep& x, float* out, const uint8_t* end);
+void dot_rows_q4_0(const uint8_t* w, int n, const XPrep& x, float* out, const uint8_t* end);
 // q4g_avx2.cpp
 void dot_q4g(const uint8_t* row, const XPrep& x, float* out);
-void dot2_q4g(const uint8_t* row_a, const uint8_t* row_b, const XPrep& x, float* out,
-              const uint8_t* next_a, const uint8_t* next_b, const uint8_t* later);
+void dot_rows_q4g(const uint8_t* w, int n, const XPrep& x, float* out, const uint8_t* end);
 // qaxpy_avx2.cpp
 void axpy_q8_0(const uint8_t* const* rows, int nrows, const float* coef, int b, float* y, int d,
                const uint8_t* const* pf, int npf);

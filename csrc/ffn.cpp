@@ -406,26 +406,23 @@ void linear(Fmt fmt, int d, int n, const uint8_t* w, const float* x, int b, floa
   const size_t rb = row_bytes(fmt, d);
   const DotFn dot = K.dot[int(fmt)];
   const int64_t rows = n;
-  // One token (q8_0 / q4_0): rows in pairs through dot2, which streams the next pair into L1
-  // while it computes (as the FFN's gate/up), and the first row of the pair after it into L2
-  // (its neighbour follows by the L2 streamer). M7 cpu-sparse decode on 2 cores, interleaved
-  // A/B in one process: 8.99-9.17 -> 9.26-9.42 tok/s; rows further ahead (r + 10, 18, 34) gained
-  // less, and both rows prefetched in a burst per call lost (8.48-8.82).
-  const Dot2Fn dot2 = b == 1 ? K.dot2[int(fmt)] : nullptr;
-  // chunks of contiguous rows (4..64): the next row's head is prefetched, the rest of a row by
-  // the kernel itself
+  // One token (block formats; the table's dot_rows): a chunk is one run of contiguous rows,
+  // read in pairs with one prefetch stream kRunAhead ahead in address order, across the chunk's
+  // end (this thread's next claim or the other thread's) up to the matrix's end. It replaced
+  // pairs through dot2 with the FFN's five streams (own rows, next pair, a later row), which
+  // left M7's attention projections and lm_head at 0.34-0.48 of the read probe on the Zen 3 dev
+  // VM (benchmarks/linear_m7.py; docs/KERNELS.md, "One token: runs of rows").
+  const DotRowsFn run = b == 1 ? K.dot_rows[int(fmt)] : nullptr;
+  const uint8_t* end = w + size_t(n) * rb;
+  // Else (a batch, float formats): all b tokens from one read of each row, the next row's head
+  // prefetched, the rest of a row by the kernel itself. Chunks of 4..64 contiguous rows.
   auto body = [&](int tid, const Chunk& c) {
-    float* out = g_scr[size_t(tid)].gu.data();   // [2b]
-    int64_t r = c.j0;
-    for (; dot2 && r + 2 <= c.j1; r += 2) {
-      const uint8_t* na = r + 2 < c.j1 ? w + size_t(r + 2) * rb : nullptr;
-      const uint8_t* nb = r + 3 < c.j1 ? w + size_t(r + 3) * rb : nullptr;
-      const uint8_t* later = r + 6 < c.j1 ? w + size_t(r + 6) * rb : nullptr;
-      dot2(w + size_t(r) * rb, w + size_t(r + 1) * rb, xp, out, na, nb, later);
-      y[size_t(r)] = out[0];
-      y[size_t(r) + 1] = out[1];
+    if (run) {
+      run(w + size_t(c.j0) * rb, int(c.j1 - c.j0), xp, y + c.j0, end);
+      return;
     }
-    for (; r < c.j1; ++r) {
+    float* out = g_scr[size_t(tid)].gu.data();   // [2b]
+    for (int64_t r = c.j0; r < c.j1; ++r) {
       if (r + 1 < c.j1) prefetch_head(w + size_t(r + 1) * rb, rb);
       dot(w + size_t(r) * rb, xp, out);
       for (int t = 0; t < b; ++t) y[size_t(t) * n + size_t(r)] = out[t];

@@ -96,6 +96,20 @@ using DotFn = void (*)(const uint8_t* row, const XPrep& x, float* out);
 // the driver then calls dot twice.
 using Dot2Fn = void (*)(const uint8_t* row_a, const uint8_t* row_b, const XPrep& x, float* out,
                         const uint8_t* next_a, const uint8_t* next_b, const uint8_t* later);
+// A run of n contiguous rows (row i at w + i * row_bytes(F, d)), one token (x.b == 1):
+// out[i] = row_i . x. Dense `linear` reads its matrices as such runs (a chunk of rows). While it
+// computes, the kernel prefetches the bytes kRunAhead ahead of where it reads, in address order
+// (one line per 64 bytes consumed, never at or past `end`, the end of the matrix): one stream
+// the hardware prefetcher keeps up with, instead of dot2's five (its own rows, the next pair,
+// `later`) that fit the FFN's scattered ids. A table may leave a format's entry null: the driver
+// then takes dot2 / dot.
+using DotRowsFn = void (*)(const uint8_t* w, int n, const XPrep& x, float* out, const uint8_t* end);
+// 8 KiB ahead into L2 (prefetcht1): M7's attention projections and lm_head back to back
+// (benchmarks/linear_m7.py, Zen 3 dev VM) read 0.66-0.82 / 0.53-0.65 of the read probe at 1 / 2
+// threads, against 0.34-0.47 / 0.36-0.48 through dot2; 4 and 16 KiB, and prefetcht0, were level
+// with this (docs/KERNELS.md, "One token: runs of rows").
+constexpr size_t kRunAhead = 8192;
+
 // y[t, :] += coef[r * b + t] * row_r  for r < nrows, t < b.   y: [b, d] f32.
 // Several rows per call let the AVX2 kernel keep partial sums in registers.
 // pf[0 .. npf): rows (each as long as a row; pf may be null when npf = 0) the caller passes to
@@ -122,6 +136,7 @@ struct Kernels {
   QuantizeFn quantize_q8;
   ReadSumFn read_sum;
   Dot2Fn dot2[kNumFmts];  // null where a format has none (then the driver calls dot twice)
+  DotRowsFn dot_rows[kNumFmts];  // null where a format has none (then the driver takes dot2)
 };
 
 const Kernels& ref_kernels();     // kernels_ref.cpp (always built)

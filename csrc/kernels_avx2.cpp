@@ -65,7 +65,8 @@ const Kernels kAvx2 = {
     {axpy_f32, axpy_f16, axpy_bf16, axpy_q8_0, axpy_q4_0, nullptr},
     quantize_q8,
     read_sum,
-    {nullptr, nullptr, nullptr, dot2_q8_0, dot2_q4_0, dot2_q4g},
+    {nullptr, nullptr, nullptr, dot2_q8_0, dot2_q4_0, nullptr},   // Q4_0G: linear takes dot_rows
+    {nullptr, nullptr, nullptr, dot_rows_q8_0, dot_rows_q4_0, dot_rows_q4g},
 };
 
 }  // namespace

@@ -129,6 +129,16 @@ void dot2(const uint8_t* row_a, const uint8_t* row_b, const XPrep& x, float* out
   }
 }
 
+// A run of contiguous rows, one token: a dot per row (no prefetch in the reference).
+template <Fmt F>
+void dot_rows(const uint8_t* w, int n, const XPrep& x, float* out, const uint8_t*) {
+  const size_t rb = row_bytes(F, x.d);
+  for (int r = 0; r < n; ++r) {
+    if constexpr (F == Fmt::Q4_0G) dot_q4g(w + size_t(r) * rb, x, out + r);
+    else dot_quant<F>(w + size_t(r) * rb, x, out + r);
+  }
+}
+
 // Value j of block blk (without its scale).
 template <Fmt F>
 inline float qval(const uint8_t* blk, int j) {
@@ -223,6 +233,8 @@ const Kernels kRef = {
     quantize_q8,
     read_sum,
     {dot2<Fmt::F32>, dot2<Fmt::F16>, dot2<Fmt::BF16>, dot2<Fmt::Q8_0>, dot2<Fmt::Q4_0>, nullptr},
+    // as the AVX2 table: runs of block-format rows (the driver's path is the same on both)
+    {nullptr, nullptr, nullptr, dot_rows<Fmt::Q8_0>, dot_rows<Fmt::Q4_0>, dot_rows<Fmt::Q4_0G>},
 };
 
 }  // namespace

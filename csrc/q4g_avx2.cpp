@@ -1,4 +1,4 @@
-// AVX2 dot and dot2 over q4_0 grouped rows (Q4_0G, kernels.h; only `linear` reads them).
+// AVX2 dot and dot_rows over q4_0 grouped rows (Q4_0G, kernels.h; only `linear` reads them).
 // See avx2_common.h for the file layout.
 #include "avx2_common.h"
 
@@ -66,34 +66,15 @@ void dot_q4g_tile(const uint8_t* row, const XPrep& x, int t0, float* out) {
   for (int t = 0; t < NT; ++t) out[t] = hsum(acc[t]);
 }
 
-}  // namespace
-
-void dot_q4g(const uint8_t* row, const XPrep& x, float* out) {
-  int t = 0;
-  for (; t + 4 <= x.b; t += 4) dot_q4g_tile<4>(row, x, t, out + t);
-  for (; t + 2 <= x.b; t += 2) dot_q4g_tile<2>(row, x, t, out + t);
-  for (; t < x.b; ++t) dot_q4g_tile<1>(row, x, t, out + t);
-}
-
-// Two grouped rows, one token (Dot2Fn: `linear` hands over row pairs), streaming the next pair
-// into L1 and `later` into L2 a group at a time, as dot2_quant does for GGUF rows. These streams
-// matter on the Zen 4 dev VM (14336 x 4096, 1 thread, LLC flushed, a scratch runtime switch):
-// 2.6-2.8 ms with them and the in-row prefetch, 4.7-5.4 ms with no software prefetch, 3.6-4.3 ms
-// with the in-row one alone; 2 KiB ahead into L2 instead of 1 KiB into L1: level.
-void dot2_q4g(const uint8_t* row_a, const uint8_t* row_b, const XPrep& x, float* out,
-              const uint8_t* next_a, const uint8_t* next_b, const uint8_t* later) {
+// Two grouped rows, one token: the 144-byte groups of both rows side by side, the prefetch
+// stream (avx2_common.h RunStream) advanced a group at a time. (Until session 9 `linear` read
+// row pairs through a dot2 with the FFN's streams, Dot2Streams: docs/KERNELS.md.)
+void dot2_q4g_one(const uint8_t* row_a, const uint8_t* row_b, const XPrep& x, float* out, RunStream& pf) {
   const int nb = x.d / QK, ng = nb / kGroupBlocks;
-  const size_t rb = size_t(nb) * 18;
-  if (x.b != 1) {
-    prefetch_dot2_rows_l2(rb, next_a, next_b, later);
-    dot_q4g(row_a, x, out);
-    dot_q4g(row_b, x, out + x.b);
-    return;
-  }
   __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
   for (int g = 0; g < ng; ++g) {
     const size_t o = size_t(g) * kGroupBytes;
-    prefetch_dot2_group(row_a, row_b, o, rb, next_a, next_b, later);
+    pf.group(o);
     const int8_t* xg = x.xg + size_t(g) * kGroupXBytes;
     const int32_t* s8 = x.xs8 + size_t(g) * kGroupBlocks;
     const __m256 dx = _mm256_loadu_ps(x.xd + size_t(g) * kGroupBlocks);
@@ -108,6 +89,22 @@ void dot2_q4g(const uint8_t* row_a, const uint8_t* row_b, const XPrep& x, float*
   q4g_tail<1>(row_b + to, x, 0, ng * kGroupBlocks, nb, &acc[1]);
   out[0] = hsum(acc[0]);
   out[1] = hsum(acc[1]);
+}
+
+}  // namespace
+
+void dot_q4g(const uint8_t* row, const XPrep& x, float* out) {
+  int t = 0;
+  for (; t + 4 <= x.b; t += 4) dot_q4g_tile<4>(row, x, t, out + t);
+  for (; t + 2 <= x.b; t += 2) dot_q4g_tile<2>(row, x, t, out + t);
+  for (; t < x.b; ++t) dot_q4g_tile<1>(row, x, t, out + t);
+}
+
+// A run of grouped rows, one token (DotRowsFn): pairs as above, one stream kRunAhead ahead.
+void dot_rows_q4g(const uint8_t* w, int n, const XPrep& x, float* out, const uint8_t* end) {
+  dot_rows_run(w, n, size_t(x.d / QK) * 18, out, end,
+               [&](const uint8_t* a, const uint8_t* b, float* o, RunStream& s) { dot2_q4g_one(a, b, x, o, s); },
+               [&](const uint8_t* row, float* o) { dot_q4g_tile<1>(row, x, 0, o); });
 }
 
 }  // namespace avx2

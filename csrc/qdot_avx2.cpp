@@ -1,4 +1,4 @@
-// AVX2 q8_0 / q4_0 dot and dot2 over GGUF rows: x pre-quantised to q8; per 32-block one
+// AVX2 q8_0 / q4_0 dot, dot2 and dot_rows over GGUF rows: x pre-quantised to q8; per 32-block one
 // maddubs + madd gives the exact integer sum, then one FMA with scale_w * scale_x. q4_0 feeds the
 // unsigned nibbles to maddubs and subtracts 8 * sum(x_q) (precomputed per x block) instead of
 // re-centring. Batches of tokens: the weight block is loaded/expanded once for every token.
@@ -76,6 +76,20 @@ inline void prefetch_pair(const uint8_t* row, size_t o) {
   if constexpr (2 * kBlockBytes<F> > 64) __builtin_prefetch(row + o + kBlockBytes<F>, 0, Locality);
 }
 
+}  // namespace
+
+// The FFN's dot2 streams at the block pair at o (avx2_common.h Dot2Streams).
+template <Fmt F>
+void Dot2Streams::pair(size_t o) const {
+  prefetch_ahead(row_a, o, rb);
+  prefetch_ahead(row_b, o, rb);
+  prefetch_pair<F, 3>(next_a, o);
+  prefetch_pair<F, 3>(next_b, o);
+  prefetch_pair<F, 2>(later, o);
+}
+
+namespace {
+
 // GGUF q4_0, one token, 8 blocks (144 bytes) of one row at p: the integer sums of the 8 blocks
 // in int32 lanes ordered 0 2 4 6 1 3 5 7, corrected for the nibble offset. Block pairs load as
 // [block 2j | block 2j+1] (one insert), their nibble products against XPrep::xh add up in int16
@@ -108,30 +122,18 @@ inline __m256 q4_gguf_scales8(const uint8_t* p) {
   return _mm256_cvtph_ps(_mm_set_epi64x(int64_t(hi), int64_t(lo)));
 }
 
-// Gate and up of one id in one pass (kernels.h Dot2Fn), one token: the x block pair is loaded
-// once for both rows, both rows are read (and prefetched ahead) at once, and the next / later
-// rows are prefetched a line or so per block pair. Measured on the dev machine (docs/KERNELS.md):
-// the fused pass alone took dense q4_0 from 11.7 to 10.8-11.3 ms at one thread, the streams of
-// the down row and the next id's rows to ~8.2 ms. A batch (b > 1) takes two dot calls after the
-// three rows were prefetched up front into L2.
-template <Fmt F>
-void dot2_quant(const uint8_t* row_a, const uint8_t* row_b, const XPrep& x, float* out,
-                const uint8_t* next_a, const uint8_t* next_b, const uint8_t* later) {
+// Two rows, one token: q4_0 in groups of 8 blocks, then the pair loop for the rest; the prefetch
+// stream S (Dot2Streams or RunStream, avx2_common.h) advanced a group / block pair at a time.
+template <Fmt F, class S>
+void dot2_quant_one(const uint8_t* row_a, const uint8_t* row_b, const XPrep& x, float* out, S& pf) {
   constexpr size_t BB = kBlockBytes<F>;
   const int nb = x.d / QK, np = nb / 2;
-  const size_t rb = size_t(nb) * BB;
-  if (x.b != 1 || np == 0) {
-    prefetch_dot2_rows_l2(rb, next_a, next_b, later);
-    dot_quant<F>(row_a, x, out);
-    dot_quant<F>(row_b, x, out + x.b);
-    return;
-  }
   __m256 accA = _mm256_setzero_ps(), accB = accA;
   int j = 0;
   if constexpr (F == Fmt::Q4_0) {   // groups of 8 blocks, then the pair loop for the rest
     for (int g = 0; x.xh && g < nb / kGroupBlocks; ++g, j += kGroupBlocks / 2) {
       const size_t o = size_t(g) * kGroupBytes;
-      prefetch_dot2_group(row_a, row_b, o, rb, next_a, next_b, later);
+      pf.group(o);
       const int8_t* xh = x.xh + size_t(g) * 4 * 64;
       const int32_t* s8 = x.xs8o + size_t(g) * kGroupBlocks;
       const __m256 dx = _mm256_loadu_ps(x.xdo + size_t(g) * kGroupBlocks);
@@ -142,11 +144,7 @@ void dot2_quant(const uint8_t* row_a, const uint8_t* row_b, const XPrep& x, floa
   }
   for (; j < np; ++j) {
     const size_t o = size_t(2 * j) * BB;
-    prefetch_ahead(row_a, o, rb);
-    prefetch_ahead(row_b, o, rb);
-    prefetch_pair<F, 3>(next_a, o);
-    prefetch_pair<F, 3>(next_b, o);
-    prefetch_pair<F, 2>(later, o);
+    pf.template pair<F>(o);
     __m256i s0 = _mm256_setzero_si256(), s1 = s0, s2 = s0, s3 = s0;
     const __m256i wa0 = block_bytes<F>(row_a + o, &s0), wa1 = block_bytes<F>(row_a + o + BB, &s1);
     const __m256i wb0 = block_bytes<F>(row_b + o, &s2), wb1 = block_bytes<F>(row_b + o + BB, &s3);
@@ -176,6 +174,39 @@ void dot2_quant(const uint8_t* row_a, const uint8_t* row_b, const XPrep& x, floa
   out[1] = hsum(accB) + tb;
 }
 
+// Gate and up of one id in one pass (kernels.h Dot2Fn), one token: the x block pair is loaded
+// once for both rows, both rows are read (and prefetched ahead) at once, and the next / later
+// rows are prefetched a line or so per block pair. Measured on the dev machine (docs/KERNELS.md):
+// the fused pass alone took dense q4_0 from 11.7 to 10.8-11.3 ms at one thread, the streams of
+// the down row and the next id's rows to ~8.2 ms. A batch (b > 1) takes two dot calls after the
+// three rows were prefetched up front into L2.
+template <Fmt F>
+void dot2_quant(const uint8_t* row_a, const uint8_t* row_b, const XPrep& x, float* out,
+                const uint8_t* next_a, const uint8_t* next_b, const uint8_t* later) {
+  const size_t rb = size_t(x.d / QK) * kBlockBytes<F>;
+  if (x.b != 1 || x.d / QK / 2 == 0) {
+    prefetch_dot2_rows_l2(rb, next_a, next_b, later);
+    dot_quant<F>(row_a, x, out);
+    dot_quant<F>(row_b, x, out + x.b);
+    return;
+  }
+  Dot2Streams pf{row_a, row_b, next_a, next_b, later, rb};
+  dot2_quant_one<F>(row_a, row_b, x, out, pf);
+}
+
+// A run of rows, one token (kernels.h DotRowsFn): pairs as dot2, one stream kRunAhead ahead.
+template <Fmt F>
+void dot_rows_quant(const uint8_t* w, int n, const XPrep& x, float* out, const uint8_t* end) {
+  const size_t rb = size_t(x.d / QK) * kBlockBytes<F>;
+  if (x.d / QK / 2 == 0) {   // one block a row: no pair loop
+    for (int r = 0; r < n; ++r) dot_quant<F>(w + size_t(r) * rb, x, out + r);
+    return;
+  }
+  dot_rows_run(w, n, rb, out, end,
+               [&](const uint8_t* a, const uint8_t* b, float* o, RunStream& s) { dot2_quant_one<F>(a, b, x, o, s); },
+               [&](const uint8_t* row, float* o) { dot_quant<F>(row, x, o); });
+}
+
 }  // namespace
 
 void dot_q8_0(const uint8_t* row, const XPrep& x, float* out) { dot_quant<Fmt::Q8_0>(row, x, out); }
@@ -187,6 +218,12 @@ void dot2_q8_0(const uint8_t* row_a, const uint8_t* row_b, const XPrep& x, float
 void dot2_q4_0(const uint8_t* row_a, const uint8_t* row_b, const XPrep& x, float* out,
                const uint8_t* next_a, const uint8_t* next_b, const uint8_t* later) {
   dot2_quant<Fmt::Q4_0>(row_a, row_b, x, out, next_a, next_b, later);
+}
+void dot_rows_q8_0(const uint8_t* w, int n, const XPrep& x, float* out, const uint8_t* end) {
+  dot_rows_quant<Fmt::Q8_0>(w, n, x, out, end);
+}
+void dot_rows_q4_0(const uint8_t* w, int n, const XPrep& x, float* out, const uint8_t* end) {
+  dot_rows_quant<Fmt::Q4_0>(w, n, x, out, end);
 }
 
 }  // namespace avx2

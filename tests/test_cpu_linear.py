@@ -65,6 +65,30 @@ def test_linear_big_rows_threads_and_paths_agree(fmt):
             assert_within(cpu.linear(x, m), ref, bound, f"{fmt} {path} {t} threads")
 
 
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("fmt,grouped", [("q4_0", True), ("q4_0", False), ("q8_0", False)])
+def test_linear_one_token_runs(path, fmt, grouped):
+    """One token over many rows: `linear` hands each chunk of rows to the table's dot_rows (a run
+    with one address-order prefetch stream, kernels.h DotRowsFn). 4096 + 3 rows (chunk tails,
+    an odd last row), and a view of the last 5 rows (the stream's end is the view's end), at 1,
+    2 and 5 threads, against float64 and against the batch path's per-row dots (token 0 of a
+    batch of 2)."""
+    use_path(path)
+    d, n = 4096, 4096 + 3
+    m = cpu.PackedLinear(fmt, d, n, random_packed(fmt, n, d, 11))
+    if grouped:
+        m = cpu.PackedLinear(fmt, d, n, quant.group_q4_0(m.weight), True)
+    tail = cpu.PackedLinear(fmt, d, 5, m.weight[n - 5:], grouped)
+    x = torch.randn(2, d, generator=torch.Generator().manual_seed(12))
+    ref, bound = reference(m, x)
+    for t in (1, 2, 5):
+        cpu.set_num_threads(t)
+        y = cpu.linear(x[0].contiguous(), m)
+        assert_within(y, ref[0], bound[0], f"{fmt} grouped={grouped} {path} {t} threads")
+        assert_within(y, cpu.linear(x, m)[0].double(), bound[0], "run vs per-row dots")
+        assert_within(cpu.linear(x[0].contiguous(), tail), ref[0, n - 5:], bound[0, n - 5:], "tail view")
+
+
 def test_q4_0_grouping_is_a_row_permutation():
     """quant.group_q4_0 (csrc/kernels.h Q4_0G) against a per-byte re-implementation: group g of 8
     blocks = their 8 scales, then for v < 4, k < 8 nibble bytes 4v..4v+3 of block k; tail blocks
