@@ -38,6 +38,17 @@ SCRIPT = textwrap.dedent("""
         err = float((y - ref).abs().max()) / max(float(ref.abs().max()), 1e-3)
         worst[key] = max(worst.get(key, 0.0), err)
 
+    def note_q8x(key, y, W, x):
+        # the integer-dot GEMV (triton_q8x: x quantised to q8): |y - W x| within half a quantum
+        # of x per element, sum_j |W[r,j]| * max|x_b(j)| / 254 (+ float rounding); records the
+        # excess over that bound (0 when within)
+        y, x = y.double().cpu(), x.double().cpu()
+        ref = W @ x
+        half = (x.reshape(-1, 32).abs().amax(1) / 254).repeat_interleave(32)
+        excess = (y - ref).abs() - W.abs() @ half - 1e-6 * max(float(ref.abs().max()), 1e-3)
+        assert torch.isfinite(y).all(), key
+        worst[key] = max(worst.get(key, 0.0), float(excess.max().clamp_min(0)))
+
     for fmt in ["f32", "f16", "bf16", "q4_0"]:
         # odd row counts, one block, odd block counts (2-byte aligned q4_0 rows), 16-byte rows
         for n, d in [(1, 32), (37, 64), (300, 96), (70, 256)]:
@@ -78,18 +89,25 @@ SCRIPT = textwrap.dedent("""
         w = torch.randn(n, d, generator=g) * 0.2
         rows = q4_rows_to_gpu(quant.pack(w, "q4_0")).to(dev)
         x = torch.randn(d, generator=g)
-        ref = quant.unpack(quant.pack(w, "q4_0"), "q4_0", d).double() @ x.double()
-        note("matvec", tk.matvec("q4_0", d, rows, x.to(dev), cfg=cfg), ref)
+        W = quant.unpack(quant.pack(w, "q4_0"), "q4_0", d).double()
+        tk.LAST.pop("matvec_q8x", None)
+        y = tk.matvec("q4_0", d, rows, x.to(dev), cfg=cfg)
+        if d % 64 == 0 and cfg is None:                     # whole words: the integer dots
+            assert "matvec_q8x" in tk.LAST
+            note_q8x("matvec-q8x", y, W, x)
+        else:
+            note("matvec", y, W @ x.double())
     from hybridinfer.kernels.gpu import DeviceLinear
     from hybridinfer.linear import linear
     w = torch.randn(70, 128, generator=g) * 0.2
     m = DeviceLinear.from_weight(w.to(dev), "q4_0", dev)
     W = quant.unpack(quant.pack(w, "q4_0"), "q4_0", 128).double()
-    for rows_in in (1, 5):                                  # GEMV, and the dequantised matmul
-        x = torch.randn(rows_in, 128, generator=g)
-        note(f"linear-{rows_in}", linear(x.to(dev), m), x.double() @ W.T)
+    x = torch.randn(1, 128, generator=g)                    # the GEMV (integer dots)
+    note_q8x("linear-1", linear(x.to(dev), m)[0], W, x[0])
+    x = torch.randn(5, 128, generator=g)                    # the dequantised matmul
+    note("linear-5", linear(x.to(dev), m), x.double() @ W.T)
     x = torch.randn(128, generator=g)                       # the custom op itself, any device
-    note("op", torch.ops.hybridinfer.matvec_q4(m.weight, x.to(dev), 128), W @ x.double())
+    note_q8x("op", torch.ops.hybridinfer.matvec_q4(m.weight, x.to(dev), 128), W, x)
 
     # device-selected experts (slots): expert sel[s]'s rows through address tables; experts of
     # different row counts, one with none (never chosen), the chosen order not sorted
@@ -132,11 +150,13 @@ SCRIPT = textwrap.dedent("""
         sel2 = torch.tensor([2, 0])
         xs = torch.randn(2, d, generator=g)
         y = tk.matvec_slots(fmt, d, wt, xs.to(dev), d, torch.zeros(2, 64, device=dev), sel2.to(dev))
+        check = (lambda k, y, W, x: note_q8x(k, y, W, x)) if fmt == "q4_0" else \
+            (lambda k, y, W, x: note(k, y, W @ x.double()))
         for s, e in enumerate(sel2.tolist()):
-            note("matvec-slots-" + fmt, y[s, :40], W[e] @ xs[s].double())
+            check("matvec-slots-" + fmt, y[s, :40], W[e], xs[s])
         y = tk.matvec_slots(fmt, d, wt, xs[0].to(dev), 0, torch.zeros(2, 40, device=dev), sel2.to(dev))
         for s, e in enumerate(sel2.tolist()):
-            note("matvec-slots-x0-" + fmt, y[s], W[e] @ xs[0].double())
+            check("matvec-slots-x0-" + fmt, y[s], W[e], xs[0])
         if fmt == "q4_0":          # the transposed use: rows of W^T, coefficients shared
             at = torch.randn(40, generator=g)
             y = tk.down_slots(fmt, d, wt, at.to(dev), 0, torch.zeros(2, d, device=dev), d, sel2.to(dev))

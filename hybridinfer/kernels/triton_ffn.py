@@ -6,7 +6,8 @@
   down:    y = sum_j a[j] * W2h^T[j]: a transposed axpy over rows, split over row chunks and
            column tiles (atomic adds into y); rows with a = 0 are never read.
   matvec:  y = W x over every row (a dense GEMV: attention projections and lm_head held in q4_0
-           on the GPU, kernels.gpu.DeviceLinear); gate_up's first pass without a mask.
+           on the GPU, kernels.gpu.DeviceLinear); gate_up's first pass without a mask, or for
+           q4_0 rows of whole words the integer-dot kernel of triton_q8x (x quantised to q8).
 
 Each program owns a chunk of CHUNK rows. It first compacts the chunk's rows that need reading
 (mask set / gate fired / a != 0) into a list (cumsum, in a scratch buffer), then streams R of
@@ -515,7 +516,10 @@ def gate_up_slots(fmt: str, d: int, gt: RowTable, ut: RowTable, it: RowTable, x:
 
 def matvec(fmt: str, d: int, w: torch.Tensor, x: torch.Tensor, cfg: dict | None = None) -> torch.Tensor:
     """y [n] f32 = w x for rows w [n, d] (q4_0 in the GPU row layout, or float) and x [d] (any
-    float dtype, contiguous)."""
+    float dtype, contiguous). q4_0 rows of whole words (d % 64 == 0) go to the integer-dot
+    kernel (triton_q8x: x quantised to q8) unless a launch cfg is given (the float kernel's)."""
+    if cfg is None and _q8x().usable(fmt, d):
+        return _q8x().matvec(d, w, x)
     n = w.shape[0]
     c, grid, lst, words = _dot_launch(fmt, d, n, cfg, x.device)
     y = torch.empty(n, dtype=torch.float32, device=x.device)
@@ -530,7 +534,9 @@ def matvec(fmt: str, d: int, w: torch.Tensor, x: torch.Tensor, cfg: dict | None 
 def matvec_slots(fmt: str, d: int, wt: RowTable, x: torch.Tensor, xs: int, y: torch.Tensor,
                  sel: torch.Tensor, cfg: dict | None = None) -> torch.Tensor:
     """Device-selected GEMV: y[s, :n_e] = W_e x_s for slot s (e = sel[s]); x at x + s*xs
-    (xs = 0: one x [d] for every slot); y f32 [k, YS], YS >= wt.n_max."""
+    (xs = 0: one x [d] for every slot); y f32 [k, YS], YS >= wt.n_max. q4_0 as matvec."""
+    if cfg is None and not wt.gguf and _q8x().usable(fmt, d):
+        return _q8x().matvec_slots(d, wt, x, xs, y, sel)
     k = sel.numel()
     c, grid, lst, _ = _dot_launch(fmt, d, wt.n_max, cfg, x.device, k)
     LAST["matvec_slots"] = _matvec_kernel[(grid, k)](
@@ -567,6 +573,12 @@ def down_slots(fmt: str, d: int, wt: RowTable, a: torch.Tensor, a_stride: int, y
         rw if rw is not None else a, a_stride, y_stride, SLOT=True, HAS_RW=rw is not None,
         RELU_A=relu_a, **c)
     return y
+
+
+def _q8x():
+    """The integer-dot GEMV module (imported on first use: it imports this one)."""
+    from . import triton_q8x
+    return triton_q8x
 
 
 def supported(fmt: str) -> bool:
