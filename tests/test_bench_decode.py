@@ -196,7 +196,8 @@ def test_harness_end_to_end_json(tmp_path, shape):
         for k in ("tok_s", "ms_token", "split_ms", "bytes_gpu", "bytes_cpu", "roofline_ms",
                   "x_roofline", "rss", "prefill_tok_s", "syncs_per_token"):
             assert k in r, (r["policy"], k)
-        assert set(r["split_ms"]) == {"gpu", "cpu", "sync", "python"}
+        assert set(r["split_ms"]) == {"gpu", "cpu", "sync", "python", "host"}
+        assert r["split_ms"]["python"] == r["split_ms"]["host"]       # not run ahead (cpu)
         assert r["tok_s"] > 0 and r["roofline_ms"] > 0
     hy = [r for r in rows if r["policy"] == "hybrid"]
     assert all("x_dense_offload" in r for r in hy)
