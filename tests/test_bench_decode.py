@@ -132,7 +132,8 @@ def test_synth_predictor_scores_and_slots(device):
     preds = [SynthPredictor(wl.ffns[(0, e)], d, wl.rank, device, seed=e) for e in range(3)]
     torch.manual_seed(0)
     x = torch.randn(1, d, device=device)
-    tol = 1e-5 if device == "cuda" else 2e-2      # the CPU kernels quantise x to q8_0 blocks
+    tol = 2e-2                  # the one-token kernels quantise x to q8 blocks (CPU, and the
+                                # GPU's integer-dot GEMV: ~7e-3 here on the H100)
     for p in preds:
         one = p.scores(x)[0].double().cpu()
         ref = p.scores(torch.cat([x, x]))[0].double().cpu()      # the batch path
