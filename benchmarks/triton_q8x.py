@@ -1,6 +1,6 @@
 """The one-token q4_0 GEMV: the float-dequant kernel (triton_ffn, its launch config) vs the
 integer-dot kernel (triton_q8x: x quantised to q8, dp4a), at the decode step's dense shapes,
-GPU machine. The weights are rotated over 8 copies (each call reads another: HBM, not the 50 MB
+GPU machine; then the hot half's gate_up with float vs integer dots (Q8X). The weights are rotated over 8 copies (each call reads another: HBM, not the 50 MB
 L2); each call is timed in a CUDA graph of 48 calls (triton_matvec.timed). The q8x time
 includes quantising x (its own launch, also shown alone).
 
@@ -52,6 +52,20 @@ def main():
                          quant_x_us=tx * 1e6, rel_err=err))
         print(f"{name:6s} {n:6d}  {tf * 1e6:8.2f} {nb / tf / 1e9:6.0f}  {tq * 1e6:6.2f} {nb / tq / 1e9:6.0f}"
               f"  {tx * 1e6:7.2f}  {tf / tq:9.2f}  {err:.1e}", flush=True)
+    # the hot half's gate_up (2 slots of 14336 hot rows x 4096, drelu, a share D of the rows
+    # live; triton_sweep.hot_ops): the float dots (Q8X=False) vs the integer dots, both with
+    # gate_up's default launch config
+    from triton_sweep import hot_ops
+    print(f"{'gate_up':8s} {'live':>5s}  float us   GB/s  q8x us   GB/s  float/q8x")
+    for dens in (0.15, 0.5, 1.0):
+        fn, nbytes = hot_ops(d, 14336, dens, dev)[f"gu@{dens}"]
+        cfg = tk.config("q4_0", d, 14336)["gate_up"]
+        tf = timed(lambda: fn(dict(cfg, Q8X=False)))
+        tq = timed(lambda: fn(dict(cfg)))
+        rows.append(dict(shape="gate_up_slots", live=dens, bytes=nbytes, float_us=tf * 1e6,
+                         q8x_us=tq * 1e6))
+        print(f"{'':8s} {dens:5.2f}  {tf * 1e6:8.2f} {nbytes / tf / 1e9:6.0f}  {tq * 1e6:6.2f}"
+              f" {nbytes / tq / 1e9:6.0f}  {tf / tq:9.2f}", flush=True)
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "copy_gbs": 2 * (1 << 27) / t_copy / 1e9,

@@ -2,7 +2,8 @@
 
   gate_up: a[j] = act(W1h[j]·x, W3h[j]·x) for the hot rows j whose mask is set (else 0);
            masked rows are never read; for drelu/relu/fatrelu the up row is read only where the
-           gate fires (a second pass over the rows whose gate fired).
+           gate fires (a second pass over the rows whose gate fired). q4_0 rows of whole words:
+           integer dots over x quantised to q8 (Q8X: triton_q8x's arithmetic, dp4a).
   down:    y = sum_j a[j] * W2h^T[j]: a transposed axpy over rows, split over row chunks and
            column tiles (atomic adds into y); rows with a = 0 are never read.
   matvec:  y = W x over every row (a dense GEMV: attention projections and lm_head held in q4_0
@@ -143,10 +144,22 @@ def _expand(e, WORDS: tl.constexpr):
 
 
 @triton.jit
-def _x_tile(x_ptr, k0, D, IS_Q4: tl.constexpr, BK: tl.constexpr):
+def _x_tile(x_ptr, k0, D, IS_Q4: tl.constexpr, BK: tl.constexpr, Q8X: tl.constexpr = False):
     """x over the K tile starting at k0 (a block for q4_0, a column for float rows):
     q4_0: f32 [BK, 8] each, x[32b+2m], x[32b+2m+1] / 2^8, x[32b+16+2m] / 2^4, x[32b+17+2m] / 2^12
-    (the slots of _expand); float rows: x0 = x[k0:k0+BK] (the others unused)."""
+    (the slots of _expand); float rows: x0 = x[k0:k0+BK] (the others unused).
+    Q8X: x_ptr is x quantised to q8 (triton_q8x.packed_x: int32 [NB*8 | NB | NB]); returns the
+    int8 words of the blocks' first and second halves [BK, 4] each, d_x f32 [BK], s_x [BK]."""
+    if Q8X:
+        NB = D // 32
+        b = k0 + tl.arange(0, BK)
+        bm = b < NB
+        w = tl.arange(0, 4)
+        xlo = tl.load(x_ptr + (b * 8)[:, None] + w[None, :], mask=bm[:, None], other=0)
+        xhi = tl.load(x_ptr + (b * 8 + 4)[:, None] + w[None, :], mask=bm[:, None], other=0)
+        xd = tl.load(x_ptr + NB * 8 + b, mask=bm, other=0).to(tl.float32, bitcast=True)
+        xs = tl.load(x_ptr + NB * 9 + b, mask=bm, other=0)
+        return xlo, xhi, xd, xs
     if IS_Q4:
         b = k0 + tl.arange(0, BK)
         j = tl.arange(0, 16)
@@ -169,8 +182,15 @@ def _x_tile(x_ptr, k0, D, IS_Q4: tl.constexpr, BK: tl.constexpr):
 
 
 @triton.jit
-def _tile_dot(e, sc, x0, x8, x4, x12, IS_Q4: tl.constexpr, WORDS: tl.constexpr):
-    """f32 [R]: one loaded K tile of R rows (_load_rows) dotted with x's tile (_x_tile)."""
+def _tile_dot(e, sc, x0, x8, x4, x12, IS_Q4: tl.constexpr, WORDS: tl.constexpr,
+              Q8X: tl.constexpr = False, ASM: tl.constexpr = False):
+    """f32 [R]: one loaded K tile of R rows (_load_rows) dotted with x's tile (_x_tile).
+    Q8X (q4_0 words, x0, x8, x4, x12 = x's q8 tile): two dp4a per word (triton_q8x)."""
+    if Q8X:
+        acc = _dp4a(e & 0x0F0F0F0F, tl.broadcast_to(x0[None, :, :], e.shape), tl.zeros_like(e), ASM)
+        acc = _dp4a((e >> 4) & 0x0F0F0F0F, tl.broadcast_to(x8[None, :, :], e.shape), acc, ASM)
+        t = (tl.sum(acc, axis=2) - 8 * x12[None, :]).to(tl.float32) * sc.to(tl.float32) * x4[None, :]
+        return tl.sum(t, axis=1)
     if IS_Q4:
         n0, n8, n4, n12 = _expand(e, WORDS)
         part = tl.sum(n0 * x0[None] + n8 * x8[None] + n4 * x4[None] + n12 * x12[None], axis=2,
@@ -184,7 +204,8 @@ def _tile_dot(e, sc, x0, x8, x4, x12, IS_Q4: tl.constexpr, WORDS: tl.constexpr):
 @triton.jit
 def _dot_pass(w_ptr, lst, cnt, a_ptr, x_ptr, x0, x8, x4, x12, D, NB, RS, MODE: tl.constexpr,
               IS_Q4: tl.constexpr, R: tl.constexpr, BK: tl.constexpr, NK: tl.constexpr,
-              WORDS: tl.constexpr, GGUF: tl.constexpr):
+              WORDS: tl.constexpr, GGUF: tl.constexpr, Q8X: tl.constexpr = False,
+              ASM: tl.constexpr = False):
     """For the cnt rows listed at lst, R at a time: t = w[row]·x, then by MODE
     0: a[row] = t; 1 (drelu up): a[row] *= max(t, 0); 2 (relu/fatrelu up): a[row] *= t;
     3 (silu up): a[row] = silu(a[row]) * t.
@@ -196,11 +217,11 @@ def _dot_pass(w_ptr, lst, cnt, a_ptr, x_ptr, x0, x8, x4, x12, D, NB, RS, MODE: t
     for i in range(0, cnt, R):
         rows_n, lv_n = _list_rows(lst, i + R, cnt, R)
         e_n, sc_n = _load_rows(w_ptr, rows_n, lv_n, 0, D, NB, RS, IS_Q4, BK, WORDS, GGUF)   # prefetch
-        t = _tile_dot(e, sc, x0, x8, x4, x12, IS_Q4, WORDS)
+        t = _tile_dot(e, sc, x0, x8, x4, x12, IS_Q4, WORDS, Q8X, ASM)
         for kt in tl.static_range(1, NK):
-            xk0, xk8, xk4, xk12 = _x_tile(x_ptr, kt * BK, D, IS_Q4, BK)
+            xk0, xk8, xk4, xk12 = _x_tile(x_ptr, kt * BK, D, IS_Q4, BK, Q8X)
             ek, sck = _load_rows(w_ptr, rows, lv, kt * BK, D, NB, RS, IS_Q4, BK, WORDS, GGUF)
-            t += _tile_dot(ek, sck, xk0, xk8, xk4, xk12, IS_Q4, WORDS)
+            t += _tile_dot(ek, sck, xk0, xk8, xk4, xk12, IS_Q4, WORDS, Q8X, ASM)
         if MODE == 0:
             tl.store(a_ptr + rows, t, mask=lv)
         else:
@@ -213,6 +234,18 @@ def _dot_pass(w_ptr, lst, cnt, a_ptr, x_ptr, x0, x8, x4, x12, D, NB, RS, MODE: t
                 t = g / (1.0 + tl.exp(-g)) * t
             tl.store(a_ptr + rows, t, mask=lv)
         rows, lv, e, sc = rows_n, lv_n, e_n, sc_n
+
+
+@triton.jit
+def _dp4a(a, b, c, ASM: tl.constexpr):
+    """int32: c + sum over the 4 bytes of a (unsigned) times the 4 bytes of b (signed): PTX dp4a
+    on CUDA (ASM), spelled out in integer ops under Triton's interpreter."""
+    if ASM:
+        return tl.inline_asm_elementwise("dp4a.u32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c],
+                                         dtype=tl.int32, is_pure=True, pack=1)
+    for k in tl.static_range(4):
+        c += ((a >> (8 * k)) & 255) * ((b << (24 - 8 * k)) >> 24)   # byte k, sign-extended
+    return c
 
 
 @triton.jit
@@ -231,8 +264,10 @@ def _gate_up_kernel(x_ptr, g_ptr, u_ptr, mask_ptr, a_ptr, lst_ptr, N, D, NB, RS,
                     sel_ptr, gtab, utab, itab, ntab, MS, AS,
                     HAS_MASK: tl.constexpr, ACT_KIND: tl.constexpr, IS_Q4: tl.constexpr,
                     CHUNK: tl.constexpr, R: tl.constexpr, BK: tl.constexpr, NK: tl.constexpr,
-                    WORDS: tl.constexpr, SLOT: tl.constexpr, GGUF: tl.constexpr = False):
+                    WORDS: tl.constexpr, SLOT: tl.constexpr, GGUF: tl.constexpr = False,
+                    Q8X: tl.constexpr = False, ASM: tl.constexpr = False):
     """a [N] f32. Program p: rows [p*CHUNK, (p+1)*CHUNK). lst: int32 [grid*CHUNK] scratch.
+    Q8X: x_ptr is x quantised to q8 (triton_q8x.packed_x), the dots integer (dp4a; ASM on CUDA).
     SLOT (device-selected experts, grid axis 1 = slot s): expert e = sel[s]'s rows from the
     tables (gtab/utab: row addresses, itab: its hot neuron ids' address, ntab: its row count),
     mask_ptr [k, MS] the slot's mask over neurons (read at the rows' neuron ids), a [k, AS]."""
@@ -255,15 +290,15 @@ def _gate_up_kernel(x_ptr, g_ptr, u_ptr, mask_ptr, a_ptr, lst_ptr, N, D, NB, RS,
             live = live & (tl.load(mask_ptr + offs, mask=inr, other=0) != 0)
     lst = lst_ptr + pid * CHUNK
     cnt = _compact(live, offs, lst)
-    x0, x8, x4, x12 = _x_tile(x_ptr, 0, D, IS_Q4, BK)            # used when NK == 1
+    x0, x8, x4, x12 = _x_tile(x_ptr, 0, D, IS_Q4, BK, Q8X)       # used when NK == 1
     # pass 1: the gates of the live rows (kept in a)
     _dot_pass(g_ptr, lst, cnt, a_ptr, x_ptr, x0, x8, x4, x12, D, NB, RS, 0, IS_Q4, R, BK, NK,
-              WORDS, GGUF)
+              WORDS, GGUF, Q8X, ASM)
     tl.debug_barrier()
     if ACT_KIND == 3:                                           # silu: up of every live row
         tl.store(a_ptr + offs, 0.0, mask=inr & (live == 0))
         _dot_pass(u_ptr, lst, cnt, a_ptr, x_ptr, x0, x8, x4, x12, D, NB, RS, 3, IS_Q4, R, BK, NK,
-                  WORDS, GGUF)
+                  WORDS, GGUF, Q8X, ASM)
     else:                                                       # pass 2: up where the gate fired
         gv = tl.load(a_ptr + offs, mask=live, other=0.0)
         if ACT_KIND == 2:
@@ -273,7 +308,7 @@ def _gate_up_kernel(x_ptr, g_ptr, u_ptr, mask_ptr, a_ptr, lst_ptr, N, D, NB, RS,
         tl.store(a_ptr + offs, 0.0, mask=inr & (fire == 0))
         cnt2 = _compact(fire, offs, lst)
         _dot_pass(u_ptr, lst, cnt2, a_ptr, x_ptr, x0, x8, x4, x12, D, NB, RS,
-                  1 if ACT_KIND == 0 else 2, IS_Q4, R, BK, NK, WORDS, GGUF)
+                  1 if ACT_KIND == 0 else 2, IS_Q4, R, BK, NK, WORDS, GGUF, Q8X, ASM)
 
 
 @triton.jit
@@ -418,14 +453,19 @@ def _words(fmt: str, d: int, cfg: dict) -> bool:
 
 
 def _dot_launch(fmt: str, d: int, n: int, cfg: dict | None, device, slots: int = 1,
-                gguf: bool = False) -> tuple[dict, int, torch.Tensor, bool]:
+                gguf: bool = False, q8x: bool = False) -> tuple[dict, int, torch.Tensor, bool]:
     """The row-dot kernels' (gate_up, matvec) launch: (constexpr kwargs incl. WORDS, GGUF, NK and
     num_warps, grid size along the rows, the row-list scratch for `slots` slots, WORDS).
-    gguf: q4_0 rows in GGUF's layout (read as halfwords)."""
+    gguf: q4_0 rows in GGUF's layout (read as halfwords). q8x (or cfg's Q8X, which wins): for
+    q4_0 words, the integer dots over x quantised to q8 (Q8X and ASM in the kwargs; the caller
+    passes triton_q8x.packed_x(x) as x when kwargs["Q8X"])."""
     c = dict(cfg or config(fmt, d, n, device)["gate_up"])
     grid = triton.cdiv(n, c["CHUNK"])
     lst = torch.empty(slots * grid * c["CHUNK"], dtype=torch.int32, device=device)
+    q8 = c.pop("Q8X", q8x)
     words = _words(fmt, d, c) and not gguf
+    if q8 and words:
+        c.update(Q8X=True, ASM=torch.device(device).type == "cuda")
     units = d // 32 if fmt == "q4_0" else d
     c.update(IS_Q4=fmt == "q4_0", WORDS=words, NK=triton.cdiv(units, c["BK"]), GGUF=gguf)
     return c, grid, lst, words
@@ -487,7 +527,9 @@ def gate_up(fmt: str, d: int, gate: torch.Tensor, up: torch.Tensor, x: torch.Ten
     """a [n] f32 = act(gate·x, up·x) on the rows whose mask is set (0 elsewhere).
     gguf: q4_0 rows in GGUF's layout (else the GPU row layout)."""
     n = gate.shape[0]
-    c, grid, lst, words = _dot_launch(fmt, d, n, cfg, x.device, gguf=gguf)
+    c, grid, lst, words = _dot_launch(fmt, d, n, cfg, x.device, gguf=gguf, q8x=True)
+    if c.get("Q8X"):
+        x = _q8x().packed_x(x, d)
     a = torch.empty(n, dtype=torch.float32, device=x.device)
     g, rs = _rows_view(fmt, gate, words)
     u, _ = _rows_view(fmt, up, words)
@@ -505,7 +547,9 @@ def gate_up_slots(fmt: str, d: int, gt: RowTable, ut: RowTable, it: RowTable, x:
     a[s, :n_e] = act(gate_e·x, up_e·x) on the rows whose neuron (it: hot ids) mask[s] sets
     (mask bool [k, n_ff] or None); a f32 [k, AS], AS >= gt.n_max, written (rows past n_e untouched)."""
     k = sel.numel()
-    c, grid, lst, _ = _dot_launch(fmt, d, gt.n_max, cfg, x.device, k, gt.gguf)
+    c, grid, lst, _ = _dot_launch(fmt, d, gt.n_max, cfg, x.device, k, gt.gguf, q8x=True)
+    if c.get("Q8X"):
+        x = _q8x().packed_x(x, d)
     m = mask.view(torch.uint8) if mask is not None else a
     LAST["gate_up_slots"] = _gate_up_kernel[(grid, k)](
         x, gt.like, ut.like, m, a, lst, 0, d, d // 32, gt.rs, float(threshold), sel, gt.ptr,

@@ -25,23 +25,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_ffn import LAST, RowTable, _slot_rows
+from .triton_ffn import LAST, RowTable, _dp4a, _slot_rows
 
 
 def usable(fmt: str, d: int) -> bool:
     """q4_0 rows of an even number of blocks (every row 4-byte aligned: read as int32 words)."""
     return fmt == "q4_0" and d % 64 == 0
-
-
-@triton.jit
-def _dp4a(a, b, c, ASM: tl.constexpr):
-    """int32: c + sum over the 4 bytes of a (unsigned) times the 4 bytes of b (signed)."""
-    if ASM:
-        return tl.inline_asm_elementwise("dp4a.u32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c],
-                                         dtype=tl.int32, is_pure=True, pack=1)
-    for k in tl.static_range(4):
-        c += ((a >> (8 * k)) & 255) * ((b << (24 - 8 * k)) >> 24)   # byte k, sign-extended
-    return c
 
 
 @triton.jit
@@ -113,6 +102,16 @@ def quantize_x(x: torch.Tensor, d: int, slots: int = 1, stride: int = 0):
     bb = 8
     _quant_x_kernel[(triton.cdiv(nb, bb), k)](x, xq, xd, xs, nb, stride, BB=bb, num_warps=1)
     return xq, xd, xs
+
+
+def packed_x(x: torch.Tensor, d: int) -> torch.Tensor:
+    """x [d] quantised for triton_ffn's Q8X row dots (gate_up): one int32 buffer
+    [d/32*8 words | d/32 d_x (f32 bits) | d/32 s_x]."""
+    nb = d // 32
+    buf = torch.empty(nb * 10, dtype=torch.int32, device=x.device)
+    _quant_x_kernel[(triton.cdiv(nb, 8), 1)](x, buf, buf[nb * 8:nb * 9].view(torch.float32),
+                                             buf[nb * 9:], nb, 0, BB=8, num_warps=1)
+    return buf
 
 
 def _launch(n: int) -> dict:
