@@ -160,8 +160,8 @@ def _x_tile(x_ptr, k0, D, IS_Q4: tl.constexpr, BK: tl.constexpr, Q8X: tl.constex
         xd = tl.load(x_ptr + NB * 8 + b, mask=bm, other=0).to(tl.float32, bitcast=True)
         xs = tl.load(x_ptr + NB * 9 + b, mask=bm, other=0)
         return xlo, xhi, xd, xs
-    if IS_Q4:
-        b = k0 + tl.arange(0, BK)
+    elif IS_Q4:             # (one if-chain, a return in each branch: compiled Triton checks
+        b = k0 + tl.arange(0, BK)                       # the return types of every return)
         j = tl.arange(0, 16)
         col = b[:, None] * 32 + j[None, :]                      # [BK, 16]: 16-byte loads
         cm = col < D
@@ -172,13 +172,11 @@ def _x_tile(x_ptr, k0, D, IS_Q4: tl.constexpr, BK: tl.constexpr, Q8X: tl.constex
         x8 = x8 * 0.00390625
         x4 = x4 * 0.0625
         x12 = x12 * 0.000244140625
+        return x0, x8, x4, x12
     else:
         c = k0 + tl.arange(0, BK)
         x0 = tl.load(x_ptr + c, mask=c < D, other=0.0).to(tl.float32)
-        x8 = x0
-        x4 = x0
-        x12 = x0
-    return x0, x8, x4, x12
+        return x0, x0, x0, x0
 
 
 @triton.jit
@@ -191,7 +189,7 @@ def _tile_dot(e, sc, x0, x8, x4, x12, IS_Q4: tl.constexpr, WORDS: tl.constexpr,
         acc = _dp4a((e >> 4) & 0x0F0F0F0F, tl.broadcast_to(x8[None, :, :], e.shape), acc, ASM)
         t = (tl.sum(acc, axis=2) - 8 * x12[None, :]).to(tl.float32) * sc.to(tl.float32) * x4[None, :]
         return tl.sum(t, axis=1)
-    if IS_Q4:
+    elif IS_Q4:
         n0, n8, n4, n12 = _expand(e, WORDS)
         part = tl.sum(n0 * x0[None] + n8 * x8[None] + n4 * x4[None] + n12 * x12[None], axis=2,
                       keep_dims=True)                           # [R, BK, 1]
