@@ -89,6 +89,23 @@ def test_linear_one_token_runs(path, fmt, grouped):
         assert_within(cpu.linear(x[0].contiguous(), tail), ref[0, n - 5:], bound[0, n - 5:], "tail view")
 
 
+def test_alloc_weights_huge_page_aligned():
+    """alloc_weights: 8 MiB and more start on a 2 MiB boundary (whole huge pages) where the OS
+    has MADV_HUGEPAGE; the rows are usable after the call's own references are gone."""
+    import gc
+    import mmap
+    t = cpu.alloc_weights(4096 + 1, 2304)                        # 9.4 MB, not a 2 MiB multiple
+    assert t.shape == (4097, 2304) and t.dtype == torch.uint8 and t.is_contiguous()
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        assert t.data_ptr() % (2 << 20) == 0
+    gc.collect()
+    t.fill_(7)
+    t[-1, -1] = 9
+    assert int(t[0, 0]) == 7 and int(t[-1, -1]) == 9
+    small = cpu.alloc_weights(4, 64)                             # below 8 MiB: plain memory
+    assert small.shape == (4, 64)
+
+
 def test_q4_0_grouping_is_a_row_permutation():
     """quant.group_q4_0 (csrc/kernels.h Q4_0G) against a per-byte re-implementation: group g of 8
     blocks = their 8 scales, then for v < 4, k < 8 nibble bytes 4v..4v+3 of block k; tail blocks

@@ -104,16 +104,27 @@ class PackedFFN:
                          self.up[start:stop], self.down_t[start:stop])
 
 
+_HUGE_PAGE = 2 << 20
+
+
 def alloc_weights(rows: int, row_bytes: int) -> torch.Tensor:
     """An uninitialised uint8 [rows, row_bytes] for packed weights, backed by transparent huge
     pages where the OS allows (madvise): a sparse id set touches rows all over the matrix, and
-    with 4 KiB pages nearly every row costs a TLB miss per matrix."""
+    with 4 KiB pages nearly every row costs a TLB miss per matrix. The matrix starts on a 2 MiB
+    boundary (the mapping is 2 MiB longer, never touched beyond the matrix): an mmap's own start
+    is only page-aligned and huge pages cover whole aligned 2 MiB, so 3.4 MB of a 9.4 MB
+    attention matrix had sat on 4 KiB pages (benchmarks/linear_m7.py, 2 threads, separate
+    processes: one cold 6144 x 4096 call 0.91-1.13 -> 0.74-0.80 ms; the 829 MB sweep 34.6-38.0 ->
+    34.2-34.4 ms; the benchmark workload's FFN rows moved here too, a scratch A/B in one M7
+    cpu-sparse decode: level)."""
     n = rows * row_bytes
     if n >= (8 << 20) and hasattr(mmap, "MADV_HUGEPAGE"):
         try:
-            m = mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            m = mmap.mmap(-1, n + _HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
             m.madvise(mmap.MADV_HUGEPAGE)
-            return torch.frombuffer(m, dtype=torch.uint8).view(rows, row_bytes)
+            buf = torch.frombuffer(m, dtype=torch.uint8)     # (the view keeps the mapping)
+            off = -buf.data_ptr() % _HUGE_PAGE
+            return buf[off:off + n].view(rows, row_bytes)
         except (OSError, ValueError):
             pass
     return torch.empty(rows, row_bytes, dtype=torch.uint8)
