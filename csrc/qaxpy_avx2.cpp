@@ -48,12 +48,20 @@ void axpy_q8(const uint8_t* const* rows, const float* coef, int b, float* y, int
 // Two passes over a chunk of up to 128 blocks:
 //   1. coefficients, 8 blocks at a time with the blocks in the lanes (no horizontal max): the 8
 //      scales of one row come from 4 loads + pshufb (no gathers, slow here); the per-block
-//      records are q of rows 0 4 1 5 2 6 3 7 as 8 bytes, -8 sum_r q_r (int16, twice) and gs.
+//      records are, per row pair p, the int8 pair (q_p, q_{p+4}) twice (4 bytes: a vbroadcastss
+//      load, no shuffle), -8 sum_r q_r (int16, twice) and gs.
 //   2. the AXPY: rows p and p+4 are interleaved byte-wise, so one maddubs gives
 //      q_p n_p + q_{p+4} n_{p+4} for 16 columns; the int16 sum starts at -8 sum q. |acc| <=
 //      8*127*8 fits int16 (each maddubs pair <= 2*15*127, no saturation; the adds may wrap on
 //      the way, the exact final value is in range). One convert + FMA per 8 columns for all
-//      rows instead of one convert + FMA per row.
+//      rows instead of one convert + FMA per row. The pairs are placed (two pshufb of the rows'
+//      16 bytes broadcast to both lanes) so that acc's even int16 are y columns 0-7 and its odd
+//      ones 8-15 (16-23 / 24-31 for the high nibbles): one vpmaddwd by (1, 0) / (0, 1) each
+//      widens them to int32 in y's order, on the multiply pipes. Zen 3 (session 9) is
+//      compute-bound here with the shuffle / shift pipes (FP1 / FP2) the busiest; the earlier
+//      form (unpacklo / unpackhi + vinserti128 per pair, a pshufb per pair for (q_p, q_{p+4}),
+//      vpmovsxwd + vextracti128 to widen) put 22 shuffles a block on them, this one 8.
+//      In-process A/B (benchmarks/axpy_q4.py): 3-5 % (docs/KERNELS.md, session 9).
 // Pass 1 reads every cache line of the chunk's rows (the scales sit in each 18-byte block), so it
 // also carries their prefetch ahead; pass 2 then reads the rows from L1. The caller's next rows
 // (pf) are prefetched into L2 during pass 2, a line or so per block and row: issued in pass 1
@@ -62,7 +70,7 @@ void axpy_q8(const uint8_t* const* rows, const float* coef, int b, float* y, int
 // dense 4.24 -> 3.83 ms, 10% 0.67 -> 0.60 ms (benchmarks/results/q4_axpy_dev2core.txt).
 struct Q4Rec {
   static constexpr int kChunk = 128;  // blocks per pass
-  alignas(32) uint8_t q[kChunk][8];   // int8 q of rows 0 4 1 5 2 6 3 7
+  alignas(32) uint32_t qp[kChunk][4];  // pair p: int8 (q_p, q_{p+4}, q_p, q_{p+4})
   alignas(32) int32_t init[kChunk];   // -8 sum q in both int16 halves
   alignas(32) float gs[kChunk];
 };
@@ -116,9 +124,15 @@ inline void q4_records8(const uint8_t* const* rows, const float* c, size_t rb, i
   const __m256i tr = _mm256_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15,
                                       0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
   const __m256i Xt = _mm256_shuffle_epi8(X, tr), Yt = _mm256_shuffle_epi8(Y, tr);
+  // (8 bytes per block: q0 q4 q1 q5 q2 q6 q3 q7), then each 16-bit pair twice (16 bytes a block)
   const __m256i lo = _mm256_unpacklo_epi32(Xt, Yt), hi = _mm256_unpackhi_epi32(Xt, Yt);  // blocks 0 1 4 5 / 2 3 6 7
-  _mm256_store_si256(reinterpret_cast<__m256i*>(rec.q[k]), _mm256_permute2x128_si256(lo, hi, 0x20));
-  _mm256_store_si256(reinterpret_cast<__m256i*>(rec.q[k + 4]), _mm256_permute2x128_si256(lo, hi, 0x31));
+  const __m256i W0 = _mm256_permute2x128_si256(lo, hi, 0x20), W1 = _mm256_permute2x128_si256(lo, hi, 0x31);
+  for (int h = 0; h < 2; ++h) {   // W0: blocks 0 1 | 2 3, W1: 4 5 | 6 7
+    const __m256i W = h ? W1 : W0;
+    const __m256i a = _mm256_unpacklo_epi16(W, W), b = _mm256_unpackhi_epi16(W, W);  // blocks 0 2 / 1 3 (+4h)
+    _mm256_store_si256(reinterpret_cast<__m256i*>(rec.qp[k + 4 * h]), _mm256_permute2x128_si256(a, b, 0x20));
+    _mm256_store_si256(reinterpret_cast<__m256i*>(rec.qp[k + 4 * h + 2]), _mm256_permute2x128_si256(a, b, 0x31));
+  }
 }
 
 // The record of one block (chunk tails), the same arithmetic in scalar code.
@@ -132,11 +146,11 @@ inline void q4_record1(const uint8_t* const* rows, const float* c, int i, Q4Rec&
   }
   const float inv = 127.f / gm;
   int32_t sum = 0;
-  static constexpr int order[8] = {0, 4, 1, 5, 2, 6, 3, 7};
-  for (int l = 0; l < 8; ++l) {
-    const int q = int(std::nearbyint(s[order[l]] * inv));
-    rec.q[k][l] = uint8_t(int8_t(q));
-    sum += q;
+  for (int p = 0; p < 4; ++p) {
+    const int qa = int(std::nearbyint(s[p] * inv)), qb = int(std::nearbyint(s[p + 4] * inv));
+    const uint32_t h = uint32_t(uint8_t(int8_t(qa))) | uint32_t(uint8_t(int8_t(qb))) << 8;
+    rec.qp[k][p] = h | h << 16;
+    sum += qa + qb;
   }
   const uint32_t m8 = uint32_t(-8 * sum) & 0xFFFF;
   rec.init[k] = int32_t(m8 | m8 << 16);
@@ -153,6 +167,11 @@ void axpy_q4(const uint8_t* const* rows_in, const float* coef, int b, float* y, 
   const uint8_t* rows[8];
   for (int r = 0; r < 8; ++r) rows[r] = r < R ? rows_in[r] : rows_in[0];  // q = 0 for r >= R
   const __m256i m0f = _mm256_set1_epi8(0x0F);
+  const __m256i pa = _mm256_setr_epi8(0, -128, 8, -128, 1, -128, 9, -128, 2, -128, 10, -128, 3, -128, 11, -128,
+                                      4, -128, 12, -128, 5, -128, 13, -128, 6, -128, 14, -128, 7, -128, 15, -128);
+  const __m256i pb = _mm256_setr_epi8(-128, 0, -128, 8, -128, 1, -128, 9, -128, 2, -128, 10, -128, 3, -128, 11,
+                                      -128, 4, -128, 12, -128, 5, -128, 13, -128, 6, -128, 14, -128, 7, -128, 15);
+  const __m256i even = _mm256_set1_epi32(1), odd = _mm256_set1_epi32(0x10000);  // int16 (1, 0) / (0, 1)
   Q4Rec rec;
   for (int t = 0; t < b; ++t) {
     float* yt = y + size_t(t) * d;
@@ -168,26 +187,26 @@ void axpy_q4(const uint8_t* const* rows_in, const float* coef, int b, float* y, 
         const size_t off = size_t(i0 + k) * 18;
         if (!(k & 1))                       // every 36 bytes: each line of the 18-byte blocks
           for (int r = 0; r < np; ++r) __builtin_prefetch(pf[r] + off, 0, 2);
-        int64_t q8;
-        std::memcpy(&q8, rec.q[k], 8);
-        const __m256i qv = _mm256_set1_epi64x(q8);
         __m256i acc0 = _mm256_set1_epi32(rec.init[k]), acc1 = acc0;
         for (int p = 0; p < NP; ++p) {
-          const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(rows[p] + off + 2));
-          const __m128i bq = _mm_loadu_si128(reinterpret_cast<const __m128i*>(rows[p + 4] + off + 2));
-          // bytes (a_j, b_j), j = 0..15: low nibbles = columns j, high nibbles = columns j + 16
-          const __m256i ab = _mm256_set_m128i(_mm_unpackhi_epi8(a, bq), _mm_unpacklo_epi8(a, bq));
-          const __m256i qp = _mm256_shuffle_epi8(qv, _mm256_set1_epi16(short(0x0100 + 0x0202 * p)));
+          const __m256i A = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(rows[p] + off + 2)));
+          const __m256i B = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(rows[p + 4] + off + 2)));
+          // bytes (a_j, b_j) for j = 0 8 1 9 2 10 3 11 | 4 12 5 13 6 14 7 15: low nibbles =
+          // columns j, high nibbles = columns j + 16
+          const __m256i ab = _mm256_or_si256(_mm256_shuffle_epi8(A, pa), _mm256_shuffle_epi8(B, pb));
+          // (q_p, q_{p+4}) in every 16-bit lane; read by a builtin load (a plain uint32_t read
+          // of rec.qp here gave wrong sums in a scratch GCC 12 -O3 build, cause not found)
+          const __m256i qp = _mm256_castps_si256(_mm256_broadcast_ss(reinterpret_cast<const float*>(rec.qp[k] + p)));
           acc0 = _mm256_add_epi16(acc0, _mm256_maddubs_epi16(_mm256_and_si256(ab, m0f), qp));
           acc1 = _mm256_add_epi16(acc1, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(ab, 4), m0f), qp));
         }
         const __m256 gs = _mm256_broadcast_ss(rec.gs + k);
         float* yb = yt + size_t(i0 + k) * QK;
-        auto upd = [&](float* o, __m128i v) {
-          _mm256_storeu_ps(o, _mm256_fmadd_ps(gs, _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(v)), _mm256_loadu_ps(o)));
+        auto upd = [&](float* o, __m256i v) {   // v: 8 int32 of y's columns in order
+          _mm256_storeu_ps(o, _mm256_fmadd_ps(gs, _mm256_cvtepi32_ps(v), _mm256_loadu_ps(o)));
         };
-        upd(yb, _mm256_castsi256_si128(acc0)); upd(yb + 8, _mm256_extracti128_si256(acc0, 1));
-        upd(yb + 16, _mm256_castsi256_si128(acc1)); upd(yb + 24, _mm256_extracti128_si256(acc1, 1));
+        upd(yb, _mm256_madd_epi16(acc0, even)); upd(yb + 8, _mm256_madd_epi16(acc0, odd));
+        upd(yb + 16, _mm256_madd_epi16(acc1, even)); upd(yb + 24, _mm256_madd_epi16(acc1, odd));
       }
     }
   }
