@@ -47,7 +47,8 @@ void axpy_q8(const uint8_t* const* rows, const float* coef, int b, float* y, int
 //   gs = gm * (1/127);  acc_j = sum_r q_r * (n_rj - 8) in int16;  y_j += gs * acc_j.
 // Two passes over a chunk of up to 128 blocks:
 //   1. coefficients, 8 blocks at a time with the blocks in the lanes (no horizontal max): the 8
-//      scales of one row come from 4 loads + pshufb (no gathers, slow here); the per-block
+//      scales of one row come from scalar 16-bit loads, shifts and ORs (integer ports, idle
+//      here; no gathers, slow) into two 64-bit halves; the per-block
 //      records are, per row pair p, the int8 pair (q_p, q_{p+4}) twice (4 bytes: a vbroadcastss
 //      load, no shuffle), -8 sum_r q_r (int16, twice) and gs.
 //   2. the AXPY: rows p and p+4 are interleaved byte-wise, so one maddubs gives
@@ -79,18 +80,6 @@ struct Q4Rec {
 template <int R>
 inline void q4_records8(const uint8_t* const* rows, const float* c, size_t rb, int i, Q4Rec& rec, int k) {
   const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
-  // 32-byte loads at blocks i, i+2, i+4, i+6: scale of block i+2j at bytes 0..1 (low lane), of
-  // block i+2j+1 at bytes 18..19 (high lane bytes 2..3); pshufb moves them to 16-bit slot 2j of
-  // the low lane / slot 2j+1 of the high lane, so OR-ing the two lanes gives blocks i..i+7 in order.
-  alignas(32) static const int8_t pat[4][32] = {
-      {0, 1, -128, -128, -128, -128, -128, -128, -128, -128, -128, -128, -128, -128, -128, -128,
-       -128, -128, 2, 3, -128, -128, -128, -128, -128, -128, -128, -128, -128, -128, -128, -128},
-      {-128, -128, -128, -128, 0, 1, -128, -128, -128, -128, -128, -128, -128, -128, -128, -128,
-       -128, -128, -128, -128, -128, -128, 2, 3, -128, -128, -128, -128, -128, -128, -128, -128},
-      {-128, -128, -128, -128, -128, -128, -128, -128, 0, 1, -128, -128, -128, -128, -128, -128,
-       -128, -128, -128, -128, -128, -128, -128, -128, -128, -128, 2, 3, -128, -128, -128, -128},
-      {-128, -128, -128, -128, -128, -128, -128, -128, -128, -128, -128, -128, 0, 1, -128, -128,
-       -128, -128, -128, -128, -128, -128, -128, -128, -128, -128, -128, -128, -128, -128, 2, 3}};
   __m256 S[8];
   __m256 M = _mm256_set1_ps(1e-30f);
   const size_t off = size_t(i) * 18;
@@ -98,11 +87,12 @@ inline void q4_records8(const uint8_t* const* rows, const float* c, size_t rb, i
     if (r >= R) { S[r] = _mm256_setzero_ps(); continue; }
     const uint8_t* p = rows[r] + off;
     for (size_t o = 0; o < 144; o += 64) prefetch_ahead(rows[r], off + o, rb);
-    __m256i v = _mm256_setzero_si256();
-    for (int j = 0; j < 4; ++j)
-      v = _mm256_or_si256(v, _mm256_shuffle_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 36 * j)),
-                                                 _mm256_load_si256(reinterpret_cast<const __m256i*>(pat[j]))));
-    const __m128i h = _mm_or_si128(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    // f16 scales of blocks i..i+7 (bytes 0..1 of each 18-byte block). Until session 9 four
+    // 32-byte loads + pshufb + OR (5 shuffles a row on Zen 3's busiest pipes): 1-3 % slower in
+    // the AXPY (in-process A/B, benchmarks/axpy_q4.py), level on Zen 4 (q4_axpy_dev2core.txt)
+    auto sc = [p](int j) { uint16_t u; std::memcpy(&u, p + 18 * j, 2); return uint64_t(u); };
+    const __m128i h = _mm_set_epi64x(int64_t(sc(4) | sc(5) << 16 | sc(6) << 32 | sc(7) << 48),
+                                     int64_t(sc(0) | sc(1) << 16 | sc(2) << 32 | sc(3) << 48));
     S[r] = _mm256_mul_ps(_mm256_set1_ps(c[r]), _mm256_cvtph_ps(h));
     M = _mm256_max_ps(M, _mm256_and_ps(S[r], absmask));
   }
@@ -194,8 +184,9 @@ void axpy_q4(const uint8_t* const* rows_in, const float* coef, int b, float* y, 
           // bytes (a_j, b_j) for j = 0 8 1 9 2 10 3 11 | 4 12 5 13 6 14 7 15: low nibbles =
           // columns j, high nibbles = columns j + 16
           const __m256i ab = _mm256_or_si256(_mm256_shuffle_epi8(A, pa), _mm256_shuffle_epi8(B, pb));
-          // (q_p, q_{p+4}) in every 16-bit lane; read by a builtin load (a plain uint32_t read
-          // of rec.qp here gave wrong sums in a scratch GCC 12 -O3 build, cause not found)
+          // (q_p, q_{p+4}) in every 16-bit lane, by a builtin load: a plain uint32_t read of
+          // rec.qp here (_mm256_set1_epi32) gave wrong sums for groups of 1 and 2 rows under GCC
+          // 12.2 at -O2 and -O3 (a volatile read was right; cause not found, docs/KERNELS.md)
           const __m256i qp = _mm256_castps_si256(_mm256_broadcast_ss(reinterpret_cast<const float*>(rec.qp[k] + p)));
           acc0 = _mm256_add_epi16(acc0, _mm256_maddubs_epi16(_mm256_and_si256(ab, m0f), qp));
           acc1 = _mm256_add_epi16(acc1, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(ab, 4), m0f), qp));
