@@ -46,7 +46,7 @@ def main():
             return f
         tf = timed(call(lambda w: tk.matvec("q4_0", d, w, x, cfg=dict(cfg))))
         tq = timed(call(lambda w: q8.matvec(d, w, x)))
-        tx = timed(lambda: q8.quantize_x(x, d))
+        tx = timed(lambda: q8.packed_x(x, d))
         nb = ws[0].numel()
         rows.append(dict(shape=name, n=n, d=d, bytes=nb, float_us=tf * 1e6, q8x_us=tq * 1e6,
                          quant_x_us=tx * 1e6, rel_err=err))

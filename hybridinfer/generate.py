@@ -129,13 +129,16 @@ def generate_tokens(model: Transformer, prompt: list[int], g: GenerationConfig,
     else:
         graphs, cache = None, model.new_cache(capacity)
     logits = prefill(model, prompt, cache)
-    dev = logits.device
-    u = None if u is None else u.to(dev)
-    tok = int(choose(logits, g, None if u is None else u[0]))
+    u = None if u is None else u.to(logits.device)
+
+    def select(lg: torch.Tensor, i: int) -> torch.Tensor:         # token i's choice
+        return choose(lg, g, None if u is None else u[i])
+    tok = int(select(logits, 0))
+    after = lambda lg, i: select(lg, i + 1)                         # noqa: E731
     if graphs is not None:                # the last token needs no forward pass of its own
-        rest = graphs.stream(tok, n_new - 1, lambda lg, i: choose(lg, g, None if u is None else u[i + 1]))
+        rest = graphs.stream(tok, n_new - 1, after)
     else:
-        rest = _plain_stream(model, cache, tok, n_new - 1, g, u)
+        rest = step_stream(lambda t: decode_one_token(model, t, cache), tok, n_new - 1, after)
     with closing(rest):
         for tok in chain([tok], rest):
             if g.stop_on_eos and tok in eos_ids:
@@ -143,11 +146,13 @@ def generate_tokens(model: Transformer, prompt: list[int], g: GenerationConfig,
             yield tok
 
 
-def _plain_stream(model, cache, tok: int, n: int, g: GenerationConfig, u) -> Iterator[int]:
-    """The n tokens after `tok`, one eager forward pass each (GraphDecoder.stream's contract)."""
+def step_stream(step: Callable[[int], torch.Tensor], token: int, n: int,
+                select: Callable[[torch.Tensor, int], torch.Tensor]) -> Iterator[int]:
+    """The n tokens after `token`, one step(token) -> logits a token, token i chosen by
+    select(logits, i) (GraphDecoder.stream's contract, without running ahead)."""
     for i in range(n):
-        tok = int(choose(decode_one_token(model, tok, cache), g, None if u is None else u[i + 1]))
-        yield tok
+        token = int(select(step(token), i))
+        yield token
 
 
 @dataclass

@@ -68,6 +68,7 @@ from typing import Iterator
 import torch
 
 from .ffn import HybridFFN, HybridMoE, MoE, route
+from .generate import step_stream
 from .model import KVCache, Transformer, apply_rope, linear, qkv_projections, rms_norm
 from .kernels.cpu import PackedLinear
 from .kernels.gpu import SyncCounter, attend_cached, flag_await, flag_signal
@@ -532,9 +533,7 @@ class GraphDecoder:
         token at a time. Closing the generator early waits for the token in flight, whose
         position stays in the cache (cache.length counts it)."""
         if not self.can_run_ahead:
-            for i in range(n):
-                token = int(select(self.step(token), i))
-                yield token
+            yield from step_stream(self.step, token, n, select)
             return
         pending: list[int] = []           # ring slots of tokens enqueued and not yet read
         self.tok.fill_(token)

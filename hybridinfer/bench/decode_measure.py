@@ -112,8 +112,13 @@ def spread_token(logits, rng: random.Random) -> int:
     """The next token of a benchmark decode: the argmax (read: the real sync of sampling) shifted
     by a seeded uniform offset. Greedy decoding of random weights settles into a loop of a few
     tokens, which would route every token to the same experts (benchmarks/routing_spread.py)."""
-    vocab = logits.shape[-1]
-    return (int(logits.argmax()) + rng.randrange(vocab)) % vocab
+    return int(spread(logits, rng.randrange(logits.shape[-1])))
+
+
+def spread(logits, offset):
+    """(argmax + offset) mod vocab, on the logits' device (no host read): spread_token's choice,
+    and the run-ahead decode's select with the offsets drawn beforehand from the same RNG."""
+    return (logits.argmax() + offset) % logits.shape[-1]
 
 
 @torch.inference_mode()
@@ -130,7 +135,7 @@ def decode(step, n: int, token: int = 1, waits: list | None = None, seed: int = 
         vocab = dec.logits.shape[-1]
         offs = torch.tensor([rng.randrange(vocab) for _ in range(n)], device=dec.logits.device)
         out, t = [], time.perf_counter()
-        for _ in dec.stream(token, n, lambda logits, i: (logits.argmax() + offs[i]) % vocab):
+        for _ in dec.stream(token, n, lambda logits, i: spread(logits, offs[i])):
             t1 = time.perf_counter()
             out.append(t1 - t)
             t = t1

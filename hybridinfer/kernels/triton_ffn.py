@@ -527,7 +527,7 @@ def gate_up(fmt: str, d: int, gate: torch.Tensor, up: torch.Tensor, x: torch.Ten
     n = gate.shape[0]
     c, grid, lst, words = _dot_launch(fmt, d, n, cfg, x.device, gguf=gguf, q8x=True)
     if c.get("Q8X"):
-        x = _q8x().packed_x(x, d)
+        x = _q8x().packed_x(x, d)[0]
     a = torch.empty(n, dtype=torch.float32, device=x.device)
     g, rs = _rows_view(fmt, gate, words)
     u, _ = _rows_view(fmt, up, words)
@@ -547,7 +547,7 @@ def gate_up_slots(fmt: str, d: int, gt: RowTable, ut: RowTable, it: RowTable, x:
     k = sel.numel()
     c, grid, lst, _ = _dot_launch(fmt, d, gt.n_max, cfg, x.device, k, gt.gguf, q8x=True)
     if c.get("Q8X"):
-        x = _q8x().packed_x(x, d)
+        x = _q8x().packed_x(x, d)[0]
     m = mask.view(torch.uint8) if mask is not None else a
     LAST["gate_up_slots"] = _gate_up_kernel[(grid, k)](
         x, gt.like, ut.like, m, a, lst, 0, d, d // 32, gt.rs, float(threshold), sel, gt.ptr,
