@@ -9,6 +9,8 @@ switched off, then as shipped; both results are printed, the JSON keeps the "off
                between tokens (results/run_ahead_ab_h100_s9.txt)
   gate_up_q8x  the hot halves' gate_up with the float dots (Q8X=False), not the integer dots
                (results/gate_up_q8x_ab_h100.log)
+  route_one    one token's routing by torch (cuBLAS GEMV + softmax + k max reductions: seven
+               kernels a layer), not the one-launch Triton kernel (kernels/triton_route.py)
 """
 import contextlib
 import runpy
@@ -16,6 +18,7 @@ import sys
 
 import hybridinfer.bench.decode_measure as dm
 from hybridinfer.graphs import GraphDecoder
+from hybridinfer.kernels import gpu
 from hybridinfer.kernels import triton_ffn as tk
 
 
@@ -36,7 +39,8 @@ def float_dots(fmt, d, gt, ut, it, x, act, threshold, mask, sel, a, cfg=None,
 
 
 SWITCHES = {"run_ahead": (GraphDecoder, "can_run_ahead", property(lambda self: False)),
-            "gate_up_q8x": (tk, "gate_up_slots", float_dots)}
+            "gate_up_q8x": (tk, "gate_up_slots", float_dots),
+            "route_one": (gpu, "route_one", lambda x, router, k: None)}
 
 
 def main():
@@ -46,8 +50,11 @@ def main():
     orig = dm.measure
 
     def both(built, *a, **k):
+        import torch._dynamo
+        torch._dynamo.reset()          # compile the decode step afresh (route_one is traced in it)
         with patched(*switch):
             off = orig(built, *a, **k)
+        torch._dynamo.reset()
         on = orig(built, *a, **k)
         keys = ("tok_s", "ms_token", "split_ms")
         print(f"A/B {name} off:", {x: off[x] for x in keys}, flush=True)

@@ -11,6 +11,9 @@ With --density D (the hot half of a decode step's MoE layer, a share D of the ho
            (bytes: the live gate rows + the up rows of the half whose gate fires)
   dn       down_slots, 2 slots of 14336 rows of 4096 columns, a share D of the coefficients != 0
   both over 8 experts, each call's two slots another pair (4 pairs: 800 MB, not the 50 MB L2).
+With --warm D (the warm tier: rows in page-locked host memory, GGUF layout, read over PCIe):
+  wgu, wdn as gu, dn over --n-warm rows an expert (default 2580: M47's non-hot rows at 24 GiB),
+  a share D of them live.
 Each configuration is captured in a CUDA graph of 50 calls and timed over replays (as
 benchmarks/triton_matvec.py); the default (triton_ffn.config) is marked '*'. Prints the best per
 shape and its speed-up over the default; checks every result against the default's.
@@ -22,6 +25,7 @@ import time
 
 import torch
 
+from hybridinfer import quant
 from hybridinfer.kernels import triton_ffn as tk
 from hybridinfer.kernels.gpu import DeviceLinear
 from triton_matvec import timed
@@ -33,12 +37,20 @@ def q4(n, d, dev, seed):
     return DeviceLinear.from_weight(w, "q4_0", dev).weight
 
 
-def hot_ops(d: int, nff: int, dens: float, dev) -> dict:
-    """gu@D and dn@D (module docstring): name -> (fn(cfg) -> result, bytes a call reads)."""
+def q4_host(n, d, seed):
+    """n q4_0 rows in GGUF's layout in page-locked host memory (the warm tier's rows)."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    return quant.pack(torch.randn(n, d, generator=g) / d ** 0.5, "q4_0").pin_memory()
+
+
+def hot_ops(d: int, nff: int, dens: float, dev, warm: bool = False) -> dict:
+    """gu@D and dn@D (module docstring), or wgu@D and wdn@D (warm: nff rows an expert on the
+    host): name -> (fn(cfg) -> result, bytes a call reads)."""
     g = torch.Generator(device="cpu").manual_seed(int(dens * 1000))
     E, k = 8, 2
-    mk = lambda seed: [q4(nff, d, dev, seed + e) for e in range(E)]
-    gt, ut, dt = (tk.RowTable.build("q4_0", d, mk(s), dev) for s in (100, 200, 300))
+    mk = ((lambda seed: [q4_host(nff, d, seed + e) for e in range(E)]) if warm else
+          (lambda seed: [q4(nff, d, dev, seed + e) for e in range(E)]))
+    gt, ut, dt = (tk.RowTable.build("q4_0", d, mk(s), dev, gguf=warm) for s in (100, 200, 300))
     it = tk.RowTable.build(None, d, [torch.arange(nff, dtype=torch.int32, device=dev)] * E, dev)
     sels = [torch.tensor([2 * i, 2 * i + 1], device=dev) for i in range(E // k)]
     mask = (torch.rand(k, nff, generator=g) < dens).to(dev)
@@ -54,9 +66,10 @@ def hot_ops(d: int, nff: int, dens: float, dev) -> dict:
         return sels[0 if check else turn[0] % len(sels)]
 
     live = float(mask.sum())
-    return {f"gu@{dens}": (lambda c, check=False: tk.gate_up_slots(
+    w = "w" if warm else ""
+    return {f"{w}gu@{dens}": (lambda c, check=False: tk.gate_up_slots(
                 "q4_0", d, gt, ut, it, x, "drelu", 0.0, mask, sel(check), a, c), int(live * 1.5 * rb)),
-            f"dn@{dens}": (lambda c, check=False: tk.down_slots(
+            f"{w}dn@{dens}": (lambda c, check=False: tk.down_slots(
                 "q4_0", d, dt, coef, nff, y.zero_()[0], 0, sel(check), None, c), int(live * rb))}
 
 
@@ -66,6 +79,9 @@ def main():
     ap.add_argument("--budget-s", type=float, default=240.0)
     ap.add_argument("--density", type=float, nargs="*", default=[],
                     help="also sweep the hot half (gu, dn) at these live shares of the hot rows")
+    ap.add_argument("--warm", type=float, nargs="*", default=[],
+                    help="also sweep the warm tier (wgu, wdn) at these live shares of its rows")
+    ap.add_argument("--n-warm", type=int, default=2580, help="warm rows an expert (--warm)")
     ap.add_argument("--only", nargs="*", default=None, help="sweep only these ops (e.g. gu dn)")
     a = ap.parse_args()
     dev = torch.device("cuda")
@@ -90,6 +106,8 @@ def main():
     }
     for dens in a.density:
         ops.update(hot_ops(d, nff, dens, dev))
+    for dens in a.warm:
+        ops.update(hot_ops(d, a.n_warm, dens, dev, warm=True))
     if a.only is not None:
         ops = {k: v for k, v in ops.items() if k.split("@")[0] in a.only}
     dot_cfgs = [dict(CHUNK=c, R=r, BK=128, num_warps=w)
@@ -100,15 +118,21 @@ def main():
                     for c, r, w in itertools.product([16, 32, 64, 128], [2, 4, 8], [4, 8])]
     hot_axpy_cfgs = [dict(CHUNK=c, R=r, BK=b, num_warps=w)
                      for c, r, b, w in itertools.product([256, 512, 1024], [16, 32], [4, 8], [4])]
+    warm_dot_cfgs = [dict(CHUNK=c, R=r, BK=128, num_warps=w)
+                     for c, r, w in itertools.product([2, 4, 8, 16, 32], [1, 2, 4, 8], [1, 2, 4]) if r <= c]
+    warm_axpy_cfgs = [dict(CHUNK=c, R=r, BK=b, num_warps=4)
+                      for c, r, b in itertools.product([16, 32, 64, 128], [4, 8, 16], [8, 32, 128])]
     out = {}
     for name, (fn, nbytes) in ops.items():
         op = name.split("@")[0]
-        kind = "down" if op in ("fc2", "dn") else "gate_up"
-        n = {"qkv": 6144, "o": d, "lm": 32000, "fc1": rank, "fc2": nff, "gu": nff, "dn": nff}[op]
+        kind = "down" if op in ("fc2", "dn", "wdn") else "gate_up"
+        n = {"qkv": 6144, "o": d, "lm": 32000, "fc1": rank, "fc2": nff, "gu": nff, "dn": nff,
+             "wgu": a.n_warm, "wdn": a.n_warm}[op]
         default = tk.config("q4_0", nff if op == "fc2" else d, n if op != "fc2" else rank)[kind]
         ref = fn(dict(default), True).clone()
         rows = []
-        cands = {"fc2": axpy_cfgs, "dn": hot_axpy_cfgs, "gu": hot_dot_cfgs}.get(op, dot_cfgs)
+        cands = {"fc2": axpy_cfgs, "dn": hot_axpy_cfgs, "gu": hot_dot_cfgs, "wgu": warm_dot_cfgs,
+                 "wdn": warm_axpy_cfgs}.get(op, dot_cfgs)
         for cfg in [dict(default)] + cands:
             if time.time() > t_end:
                 break

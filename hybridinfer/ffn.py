@@ -47,7 +47,13 @@ class DenseFFN(nn.Module):
 
 def route(x: torch.Tensor, router: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Mixtral's router: x [n, d], router [E, d] -> (weights [n, k] in x's dtype, summing to 1,
-    expert ids [n, k]): softmax over all experts in float32, top k, renormalised."""
+    expert ids [n, k]): softmax over all experts in float32, top k, renormalised. One token on
+    CUDA: the same arithmetic in one Triton launch (kernels.gpu.route_one)."""
+    if x.is_cuda and x.shape[0] == 1:
+        from .kernels.gpu import route_one
+        r = route_one(x, router, top_k)
+        if r is not None:
+            return r
     probs = torch.softmax(F.linear(x, router).float(), dim=-1)
     # top k as k max reductions (probabilities are >= 0: a taken one is set to -1): for k of 8
     # experts torch.topk is a sort (two kernels, ~8 us a layer on the H100); these fuse into the

@@ -3,12 +3,10 @@ CPU (a subprocess: TRITON_INTERPRET=1 before triton is imported) and compiled on
 quant.unpack."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
+from test_triton_kernels import run_kernel_script
 
 SCRIPT = textwrap.dedent("""
     import os, torch
@@ -61,9 +59,4 @@ SCRIPT = textwrap.dedent("""
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_dequant_q4_0_matches_unpack(device):
-    env = dict(os.environ, HI_TEST_DEVICE=device)
-    if device == "cpu":
-        env["TRITON_INTERPRET"] = "1"
-    r = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env,
-                       timeout=300)
-    assert r.returncode == 0 and "OK" in r.stdout, r.stdout + r.stderr
+    assert "OK" in run_kernel_script(SCRIPT, device, 300)

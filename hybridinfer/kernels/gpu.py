@@ -348,6 +348,28 @@ def _(w: torch.Tensor, x: torch.Tensor, d: int) -> torch.Tensor:
     return w.new_empty(w.shape[0], dtype=torch.float32)
 
 
+def route_one(x: torch.Tensor, router: torch.Tensor, k: int) -> tuple | None:
+    """One token's MoE routing (ffn.route's arithmetic) in one Triton launch on CUDA: x [1, d],
+    router [E, d] -> (w [1, k] in x's dtype, ids [1, k] int64); a custom op, so torch.compile
+    and CUDA graphs take it whole. None where it cannot run (then ffn.route computes it)."""
+    from .triton_route import MAX_EXPERTS
+    if (not x.is_cuda or x.shape[0] != 1 or x.dtype != router.dtype or router.shape[0] > MAX_EXPERTS
+            or _triton() is None):
+        return None
+    return torch.ops.hybridinfer.route_one(x, router, k)
+
+
+@torch.library.custom_op("hybridinfer::route_one", mutates_args=())
+def _route_one(x: torch.Tensor, router: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    from .triton_route import route_one
+    return route_one(x, router, k)
+
+
+@_route_one.register_fake
+def _(x, router, k):
+    return x.new_empty(1, k), x.new_empty(1, k, dtype=torch.int64)
+
+
 def attend_cached(q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, pos: torch.Tensor,
                   kpos: torch.Tensor, window: int) -> torch.Tensor:
     """One token's GQA attention over a static cache: q [1, H, 1, hd] (RoPE applied), K, V
