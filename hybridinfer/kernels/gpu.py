@@ -352,9 +352,10 @@ def route_one(x: torch.Tensor, router: torch.Tensor, k: int) -> tuple | None:
     """One token's MoE routing (ffn.route's arithmetic) in one Triton launch on CUDA: x [1, d],
     router [E, d] -> (w [1, k] in x's dtype, ids [1, k] int64); a custom op, so torch.compile
     and CUDA graphs take it whole. None where it cannot run (then ffn.route computes it)."""
-    from .triton_route import MAX_EXPERTS
-    if (not x.is_cuda or x.shape[0] != 1 or x.dtype != router.dtype or router.shape[0] > MAX_EXPERTS
-            or _triton() is None):
+    if not x.is_cuda or x.shape[0] != 1 or x.dtype != router.dtype or _triton() is None:
+        return None
+    from .triton_route import MAX_EXPERTS        # imports triton: only where it can run
+    if router.shape[0] > MAX_EXPERTS:
         return None
     return torch.ops.hybridinfer.route_one(x, router, k)
 
