@@ -49,7 +49,7 @@ def route(x: torch.Tensor, router: torch.Tensor, top_k: int) -> tuple[torch.Tens
     """Mixtral's router: x [n, d], router [E, d] -> (weights [n, k] in x's dtype, summing to 1,
     expert ids [n, k]): softmax over all experts in float32, top k, renormalised. One token on
     CUDA: the same arithmetic in one Triton launch (kernels.gpu.route_one)."""
-    if x.is_cuda and x.shape[0] == 1:
+    if x.is_cuda:                           # route_one says where it applies (None: not here)
         from .kernels.gpu import route_one
         r = route_one(x, router, top_k)
         if r is not None:
