@@ -26,6 +26,30 @@ def activate(g: torch.Tensor, u: torch.Tensor, kind: str, threshold: float = 0.0
     raise ValueError(f"unknown activation {kind!r}")
 
 
+def gated_rows(x: torch.Tensor, w, kind: str, threshold: float = 0.0,
+               row_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """A batch through an FFN's float rows: x [m, d] -> [m, d] = (act(x W1^T, x W3^T) * row_scale)
+    W2^T. w: gate, up, down_t as ONE contiguous tensor [3, n, d] (then gate and up are one matmul
+    [m, 2n] and dReLU one relu over it: prefill is host-bound, each torch call costing ~20-60 us
+    of host time against a few us of GPU time) or a (gate, up, down_t) triple of [n, d].
+    row_scale: [n] (a mask of the rows to keep, in x's dtype) or None."""
+    if isinstance(w, torch.Tensor):
+        n = w.shape[1]
+        gu = F.linear(x, w[:2].view(2 * n, w.shape[2]))            # [m, 2n]: gate | up
+        if kind == "drelu":
+            r = F.relu(gu)
+            a = r[:, :n] * r[:, n:]
+        else:
+            a = activate(gu[:, :n], gu[:, n:], kind, threshold)
+        down = w[2]
+    else:
+        gate, up, down = w
+        a = activate(F.linear(x, gate), F.linear(x, up), kind, threshold)   # [m, n]
+    if row_scale is not None:
+        a = a * row_scale
+    return a @ down
+
+
 class DenseFFN(nn.Module):
     def __init__(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
                  activation: str, threshold: float = 0.0, predictor: Predictor | None = None):
@@ -70,19 +94,29 @@ def route(x: torch.Tensor, router: torch.Tensor, top_k: int) -> tuple[torch.Tens
 
 
 def expert_groups(w: torch.Tensor, ids: torch.Tensor, n_experts: int):
-    """A batch's routing (w, ids [n, k]) grouped by expert: (e, tokens int64 [m], weights [m])
-    for every expert some token chose, in expert order. One sort on the device and one host
-    sync (the counts), instead of one nonzero (a sync) per expert."""
+    """A batch's routing (w, ids [n, k]) in expert order -> (tok int64 [n*k]: the token of each
+    slot, weights [n*k], counts: a list of n_experts ints, slots per expert). One sort on the
+    device and one host sync (the counts), instead of one nonzero (a sync) per expert."""
     k, flat = ids.shape[1], ids.flatten()
     order = torch.argsort(flat, stable=True)            # [n*k] token-slots grouped by expert
     counts = torch.bincount(flat, minlength=n_experts).tolist()
-    tok, ws = order // k, w.flatten()[order]
-    out, start = [], 0
+    return order // k, w.flatten()[order], counts
+
+
+def grouped_sum(x: torch.Tensor, tok: torch.Tensor, ws: torch.Tensor, counts: list, run) -> torch.Tensor:
+    """A batch through its experts (expert_groups' tok, ws, counts): y[t] = sum over t's slots of
+    weight * run(e, x_e)[row], run(e, x_e [m, d]) -> [m, d] for every expert with tokens, in
+    expert order. The tokens are gathered once in expert order, each expert reads a slice, and
+    one weighted index_add adds the outputs back: four torch calls a layer instead of three an
+    expert (prefill is host-bound: each call costs ~10-20 us of host time)."""
+    xs = x[tok]                                         # [n*k, d] in expert order
+    outs, start = [], 0
     for e, c in enumerate(counts):
         if c:
-            out.append((e, tok[start:start + c], ws[start:start + c]))
+            outs.append(run(e, xs[start:start + c]))
         start += c
-    return out
+    ys = outs[0] if len(outs) == 1 else torch.cat(outs)
+    return torch.zeros_like(x).index_add_(0, tok, ys * ws[:, None])
 
 
 class MoE(nn.Module):
@@ -98,10 +132,7 @@ class MoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w, ids = self.route(x)
-        out = torch.zeros_like(x)
-        for e, tok, we in expert_groups(w, ids, len(self.experts)):
-            out.index_add_(0, tok, self.experts[e](x[tok]) * we[:, None])
-        return out
+        return grouped_sum(x, *expert_groups(w, ids, len(self.experts)), lambda e, xe: self.experts[e](xe))
 
 
 # ---- hybrid: hot rows on the GPU side, cold rows in the CPU kernels ----------------------------
@@ -150,7 +181,8 @@ class HybridFFN(nn.Module):
             from .kernels.gpu import pin_host
             # prefill streams them (async DMA); the decoder's GPU reads the warm rows in place
             # (zero-copy: only page-locked memory can be; kernels.gpu.WarmRows checks)
-            pin_host(self, cold.gate, cold.up, cold.down_t)
+            st = cold.stacked()                         # pinned whole: cudaHostRegister refuses overlaps
+            pin_host(self, *((cold.gate, cold.up, cold.down_t) if st is None else (st,)))
         self._cold_np = cold_ids.numpy()
         self._step = None                   # _cpu_decode's ColdStep, made on first use
         self._row_ids = None                # device_batch's neuron id per row (hot, then cold)
@@ -193,29 +225,24 @@ class HybridFFN(nn.Module):
         """Whether a batch of n_tokens computes the cold rows on the device (streamed there)."""
         return self.cold is not None and self.stream_above is not None and n_tokens > self.stream_above
 
-    def _copy_cold(self, device) -> torch.Tensor:
+    def copy_cold(self, device) -> torch.Tensor:
         """The packed cold rows copied to `device` as one tensor [3, n_cold, row_bytes] (gate, up,
-        down_t): asynchronous where they are page-locked, on the current stream."""
+        down_t): asynchronous where they are page-locked, on the current stream; one copy where
+        the three share one allocation (PackedFFN.stacked)."""
         c = self.cold
         buf = torch.empty((3, *c.gate.shape), dtype=c.gate.dtype, device=device)
+        st = c.stacked()
+        if st is not None:
+            return buf.copy_(st, non_blocking=True)
         for i, t in enumerate((c.gate, c.up, c.down_t)):
             buf[i].copy_(t, non_blocking=True)
         return buf
-
-    def prefetch_cold(self, device: torch.device, stream) -> tuple:
-        """Start copying the packed cold rows to `device` on CUDA `stream` -> (rows [3, n_cold,
-        row_bytes] on the device, the copy's event)."""
-        with torch.cuda.stream(stream):
-            rows = self._copy_cold(device)
-            ev = torch.cuda.Event()
-            ev.record(stream)
-        return rows, ev
 
     def forward(self, x: torch.Tensor, cold_rows: tuple | None = None) -> torch.Tensor:
         """x [n, d] on the device. Order (DESIGN.md, one decode step): predictor on the device;
         one D2H copy of x and the mask (the only sync); the hot half launched (async on a GPU);
         the cold half in the CPU kernels meanwhile (GIL released); one H2D copy; the sum.
-        cold_rows: the packed cold rows already on the device (prefetch_cold), for a streamed batch."""
+        cold_rows: the packed cold rows already on the device (ColdPrefetch), for a streamed batch."""
         if self._cpu_only and x.shape[0] == 1 and x.dtype == torch.float32 and x.device.type == "cpu":
             return self._cpu_decode(x)
         from .kernels import cpu, gpu
@@ -276,22 +303,21 @@ class HybridFFN(nn.Module):
         cuBLAS fall back to sm75/sm80 kernels at 5x the time for odd hot counts); q4_0 hot and
         cold rows dequantise in one launch (kernels.gpu.ffn_matrices). mask: bool [n_ff] on the
         device (predictor mode), or None (every row).
-        rows: the packed cold rows [3, n_cold, row] already on the device (prefetch_cold), else
+        rows: the packed cold rows [3, n_cold, row] already on the device (ColdPrefetch), else
         copied here."""
         from .kernels.gpu import ffn_matrices
         c, h = self.cold, self.hot
         if rows is None:
-            rows = self._copy_cold(x.device)
+            rows = self.copy_cold(x.device)
         parts = ([(h.stacked(), h.fmt, h.GPU_LAYOUT)] if h is not None else []) + [(rows, c.fmt, False)]
         w = ffn_matrices(parts, c.d_model, x.dtype)               # [3, n_hot + n_cold, d]
-        a = activate(F.linear(x, w[0]), F.linear(x, w[1]), self.activation, self.threshold)
         if mask is not None:                                # [n_ff] -> the rows' order
             mask = mask.to(x.device, non_blocking=True)     # a predictor kept on the CPU
             if self._row_ids is None:
                 cold = self.cold_ids.to(x.device)
                 self._row_ids = cold if h is None else torch.cat([self.hot_ids, cold])
-            a = a * mask[self._row_ids].to(a.dtype)
-        return a @ w[2]
+            mask = mask[self._row_ids].to(x.dtype)
+        return gated_rows(x, w, self.activation, self.threshold, mask)
 
 
 class HybridMoE(nn.Module):
@@ -309,16 +335,13 @@ class HybridMoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w, ids = self.route(x)
         if x.shape[0] != 1:                                # prefill / batches: expert by expert
-            out = torch.zeros_like(x)
-            groups = expert_groups(w, ids, len(self.experts))
+            tok, ws, counts = expert_groups(w, ids, len(self.experts))
             pre = None
             if x.is_cuda:                                  # streamed experts: copies overlap compute
-                pre = ColdPrefetch(self.experts, [e for e, tok, _ in groups
-                                                  if self.experts[e].streams(tok.numel())], x.device)
-            for e, tok, we in groups:
-                rows = pre.take(e) if pre is not None else None
-                out.index_add_(0, tok, self.experts[e](x[tok], cold_rows=rows) * we[:, None])
-            return out
+                pre = ColdPrefetch(self.experts, [e for e, c in enumerate(counts)
+                                                  if c and self.experts[e].streams(c)], x.device)
+            return grouped_sum(x, tok, ws, counts, lambda e, xe: self.experts[e](
+                xe, cold_rows=pre.take(e) if pre is not None else None))
         return self._decode(x, w[0], ids[0].tolist())      # one sync: the expert ids
 
     def _decode(self, x, w, sel: list[int]) -> torch.Tensor:
@@ -360,13 +383,26 @@ class ColdPrefetch:
         if key not in ColdPrefetch._streams:
             ColdPrefetch._streams[key] = torch.cuda.Stream(device)
         self.stream = ColdPrefetch._streams[key]
-        self.stream.wait_stream(torch.cuda.current_stream(device))
+        # the compute stream, looked up once a layer (torch.cuda.current_stream(device) and the
+        # torch.cuda.stream context cost ~20-30 us of host time each, per expert)
+        self.compute = torch.cuda.current_stream(device)
+        self.stream.wait_stream(self.compute)
         self._start_next()
 
     def _start_next(self) -> None:
-        if self.todo:
-            e = self.todo.pop(0)
-            self.ready[e] = self.experts[e].prefetch_cold(self.device, self.stream)
+        """Copy the next expert's packed cold rows [3, n_cold, row_bytes] on the copy stream
+        (allocated there), and record the copy's event."""
+        if not self.todo:
+            return
+        e = self.todo.pop(0)
+        torch.cuda.set_stream(self.stream)
+        try:
+            rows = self.experts[e].copy_cold(self.device)
+            ev = torch.cuda.Event()
+            ev.record(self.stream)
+        finally:
+            torch.cuda.set_stream(self.compute)
+        self.ready[e] = rows, ev
 
     def take(self, e: int):
         """Expert e's cold rows on the device (the compute stream waits for their copy), or None
@@ -374,8 +410,7 @@ class ColdPrefetch:
         if e not in self.ready:
             return None
         rows, ev = self.ready.pop(e)
-        cur = torch.cuda.current_stream(self.device)
-        cur.wait_event(ev)
-        rows.record_stream(cur)                            # allocated on the copy stream, used here
+        self.compute.wait_event(ev)
+        rows.record_stream(self.compute)                   # allocated on the copy stream, used here
         self._start_next()
         return rows

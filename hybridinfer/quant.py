@@ -144,6 +144,22 @@ def _regroup(packed, to_grouped: bool) -> torch.Tensor:
     return out
 
 
+def stacked3(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor | None:
+    """An FFN's gate, up and down_t as ONE [3, *a.shape] view when they are consecutive equal
+    contiguous thirds of one storage (then one copy moves all three: prefill streams cold rows
+    to the GPU once per expert, and each copy costs host time), else None."""
+    if not (a.is_contiguous() and b.is_contiguous() and c.is_contiguous()
+            and a.shape == b.shape == c.shape and a.dtype == b.dtype == c.dtype):
+        return None
+    ptr = a.untyped_storage().data_ptr()
+    if b.untyped_storage().data_ptr() != ptr or c.untyped_storage().data_ptr() != ptr:
+        return None
+    step = a.numel() * a.element_size()
+    if b.data_ptr() - a.data_ptr() != step or c.data_ptr() - b.data_ptr() != step:
+        return None
+    return a.as_strided((3, *a.shape), (a.numel(), *a.stride()))
+
+
 class PackedRows:
     """Mixin of a linear layer's weight held as packed rows (`weight` uint8 [out_features,
     row_bytes(in_features, fmt)]: kernels.cpu.PackedLinear, kernels.gpu.DeviceLinear). device /

@@ -11,7 +11,7 @@ from hybridinfer.build import RuntimeOptions, build_hybrid
 from hybridinfer.checkpoint import Checkpoint
 from hybridinfer.config import ModelConfig
 from hybridinfer.errors import HybridInferError
-from hybridinfer.ffn import HybridFFN, activate
+from hybridinfer.ffn import HybridFFN, activate, gated_rows
 from hybridinfer.generate import GenerationConfig, generate_tokens
 from hybridinfer.llm import LLM
 from hybridinfer.tokenizer import Tokenizer
@@ -350,3 +350,45 @@ def test_device_batch_equals_float64_reference(fmt, hot_fmt, masked, device):
         a = a * mask.double()
     ref = a @ w2.double().T
     assert float((y - ref).abs().max() / ref.abs().max()) <= 1e-5
+
+
+@pytest.mark.parametrize("kind", ["drelu", "relu", "fatrelu", "silu"])
+def test_gated_rows_one_tensor_and_triple_equal_float64(kind):
+    """The batch FFN over float rows: one [3, n, d] tensor (gate and up in one matmul, dReLU's
+    relu once over both) and a (gate, up, down_t) triple give the float64 reference, with and
+    without a row mask."""
+    g = torch.Generator().manual_seed(71)
+    m, n, d = 5, 48, 32
+    w = torch.randn(3, n, d, generator=g)
+    x = torch.randn(m, d, generator=g)
+    keep = (torch.rand(n, generator=g) < 0.5).float()
+    thr = 0.3
+    for scale in (None, keep):
+        a = activate(x.double() @ w[0].double().T, x.double() @ w[1].double().T, kind, thr)
+        ref = (a if scale is None else a * scale.double()) @ w[2].double()
+        for form in (w, tuple(w.unbind(0))):
+            y = gated_rows(x, form, kind, thr, scale).double()
+            assert y.shape == (m, d)
+            assert float((y - ref).abs().max() / ref.abs().max()) <= 1e-5, (kind, type(form))
+
+
+def test_stacked3_only_for_consecutive_thirds_of_one_storage():
+    """One copy may move gate, up and down_t only when they are consecutive equal thirds of one
+    allocation; separate tensors, gaps, other orders and row slices must say no."""
+    from hybridinfer import quant
+    from hybridinfer.kernels.cpu import PackedFFN
+    base = torch.arange(3 * 5 * 18, dtype=torch.int64).to(torch.uint8).view(3, 5, 18)
+    st = quant.stacked3(*base.unbind(0))
+    assert st is not None and st.shape == (3, 5, 18) and torch.equal(st, base)
+    assert quant.stacked3(base[1], base[0], base[2]) is None            # out of order
+    assert quant.stacked3(base[0], base[1], base[1]) is None
+    assert quant.stacked3(*(t.clone() for t in base.unbind(0))) is None  # separate allocations
+    assert quant.stacked3(*(t[:4] for t in base.unbind(0))) is None     # row slices: gaps
+    big = torch.zeros(16, 18, dtype=torch.uint8)
+    assert quant.stacked3(big[0:5], big[5:10], big[10:15]) is not None  # a flat buffer cut in thirds
+    assert quant.stacked3(big[0:5], big[5:10], big[11:16]) is None
+    g = torch.Generator().manual_seed(72)
+    w1, w3, w2 = torch.randn(7, 64, generator=g), torch.randn(7, 64, generator=g), torch.randn(64, 7, generator=g)
+    p = PackedFFN.from_weights(w1, w3, w2, "q4_0")
+    assert p.stacked() is not None and torch.equal(p.stacked()[2], p.down_t)
+    assert p.rows(1, 5).stacked() is None

@@ -139,9 +139,10 @@ class BytePool:
         self.scales = ((torch.rand(1 << 16, generator=g) + 0.5) * 2e-3).to(torch.float16)
         self.pos = 0
 
-    def take(self, n: int) -> torch.Tensor:
-        """A fresh uint8 [n] tensor filled from the pool (wrapping, shifting start each call)."""
-        out = torch.empty(n, dtype=torch.uint8)
+    def take(self, n: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """A fresh uint8 [n] tensor filled from the pool (wrapping, shifting start each call);
+        written into `out` (contiguous, n bytes) when given."""
+        out = torch.empty(n, dtype=torch.uint8) if out is None else out.view(n)
         done, size = 0, self.data.numel()
         while done < n:
             s = self.pos % (size - 1)
@@ -151,10 +152,11 @@ class BytePool:
             self.pos += k + 4099
         return out
 
-    def packed(self, rows: int, cols: int) -> torch.Tensor:
-        """A valid q4_0 matrix uint8 [rows, row_bytes(cols)]: random nibbles, scales ~2e-3."""
+    def packed(self, rows: int, cols: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """A valid q4_0 matrix uint8 [rows, row_bytes(cols)]: random nibbles, scales ~2e-3
+        (written into `out`, contiguous, when given)."""
         nb = cols // quant.QK
-        p = self.take(rows * nb * 18).view(rows, nb, 18)
+        p = self.take(rows * nb * 18, out).view(rows, nb, 18)
         k = rows * nb
         idx = (torch.arange(k) * 7919 + self.pos) % self.scales.numel()
         p[..., :2] = self.scales[idx].view(torch.uint8).view(rows, nb, 2)
@@ -211,8 +213,11 @@ def make_workload(shape: str, layers: int | None = None, seed: int = 0) -> Workl
     ffns = {}
     for key in ffn_keys(cfg):
         s = seed * 1_000_003 + key[0] * 64 + key[1] + 1
-        ffns[key] = SynthFFN(pool.packed(n, d), pool.packed(n, d), pool.packed(n, d),
-                             pool.packed(d, r), pool.packed(r, n), firing_probabilities(n, s))
+        # gate, up, down_t in one allocation (quant.stacked3: a prefill copies them in one call)
+        rows = torch.empty(3, n, quant.row_bytes(d, "q4_0"), dtype=torch.uint8)
+        for i in range(3):
+            pool.packed(n, d, rows[i])
+        ffns[key] = SynthFFN(*rows.unbind(0), pool.packed(d, r), pool.packed(r, n), firing_probabilities(n, s))
     return Workload(cfg, full, shape, seed, r, ffns)
 
 

@@ -87,12 +87,19 @@ class PackedFFN:
         if tuple(w3.shape) != (n_ff, d) or tuple(w2.shape) != (d, n_ff):
             raise ValueError(f"from_weights: expected w1, w3 [n_ff, d] and w2 [d, n_ff], got "
                              f"{tuple(w1.shape)}, {tuple(w3.shape)}, {tuple(w2.shape)}")
-        return cls(fmt, d, n_ff, to_weights(quant.pack(w1, fmt)), to_weights(quant.pack(w3, fmt)),
-                   to_weights(quant.pack(w2.t(), fmt)))
+        rows = alloc_weights(3 * n_ff, quant.row_bytes(d, fmt)).view(3, n_ff, -1)
+        for i, w in enumerate((w1, w3, w2.t())):
+            rows[i] = quant.pack(w, fmt)
+        return cls(fmt, d, n_ff, *rows.unbind(0))
 
     @property
     def nbytes(self) -> int:
         return 3 * self.gate.numel()
+
+    def stacked(self) -> torch.Tensor | None:
+        """gate, up, down_t as one [3, n_ff, rb] view where they share one allocation
+        (from_weights makes them so), else None."""
+        return quant.stacked3(self.gate, self.up, self.down_t)
 
     def rows(self, start: int, stop: int | None = None) -> "PackedFFN":
         """Rows [start, stop) as a PackedFFN of views (no copy): e.g. the cold rows after the

@@ -58,20 +58,18 @@ class FFNRows:
         return int(self.ids.numel())
 
     def _weights(self, dtype):
-        """gate, up, down_t as float [n, d] in dtype (batches: prefill's matmuls; the cpu device).
-        Float rows are used as they are (no copy where dtype matches)."""
+        """gate, up, down_t as float rows in dtype (batches: prefill's matmuls; the cpu device):
+        block formats dequantised into one [3, n, d] tensor; float rows as a (gate, up, down_t)
+        triple of [n, d], used as they are (no copy where dtype matches)."""
         if self.gate.dtype != torch.uint8:
             return self.gate.to(dtype), self.up.to(dtype), self.down_t.to(dtype)
-        return ffn_matrices([(self.stacked(), self.fmt, self.GPU_LAYOUT)], self.d_model, dtype).unbind(0)
+        return ffn_matrices([(self.stacked(), self.fmt, self.GPU_LAYOUT)], self.d_model, dtype)
 
     def stacked(self) -> torch.Tensor:
         """gate, up, down_t as one tensor [3, n, row]: a view where they share one allocation
         (HotFFN.to makes them so), else a stacked copy."""
-        base = self.gate._base
-        if (base is not None and base.dim() == 3 and base.shape[0] == 3
-                and [t.data_ptr() for t in (self.gate, self.up, self.down_t)] == [x.data_ptr() for x in base]):
-            return base
-        return torch.stack([self.gate, self.up, self.down_t])
+        st = quant.stacked3(self.gate, self.up, self.down_t)
+        return st if st is not None else torch.stack([self.gate, self.up, self.down_t])
 
 
 @dataclass(frozen=True, eq=False)
@@ -267,7 +265,7 @@ def hot_ffn(h: HotFFN, x: torch.Tensor, activation: str, threshold: float = 0.0,
     mask: bool [n_hot] (rows to keep) or None (all). One dispatch: a single token on CUDA goes
     to the Triton gather-GEMV / transposed-axpy kernels (masked and zero rows never read);
     batches (prefill) and the cpu device use torch matmuls over the compact rows."""
-    from ..ffn import activate
+    from ..ffn import gated_rows
     if use_triton is None:
         use_triton = x.is_cuda and x.shape[0] == 1
     tk = _triton() if use_triton else None
@@ -275,11 +273,8 @@ def hot_ffn(h: HotFFN, x: torch.Tensor, activation: str, threshold: float = 0.0,
         y = tk.hot_ffn_one_token(h.fmt, h.d_model, h.gate, h.up, h.down_t, x[0], activation,
                                  threshold, mask)
         return y.to(x.dtype)[None]
-    gate, up, down_t = h._weights(x.dtype)
-    a = activate(F.linear(x, gate), F.linear(x, up), activation, threshold)   # [n, n_hot]
-    if mask is not None:
-        a = a * mask.to(a.dtype)
-    return a @ down_t                                                         # [n, d]
+    return gated_rows(x, h._weights(x.dtype), activation, threshold,
+                      None if mask is None else mask.to(x.dtype))
 
 
 # ---- dense linear layers in a block format on the GPU side (attention projections, lm_head) ----
