@@ -26,28 +26,22 @@ def activate(g: torch.Tensor, u: torch.Tensor, kind: str, threshold: float = 0.0
     raise ValueError(f"unknown activation {kind!r}")
 
 
-def gated_rows(x: torch.Tensor, w, kind: str, threshold: float = 0.0,
-               row_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """A batch through an FFN's float rows: x [m, d] -> [m, d] = (act(x W1^T, x W3^T) * row_scale)
-    W2^T. w: gate, up, down_t as ONE contiguous tensor [3, n, d] (then gate and up are one matmul
-    [m, 2n] and dReLU one relu over it: prefill is host-bound, each torch call costing ~20-60 us
-    of host time against a few us of GPU time) or a (gate, up, down_t) triple of [n, d].
-    row_scale: [n] (a mask of the rows to keep, in x's dtype) or None."""
-    if isinstance(w, torch.Tensor):
-        n = w.shape[1]
-        gu = F.linear(x, w[:2].view(2 * n, w.shape[2]))            # [m, 2n]: gate | up
-        if kind == "drelu":
-            r = F.relu(gu)
-            a = r[:, :n] * r[:, n:]
-        else:
-            a = activate(gu[:, :n], gu[:, n:], kind, threshold)
-        down = w[2]
+def gated_rows(x: torch.Tensor, w: torch.Tensor, kind: str, threshold: float = 0.0,
+               mask: torch.Tensor | None = None) -> torch.Tensor:
+    """A batch through an FFN's float rows: x [m, d] -> [m, d] = (act(x W1^T, x W3^T) * mask)
+    W2^T. w: gate, up, down_t as ONE contiguous tensor [3, n, d], so gate and up are one matmul
+    [m, 2n] and dReLU one relu over it (prefill is host-bound: each torch call costs ~20-60 us
+    of host time against a few us of GPU time). mask: bool [n] (the rows to keep) or None."""
+    n = w.shape[1]
+    gu = F.linear(x, w[:2].view(2 * n, w.shape[2]))                # [m, 2n]: gate | up
+    if kind == "drelu":                                              # activate's rule, one relu
+        r = F.relu(gu)
+        a = r[:, :n] * r[:, n:]
     else:
-        gate, up, down = w
-        a = activate(F.linear(x, gate), F.linear(x, up), kind, threshold)   # [m, n]
-    if row_scale is not None:
-        a = a * row_scale
-    return a @ down
+        a = activate(gu[:, :n], gu[:, n:], kind, threshold)
+    if mask is not None:
+        a = a * mask.to(a.dtype)
+    return a @ w[2]
 
 
 class DenseFFN(nn.Module):
@@ -316,7 +310,7 @@ class HybridFFN(nn.Module):
             if self._row_ids is None:
                 cold = self.cold_ids.to(x.device)
                 self._row_ids = cold if h is None else torch.cat([self.hot_ids, cold])
-            mask = mask[self._row_ids].to(x.dtype)
+            mask = mask[self._row_ids]
         return gated_rows(x, w, self.activation, self.threshold, mask)
 
 

@@ -25,7 +25,7 @@ from ..kernels.cpu import PackedFFN
 from ..kernels.gpu import HotFFN
 from ..model import Transformer, build_model
 from ..placement import Placement, fixed_bytes, plan
-from ..quant import row_bytes, stacked3
+from ..quant import row_bytes
 from .synth_predictor import SynthPredictor
 from .workload import FMT, SynthCheckpoint, Workload
 
@@ -106,9 +106,8 @@ def _hybrid_ffn(wl, key, hot_ids: np.ndarray, device, sparsity: str, pred_device
     if cold_ids.numel() == n and not n_warm:  # all rows cold, in order: the workload's rows, no copy
         cold = PackedFFN(FMT, d, n, f.gate, f.up, f.down_t)
     elif cold_ids.numel():
-        st = stacked3(f.gate, f.up, f.down_t)   # the rows gathered into one allocation
-        rows = (st.index_select(1, cold_ids) if st is not None else
-                torch.stack([f.gate[cold_ids], f.up[cold_ids], f.down_t[cold_ids]]))
+        # the rows gathered into one allocation (PackedFFN.stacked: one copy a prefill)
+        rows = torch.stack([t.index_select(0, cold_ids) for t in (f.gate, f.up, f.down_t)])
         cold = PackedFFN(FMT, d, cold_ids.numel(), *rows.unbind(0))
     pred = None
     if sparsity == "predictor":

@@ -58,11 +58,11 @@ class FFNRows:
         return int(self.ids.numel())
 
     def _weights(self, dtype):
-        """gate, up, down_t as float rows in dtype (batches: prefill's matmuls; the cpu device):
-        block formats dequantised into one [3, n, d] tensor; float rows as a (gate, up, down_t)
-        triple of [n, d], used as they are (no copy where dtype matches)."""
+        """gate, up, down_t as ONE float tensor [3, n, d] in dtype (batches: prefill's matmuls;
+        the cpu device): block formats dequantised; float rows as they are (stacked(): a view,
+        no copy where the dtype matches)."""
         if self.gate.dtype != torch.uint8:
-            return self.gate.to(dtype), self.up.to(dtype), self.down_t.to(dtype)
+            return self.stacked().to(dtype)
         return ffn_matrices([(self.stacked(), self.fmt, self.GPU_LAYOUT)], self.d_model, dtype)
 
     def stacked(self) -> torch.Tensor:
@@ -273,8 +273,7 @@ def hot_ffn(h: HotFFN, x: torch.Tensor, activation: str, threshold: float = 0.0,
         y = tk.hot_ffn_one_token(h.fmt, h.d_model, h.gate, h.up, h.down_t, x[0], activation,
                                  threshold, mask)
         return y.to(x.dtype)[None]
-    return gated_rows(x, h._weights(x.dtype), activation, threshold,
-                      None if mask is None else mask.to(x.dtype))
+    return gated_rows(x, h._weights(x.dtype), activation, threshold, mask)
 
 
 # ---- dense linear layers in a block format on the GPU side (attention projections, lm_head) ----
