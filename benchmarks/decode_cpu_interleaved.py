@@ -9,6 +9,10 @@ per policy and the median of the per-round ratios come from the same time window
   flock /tmp/hybridinfer-bench.lock python benchmarks/decode_cpu_interleaved.py --shape M7 \
       --threads 2 --rounds 8 --json benchmarks/results/decode_M7_cpu2_interleaved.json
 
+Builds take the workload's profile (bench decode's synthetic_profile), as `bench decode` does:
+the cold rows in its frequency order (build.split_rows). A policy named NAME:id is NAME built
+without it (rows by neuron id), for an in-process before/after of that order.
+
 --ab-env NAME: a before/after of one build in one process: each policy runs twice a round, with
 the environment variable NAME set to 1 ("NAME=1", e.g. a scratch switch the native code reads
 per call that turns a change off) and to 0, named policy[NAME=v].
@@ -26,7 +30,7 @@ from hybridinfer.atomic import write_json
 from hybridinfer.bench import machine
 from hybridinfer.bench.decode_measure import decode, stepper
 from hybridinfer.bench.decode_policies import build
-from hybridinfer.bench.workload import make_workload
+from hybridinfer.bench.workload import make_workload, synthetic_profile
 from hybridinfer.kernels import cpu
 
 
@@ -48,7 +52,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--tokens", type=int, default=4, help="tokens per policy per round")
-    p.add_argument("--policies", nargs="+", default=["cpu-sparse", "cpu-dense"])
+    p.add_argument("--policies", nargs="+", default=["cpu-sparse", "cpu-dense"],
+                   help="policies of bench decode; NAME:id builds NAME with its cold rows by neuron id")
     p.add_argument("--peer", action="store_true",
                    help="also llama.cpp (llama-cpp-python) on the same weights as GGUF, in the rounds")
     p.add_argument("--gguf-dir", default="/tmp")
@@ -61,11 +66,14 @@ def main(argv=None) -> int:
     machine.release_buffer()
     torch.set_num_threads(1)                 # as bench decode's default --torch-threads
     wl = make_workload(a.shape, a.layers, 0)
+    prof = synthetic_profile(wl)
     steps = {}
     states = ["1", "0"] if a.ab_env else [None]
     names = []
     for name in a.policies:
-        b = build(name, wl, torch.device("cpu"), torch.bfloat16, torch.float32)
+        base, _, tag = name.partition(":")
+        b = build(base, wl, torch.device("cpu"), torch.bfloat16, torch.float32,
+                  profile=None if tag == "id" else prof)
         cache, step = stepper(b.model, 4 + len(states) * (a.rounds * a.tokens + 3) + 8, False)
         for v in states:
             n = name if v is None else f"{name}[{a.ab_env}={v}]"

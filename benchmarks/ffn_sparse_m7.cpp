@@ -13,6 +13,11 @@
 //   32 times in rotation: layers = 32 reads from DRAM (as a decode token), layers = 1 from the LLC
 //   (14.9 MB at 15 %). Median of 5 sweeps after one warm-up; GB/s = the rows' bytes / time.
 //   NOHUGE=1 in the environment: no MADV_HUGEPAGE (4 KiB pages, as torch.empty's memory).
+//   PFILE=path: the ids drawn per neuron from firing probabilities (float32 [14336], e.g. M7's
+//   curve: python -c "from hybridinfer.bench.workload import firing_curve;
+//   firing_curve(14336).astype('float32').tofile('/tmp/p.bin')"), the neurons in a random row
+//   order (as a checkpoint's), or with SORTED=1 in descending probability (build.split_rows with a
+//   profile); density is then unused.
 // axpy: down_sparse over every row of a q4_0 matrix (b = 1, the AXPY in groups of 8): 96 rows
 //   (216 KiB, in L2: the compute rate) and 14336 rows over 8 rotating copies (from DRAM);
 //   ns per row-block = one 32-value block of one row.
@@ -72,9 +77,22 @@ static int ffn(int threads, double density, int layers) {
     F.push_back(FFNDesc{Fmt::Q4_0, d, n, g, u, random_q4(n, d, rng)});
   }
   size_t total = 0;
-  for (auto& v : ids)
+  std::vector<float> pc(static_cast<size_t>(n), float(density));
+  const char* pfile = std::getenv("PFILE");
+  if (pfile) {
+    FILE* fp = std::fopen(pfile, "rb");
+    const bool ok = fp && std::fread(pc.data(), 4, size_t(n), fp) == size_t(n);
+    if (fp) std::fclose(fp);
+    if (!ok) { std::fprintf(stderr, "PFILE: need %d float32 values\n", n); return 2; }
+  }
+  const bool sorted_rows = std::getenv("SORTED") != nullptr;
+  for (auto& v : ids) {
+    std::vector<int> perm(static_cast<size_t>(n));   // row i holds the neuron of curve rank perm[i]
+    for (int i = 0; i < n; ++i) perm[size_t(i)] = i;
+    if (pfile && !sorted_rows) std::shuffle(perm.begin(), perm.end(), rng);
     for (int i = 0; i < n; ++i)
-      if (rng() % 10000 < unsigned(density * 10000)) v.push_back(i);
+      if (double(rng() % 1000000) < double(pc[size_t(perm[size_t(i)])]) * 1e6) v.push_back(i);
+  }
   for (int l0 = 0; l0 < 32; ++l0) total += ids[size_t(l0 % layers)].size();
   std::vector<float> x(d), y(d);
   for (auto& v : x) v = std::normal_distribution<float>(0, 1)(rng);
@@ -91,8 +109,10 @@ static int ffn(int threads, double density, int layers) {
     if (rep) ts.push_back(std::chrono::duration<double>(Clock::now() - t0).count());
   }
   const double m = median(ts), bytes = double(total) * 3 * rb;
-  std::printf("ffn_sparse q4_0 14336 x 4096, density %.2f, %d threads, %d layers in rotation%s: "
-              "%.2f ms for 32 calls, %.1f GB/s (%.0f MB)\n", density, threads, layers,
+  const std::string how = pfile ? std::string("curve ") + pfile + (sorted_rows ? " rows by p" : " rows random")
+                                : "density " + std::to_string(density).substr(0, 4);
+  std::printf("ffn_sparse q4_0 14336 x 4096, %s, %d threads, %d layers in rotation%s: "
+              "%.2f ms for 32 calls, %.1f GB/s (%.0f MB)\n", how.c_str(), threads, layers,
               std::getenv("NOHUGE") ? ", 4 KiB pages" : "", m * 1e3, bytes / m / 1e9, bytes / 1e6);
   return 0;
 }

@@ -107,7 +107,8 @@ def resolve_predictor_threshold(folder: Path, pred_src: str | None, explicit: fl
 
 
 def get_placement(cfg, ckpt, folder: Path, opts: LoadOptions, gpu_fmt: str):
-    """The placement for these options, from the on-disk cache when it was planned before."""
+    """(the placement for these options, from the on-disk cache when it was planned before; the
+    profile it was planned from, or None)."""
     from .default_model import cache_root
     from .budget import check_pcie_share, default_pcie_share
     from .placement import Placement, plan
@@ -125,13 +126,13 @@ def get_placement(cfg, ckpt, folder: Path, opts: LoadOptions, gpu_fmt: str):
     path = cache_root() / "plans" / f"{key}.json"
     if opts.plan_cache and path.is_file():
         try:
-            return Placement.load(path, expect_model_id=model_identity(cfg))
+            return Placement.load(path, expect_model_id=model_identity(cfg)), profile
         except HybridInferError:
             pass                                   # a stale or broken cache entry: plan again
     p = plan(cfg, profile, budget, context=opts.context, fmt=gpu_fmt, predictor_numel=pn, pcie_share=share)
     if opts.plan_cache:
         p.save(path)
-    return p
+    return p, profile
 
 
 def build(folder: Path, opts: LoadOptions):
@@ -152,7 +153,7 @@ def build(folder: Path, opts: LoadOptions):
     ro = RuntimeOptions(sparsity=sparsity, cpu_fmt=opts.cpu_fmt, gpu_fmt=opts.gpu_fmt,
                         predictor_threshold=threshold).validate()
     gpu_fmt = ro.resolved_gpu_fmt(opts.dtype)
-    placement = get_placement(cfg, ckpt, folder, opts, gpu_fmt)
+    placement, profile = get_placement(cfg, ckpt, folder, opts, gpu_fmt)
     if opts.device.type == "cuda" and not placement.attention_on_gpu:
         # The budget does not hold attention + the KV cache for the context: then nothing goes on
         # the GPU, and the KV cache, like everything else, lives in RAM (the CPU runs it all).
@@ -162,7 +163,7 @@ def build(folder: Path, opts: LoadOptions):
                       "--vram-budget or a smaller --context to use the GPU)", stacklevel=2)
         cpu = torch.device("cpu")
         return build(folder, replace(opts, device=cpu, vram_budget=0))
-    model = build_from_placement(cfg, ckpt, opts.device, opts.dtype, placement, ro)
+    model = build_from_placement(cfg, ckpt, opts.device, opts.dtype, placement, ro, profile)
     model.predictor_threshold = (threshold, threshold_src)
     if opts.device.type == "cuda" and opts.cuda_graphs:
         from .graphs import GraphDecoder

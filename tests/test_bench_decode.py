@@ -154,7 +154,8 @@ def test_synth_predictor_scores_and_slots(device):
 
 def test_hybrid_policy_builds_the_warm_rows():
     """bench decode's hybrid policy plans with pcie_share and builds each FFN's warm rows first
-    (build.split_rows): the same hot rows and cold rows as the build without, reordered."""
+    (build.split_rows): the same hot rows and cold rows as the build without, reordered; the cold
+    rows after the warm ones in the profile's descending firing counts (ties by id)."""
     from hybridinfer.bench.decode_policies import MARGIN, build, fixed_gpu_bytes, layer_ffn_bytes
 
     wl = workload.make_workload("T47", seed=2)
@@ -165,13 +166,19 @@ def test_hybrid_policy_builds_the_warm_rows():
     b = build("hybrid", wl, cpu, torch.float32, torch.float32, budget, prof, 64, pcie_share=0.5)
     assert a.placement["stats"]["warm_neurons"] == 0 < b.placement["stats"]["warm_neurons"]
     n_warm = 0
-    for blk_a, blk_b in zip(a.model.blocks, b.model.blocks):
-        for fa, fb in zip(blk_a.ffn.experts, blk_b.ffn.experts):
+    for layer, (blk_a, blk_b) in enumerate(zip(a.model.blocks, b.model.blocks)):
+        for e, (fa, fb) in enumerate(zip(blk_a.ffn.experts, blk_b.ffn.experts)):
             assert fa.n_warm == 0 and (fa.hot is None) == (fb.hot is None)
             assert fa.hot is None or torch.equal(fa.hot_ids, fb.hot_ids)
-            assert sorted(fb.cold_ids.tolist()) == fa.cold_ids.tolist()
+            assert sorted(fb.cold_ids.tolist()) == sorted(fa.cold_ids.tolist())
             n_warm += fb.n_warm
-            assert fb.cold_ids[fb.n_warm:].tolist() == sorted(fb.cold_ids[fb.n_warm:].tolist())
+            warm = fb.cold_ids[:fb.n_warm].tolist()
+            assert warm == sorted(warm)
+            counts = prof.counts[(layer, e)]
+            for f in (fa, fb):
+                rest = f.cold_ids[f.n_warm:]
+                key = list(zip((-counts[rest]).tolist(), rest.tolist()))
+                assert key == sorted(key)
     assert n_warm == b.placement["stats"]["warm_neurons"]
 
 

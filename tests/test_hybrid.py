@@ -211,15 +211,20 @@ def test_cpu_predictors_are_packed_q8_0_with_a_quantised_cpu_format(tmp_path):
     assert decode_logits(packed, ids).isfinite().all()
 
 
-def test_split_rows_orders_warm_first_and_validates():
-    from hybridinfer.build import split_rows
-
-    rng = np.random.default_rng(7)
-    for _ in range(20):
+def random_tiers(seed: int, cases: int = 20):
+    """(n, hot ids, warm ids): disjoint sorted random subsets of 0..n-1, n in 1..299."""
+    rng = np.random.default_rng(seed)
+    for _ in range(cases):
         n = int(rng.integers(1, 300))
         perm = rng.permutation(n)
         a, b = sorted(rng.integers(0, n + 1, 2))
-        hot, warm = np.sort(perm[:a]), np.sort(perm[a:b])
+        yield n, np.sort(perm[:a]), np.sort(perm[a:b])
+
+
+def test_split_rows_orders_warm_first_and_validates():
+    from hybridinfer.build import split_rows
+
+    for n, hot, warm in random_tiers(7):
         h, cold, n_warm = split_rows(n, hot.astype(np.int32), warm.astype(np.int32))
         rest = np.setdiff1d(np.arange(n), np.concatenate([hot, warm]))
         assert h.dtype == cold.dtype == np.int64 and np.array_equal(h, hot)
@@ -232,6 +237,25 @@ def test_split_rows_orders_warm_first_and_validates():
                            ([0, 8], [], "hot ids.*in 0..7")]:
         with pytest.raises(HybridInferError, match=msg):
             split_rows(8, hot, warm)
+
+
+def test_split_rows_orders_the_cold_rest_by_frequency():
+    """With firing frequencies the cold rows after the warm ones go in descending frequency, ties
+    by id; the hot and warm ids are as without; a frequency vector of the wrong size is refused."""
+    from hybridinfer.build import split_rows
+
+    rng = np.random.default_rng(9)
+    for n, hot, warm in random_tiers(8):
+        freq = rng.integers(0, 6, n)                     # many ties
+        h, cold, n_warm = split_rows(n, hot, warm, freq=freq)
+        h0, cold0, _ = split_rows(n, hot, warm)
+        assert np.array_equal(h, h0) and n_warm == len(warm) and np.array_equal(cold[:n_warm], warm)
+        rest = cold[n_warm:]
+        assert np.array_equal(np.sort(rest), cold0[n_warm:])                 # the same rows
+        key = [(-int(freq[i]), int(i)) for i in rest]
+        assert key == sorted(key)                        # descending frequency, then by id
+    with pytest.raises(HybridInferError, match="3 firing frequencies.*for 8 neurons"):
+        split_rows(8, [], [], freq=[1, 2, 3])
 
 
 @pytest.mark.parametrize("arch,extra", MODELS[:3], ids=[m[0] for m in MODELS[:3]])

@@ -11,6 +11,7 @@ from hybridinfer.checkpoint import Checkpoint
 from hybridinfer.config import ModelConfig
 from hybridinfer.errors import HybridInferError
 from hybridinfer.ffn import HybridFFN
+from hybridinfer.llm import LLM
 from hybridinfer.predictor import budget_predictor_numel
 from hybridinfer.kernels.gpu import DeviceLinear
 from hybridinfer.placement import gpu_component_bytes, plan
@@ -84,3 +85,48 @@ def test_bad_budgets(tmp_path, home):
     for bad, msg in [("abc", "bad VRAM budget"), ("-5GiB", "negative"), ("auto", "needs a visible GPU")]:
         with pytest.raises(HybridInferError, match=msg):
             hybridinfer.load(folder, device="cpu", vram_budget=bad)
+
+
+@pytest.mark.parametrize("arch,extra,sparsity,split",
+                         [("TurboSparseMixtralForCausalLM", {}, "predictor", "1MiB"),
+                          ("LlamaForCausalLM", {"hidden_act": "relu"}, "exact", "400KiB")])
+def test_a_profile_orders_the_cold_rows_and_changes_no_output(tmp_path, home, arch, extra, sparsity, split):
+    """The loader hands the plan's profile to the build: each FFN's cold rows after the warm ones
+    go in descending firing counts (ties by id). The same placement built without it (rows by
+    id) gives the same logits, whole-sequence and token by token (the CPU decode's ColdStep maps
+    the permuted rows), within float32 rounding."""
+    from hybridinfer.profile import SCHEMA_VERSION, NeuronProfile, ffn_keys, model_identity
+    from test_hybrid import decode_logits
+
+    folder, _, _ = write_model(tmp_path / "m", arch, seed=21, **extra)
+    cfg = ModelConfig.from_dir(folder)
+    g = torch.Generator().manual_seed(22)
+    cols = cfg.num_experts if cfg.is_moe else 1
+    reached = torch.full((cfg.num_layers, cols), 100, dtype=torch.int64)
+    counts = {k: torch.randint(0, 8, (cfg.intermediate_size,), generator=g) for k in ffn_keys(cfg)}
+    prof = NeuronProfile(SCHEMA_VERSION, model_identity(cfg), "test", 100 * cols, counts, reached)
+    prof.save(folder / "profile.safetensors")
+    ids = random_ids(8, seed=23)
+    for budget in (None, split):                         # all rows cold; a split with hot rows
+        llm = hybridinfer.load(folder, device="cpu", vram_budget=budget, sparsity=sparsity,
+                               dtype=torch.float32)
+        p = llm.model.placement
+        assert p.hot_count() > 0 or budget is None
+        permuted = 0
+        for layer, blk in enumerate(llm.model.blocks):
+            ffns = blk.ffn.experts if cfg.is_moe else [blk.ffn]
+            for e, f in enumerate(ffns):
+                c = counts[(layer, e if cfg.is_moe else -1)]
+                rest = f.cold_ids[f.n_warm:]
+                key = list(zip((-c[rest]).tolist(), rest.tolist()))
+                assert key == sorted(key)
+                permuted += rest.tolist() != sorted(rest.tolist())
+        assert permuted > 0                              # not the id order: the test sees a permutation
+        thr = llm.model.predictor_threshold[0]
+        by_id = build_from_placement(cfg, Checkpoint(folder), torch.device("cpu"), torch.float32, p,
+                                     RuntimeOptions(sparsity=sparsity, predictor_threshold=thr))
+        other = LLM(by_id, llm.tokenizer, folder)
+        a, b = llm.logits(ids), other.logits(ids)
+        assert float((a - b).abs().max() / b.abs().max()) < 1e-5
+        da, db = decode_logits(llm, ids), decode_logits(other, ids)
+        assert float((da - db).abs().max() / db.abs().max()) < 1e-5

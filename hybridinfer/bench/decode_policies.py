@@ -21,7 +21,7 @@ import torch
 from ..build import STREAM_ABOVE_CUDA, split_rows
 from ..ffn import HybridFFN, HybridMoE
 from ..footprint import ffn_rows_bytes, linear_fmt
-from ..kernels.cpu import PackedFFN
+from ..kernels.cpu import PackedFFN, alloc_weights
 from ..kernels.gpu import HotFFN
 from ..model import Transformer, build_model
 from ..placement import Placement, fixed_bytes, plan
@@ -91,11 +91,14 @@ def _model(wl: Workload, device, dtype, factory) -> Transformer:
                        gpu_linear_fmt=linear_fmt(FMT), **kw)
 
 
-def _hybrid_ffn(wl, key, hot_ids: np.ndarray, device, sparsity: str, pred_device, warm_ids=()):
-    """warm_ids: cold rows the GPU reads over PCIe in graph decode (build.split_rows: first)."""
+def _hybrid_ffn(wl, key, hot_ids: np.ndarray, device, sparsity: str, pred_device, warm_ids=(),
+                freq=None):
+    """warm_ids: cold rows the GPU reads over PCIe in graph decode (build.split_rows: first);
+    freq: the profile's firing counts of this FFN (the other cold rows in that order, as the
+    runtime's build stores them) or None (by id)."""
     cfg, f = wl.cfg, wl.ffns[key]
     n, d = cfg.intermediate_size, cfg.hidden_size
-    hot_np, cold_np, n_warm = split_rows(n, hot_ids, warm_ids, f" of {key}")
+    hot_np, cold_np, n_warm = split_rows(n, hot_ids, warm_ids, f" of {key}", freq)
     ids, cold_ids = torch.from_numpy(hot_np), torch.from_numpy(cold_np)
     hot = None
     if ids.numel() == n:       # all rows: no gather copy (repacked on the CPU, then moved)
@@ -103,12 +106,17 @@ def _hybrid_ffn(wl, key, hot_ids: np.ndarray, device, sparsity: str, pred_device
     elif ids.numel():
         hot = HotFFN(FMT, d, f.gate[ids], f.up[ids], f.down_t[ids], ids.to(torch.int32)).to(device)
     cold = None
-    if cold_ids.numel() == n and not n_warm:  # all rows cold, in order: the workload's rows, no copy
+    if cold_ids.numel() == n and np.array_equal(cold_np, np.arange(n)):  # the workload's rows, no copy
         cold = PackedFFN(FMT, d, n, f.gate, f.up, f.down_t)
     elif cold_ids.numel():
-        # the rows gathered into one allocation (PackedFFN.stacked: one copy a prefill)
-        rows = torch.stack([t.index_select(0, cold_ids) for t in (f.gate, f.up, f.down_t)])
-        cold = PackedFFN(FMT, d, cold_ids.numel(), *rows.unbind(0))
+        # the rows gathered into one allocation (PackedFFN.stacked: one copy a prefill), on huge
+        # pages like the runtime's (PackedFFN.from_weights; torch.stack's 4 KiB pages made the
+        # frequency-ordered rows of an M7 cpu-sparse decode ~10% slower than the workload's own)
+        k = cold_ids.numel()
+        rows = alloc_weights(3 * k, f.gate.shape[1]).view(3, k, -1)
+        for i, t in enumerate((f.gate, f.up, f.down_t)):
+            torch.index_select(t, 0, cold_ids, out=rows[i])
+        cold = PackedFFN(FMT, d, k, *rows.unbind(0))
     pred = None
     if sparsity == "predictor":
         pred = SynthPredictor(f, d, wl.rank, pred_device, seed=wl.seed * 7919 + key[0] * 64 + key[1])
@@ -118,15 +126,18 @@ def _hybrid_ffn(wl, key, hot_ids: np.ndarray, device, sparsity: str, pred_device
 
 
 def build_hybrid(wl: Workload, hot: dict, device, dtype, predictors_on_gpu: bool,
-                 warm: dict | None = None) -> Transformer:
+                 warm: dict | None = None, profile=None) -> Transformer:
     """hot[(layer, expert|-1)] = neuron ids on the GPU side; warm[...] = cold rows the GPU reads
-    over PCIe in graph decode; predictor mode everywhere."""
+    over PCIe in graph decode; profile: the cold rows in its frequency order (as the runtime's
+    build.build_from_placement); predictor mode everywhere."""
     pdev = torch.device(device) if predictors_on_gpu else torch.device("cpu")
     empty, warm = np.zeros(0, np.int64), warm or {}
+    freq = profile.counts if profile is not None else {}
 
     def factory(layer, expert, fetch, predictor):
         k = _keys(layer, expert)
-        return _hybrid_ffn(wl, k, hot.get(k, empty), device, "predictor", pdev, warm.get(k, empty))
+        return _hybrid_ffn(wl, k, hot.get(k, empty), device, "predictor", pdev, warm.get(k, empty),
+                           freq.get(k))
     return _model(wl, device, dtype, factory)
 
 
@@ -148,7 +159,7 @@ def build(name: str, wl: Workload, device, dtype, cpu_dtype, budget: int | None 
     dev, cpu = torch.device(device), torch.device("cpu")
     if name == "hybrid":
         p = plan_hybrid(wl, profile, budget, context, dtype, pcie_share)
-        m = build_hybrid(wl, p.hot, dev, dtype, p.predictors_on_gpu, p.warm)
+        m = build_hybrid(wl, p.hot, dev, dtype, p.predictors_on_gpu, p.warm, profile)
         share = p.hot_count() / (len(wl.ffns) * n)
         return Built(name, budget, m, dev, 0, share, p.predictors_on_gpu,
                      f"{p.hot_count():,} hot neurons, {p.warm_count():,} warm, solver {p.solver}",
@@ -169,7 +180,7 @@ def build(name: str, wl: Workload, device, dtype, cpu_dtype, budget: int | None 
         return Built(name, None, build_dense(wl, 0, cpu, cpu_dtype), cpu, 0, 0.0, False,
                      "all on the CPU, dense")
     if name == "cpu-sparse":
-        return Built(name, None, build_hybrid(wl, {}, cpu, cpu_dtype, False), cpu, 0, 0.0, False,
+        return Built(name, None, build_hybrid(wl, {}, cpu, cpu_dtype, False, profile=profile), cpu, 0, 0.0, False,
                      "all on the CPU, predictor mode")
     raise ValueError(f"unknown policy {name!r}; expected one of {POLICIES}")
 
