@@ -45,8 +45,8 @@ def main():
     # (rows, GGUF layout, launch configs or None: triton_ffn.config's)
     alt = (dict(CHUNK=16, R=4, BK=128, num_warps=4), dict(CHUNK=64, R=16, BK=8, num_warps=4))
     reg = [r.clone() for r in gguf]            # page-locked in place (cudaHostRegister), as the
-    if cuda:                                   # runtime pins the CPU's cold rows (kernels.gpu.pin_host)
-        from hybridinfer.kernels.gpu import pin_host
+    if cuda:                                   # runtime pins the CPU's cold rows (kernels.pinned.pin_host)
+        from hybridinfer.kernels.pinned import pin_host
         assert pin_host(main, *reg) == sum(r.numel() for r in reg), "cudaHostRegister refused"
     where = {"device": ([h.to(dev) for h in host], False, (None, None)),
              "registered gguf": (reg, True, (None, None)),

@@ -172,7 +172,7 @@ class HybridFFN(nn.Module):
         self.device_bytes = hot.nbytes if hot is not None else 0   # what this FFN holds on the device
         self._all_cold = (torch.arange(cold.n_ff, dtype=torch.int32) if cold is not None else None)
         if cold is not None and (stream_above is not None or n_warm) and torch.device(device).type == "cuda":
-            from .kernels.gpu import pin_host
+            from .kernels.pinned import pin_host
             # prefill streams them (async DMA); the decoder's GPU reads the warm rows in place
             # (zero-copy: only page-locked memory can be; kernels.gpu.WarmRows checks)
             st = cold.stacked()                         # pinned whole: cudaHostRegister refuses overlaps

@@ -414,3 +414,8 @@ def test_stacked3_only_for_consecutive_thirds_of_one_storage():
     p = PackedFFN.from_weights(w1, w3, w2, "q4_0")
     assert p.stacked() is not None and torch.equal(p.stacked()[2], p.down_t)
     assert p.rows(1, 5).stacked() is None
+    ids = torch.tensor([4, 0, 6, 2])
+    q = p.take(ids)                                     # a gather into one allocation again
+    assert q.n_ff == 4 and q.stacked() is not None
+    for a, b in ((q.gate, p.gate), (q.up, p.up), (q.down_t, p.down_t)):
+        assert torch.equal(a, b[ids])

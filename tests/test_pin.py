@@ -1,4 +1,4 @@
-"""kernels.gpu.pin_host: cold rows page-locked for prefill's async streaming and the warm tier's
+"""kernels.pinned.pin_host: cold rows page-locked for prefill's async streaming and the warm tier's
 reads in place, released with owner; page_locked() sees the ranges it registered."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from hybridinfer.kernels.cpu import alloc_weights
-from hybridinfer.kernels.gpu import page_locked, pin_host
+from hybridinfer.kernels.pinned import page_locked, pin_host
 
 
 class Owner:

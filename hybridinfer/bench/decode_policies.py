@@ -21,7 +21,7 @@ import torch
 from ..build import STREAM_ABOVE_CUDA, split_rows
 from ..ffn import HybridFFN, HybridMoE
 from ..footprint import ffn_rows_bytes, linear_fmt
-from ..kernels.cpu import PackedFFN, alloc_weights
+from ..kernels.cpu import PackedFFN
 from ..kernels.gpu import HotFFN
 from ..model import Transformer, build_model
 from ..placement import Placement, fixed_bytes, plan
@@ -105,18 +105,14 @@ def _hybrid_ffn(wl, key, hot_ids: np.ndarray, device, sparsity: str, pred_device
         hot = HotFFN(FMT, d, f.gate, f.up, f.down_t, ids.to(torch.int32)).to(device)
     elif ids.numel():
         hot = HotFFN(FMT, d, f.gate[ids], f.up[ids], f.down_t[ids], ids.to(torch.int32)).to(device)
-    cold = None
-    if cold_ids.numel() == n and np.array_equal(cold_np, np.arange(n)):  # the workload's rows, no copy
-        cold = PackedFFN(FMT, d, n, f.gate, f.up, f.down_t)
-    elif cold_ids.numel():
-        # the rows gathered into one allocation (PackedFFN.stacked: one copy a prefill), on huge
-        # pages like the runtime's (PackedFFN.from_weights; torch.stack's 4 KiB pages made the
-        # frequency-ordered rows of an M7 cpu-sparse decode ~10% slower than the workload's own)
-        k = cold_ids.numel()
-        rows = alloc_weights(3 * k, f.gate.shape[1]).view(3, k, -1)
-        for i, t in enumerate((f.gate, f.up, f.down_t)):
-            torch.index_select(t, 0, cold_ids, out=rows[i])
-        cold = PackedFFN(FMT, d, k, *rows.unbind(0))
+    cold = PackedFFN(FMT, d, n, f.gate, f.up, f.down_t)   # the workload's rows (by id), no copy
+    if cold_ids.numel() == 0:
+        cold = None
+    elif not np.array_equal(cold_np, np.arange(n)):
+        # gathered into one allocation on huge pages like the runtime's (PackedFFN.stacked: one
+        # copy a prefill; torch.stack's 4 KiB pages made the frequency-ordered rows of an M7
+        # cpu-sparse decode ~10% slower than the workload's own)
+        cold = cold.take(cold_ids)
     pred = None
     if sparsity == "predictor":
         pred = SynthPredictor(f, d, wl.rank, pred_device, seed=wl.seed * 7919 + key[0] * 64 + key[1])

@@ -87,10 +87,18 @@ class PackedFFN:
         if tuple(w3.shape) != (n_ff, d) or tuple(w2.shape) != (d, n_ff):
             raise ValueError(f"from_weights: expected w1, w3 [n_ff, d] and w2 [d, n_ff], got "
                              f"{tuple(w1.shape)}, {tuple(w3.shape)}, {tuple(w2.shape)}")
-        rows = alloc_weights(3 * n_ff, quant.row_bytes(d, fmt)).view(3, n_ff, -1)
+        rows = _alloc3(n_ff, quant.row_bytes(d, fmt))
         for i, w in enumerate((w1, w3, w2.t())):
             rows[i] = quant.pack(w, fmt)
         return cls(fmt, d, n_ff, *rows.unbind(0))
+
+    def take(self, ids: torch.Tensor) -> "PackedFFN":
+        """Rows ids (int64, in that order) copied into one allocation as from_weights makes it
+        (huge pages, gate / up / down_t as thirds: stacked()): e.g. the benchmark's cold rows."""
+        rows = _alloc3(ids.numel(), self.gate.shape[1])
+        for i, t in enumerate((self.gate, self.up, self.down_t)):
+            torch.index_select(t, 0, ids, out=rows[i])
+        return PackedFFN(self.fmt, self.d_model, ids.numel(), *rows.unbind(0))
 
     @property
     def nbytes(self) -> int:
@@ -135,6 +143,11 @@ def alloc_weights(rows: int, row_bytes: int) -> torch.Tensor:
         except (OSError, ValueError):
             pass
     return torch.empty(rows, row_bytes, dtype=torch.uint8)
+
+
+def _alloc3(n: int, row_bytes: int) -> torch.Tensor:
+    """uint8 [3, n, row_bytes] in one alloc_weights() allocation: an FFN's gate, up, down_t."""
+    return alloc_weights(3 * n, row_bytes).view(3, n, row_bytes)
 
 
 def to_weights(packed: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import quant
+from . import pinned
 from ..footprint import LINEAR_FORMATS, ffn_rows_bytes
 
 _FLOAT = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
@@ -151,7 +152,7 @@ class WarmRows(FFNRows):
         if not warm or torch.device(device).type != "cuda":
             return bool(warm)
         return _triton() is not None and all(
-            f.cold.fmt == "q4_0" and all(page_locked(t) for t in (f.cold.gate, f.cold.up, f.cold.down_t))
+            f.cold.fmt == "q4_0" and all(pinned.page_locked(t) for t in (f.cold.gate, f.cold.up, f.cold.down_t))
             for f in warm)
 
 
@@ -403,58 +404,6 @@ def _(q, k, v, pos, window, scale):
 
 
 # ---- host <-> device traffic of the hybrid split: pinned buffers, one sync per copy-out ---------
-
-_LOCKED: dict[int, int] = {}     # start -> end address of each host range pin_host registered
-
-
-def page_locked(t: torch.Tensor) -> bool:
-    """Whether a CPU tensor's bytes are page-locked: pinned by torch's allocator, or inside a
-    range pin_host registered. torch's is_pinned() does not see cudaHostRegister'ed memory that
-    its allocator did not make: on the H100 (torch 2.11) it said False for the huge-page mmap of
-    kernels.cpu.alloc_weights after a successful registration, and for every FFN of 8 MiB or more
-    (a real model's: PackedFFN.from_weights allocates there) the warm tier was off."""
-    if t.is_pinned():
-        return True
-    if t.numel() == 0:
-        return False
-    a = t.data_ptr()
-    b = a + t.element_size() * (1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride())))
-    return any(s <= a and b <= e for s, e in _LOCKED.items())
-
-
-def pin_host(owner, *ts: torch.Tensor) -> int:
-    """Page-lock the memory of CPU tensors `ts` (cudaHostRegister) so that copies of their slices
-    to the GPU run asynchronously at full PCIe speed (prefill streams cold rows) and the GPU can
-    read them in place (the warm tier); unregistered when `owner` is collected; page_locked()
-    knows the ranges. Returns the bytes pinned; stops quietly where CUDA refuses (pinned-memory
-    limits: copies then stay pageable). HYBRIDINFER_NO_PIN=1 turns it off."""
-    import os
-    import weakref
-    if os.environ.get("HYBRIDINFER_NO_PIN", "") not in ("", "0") or not torch.cuda.is_available():
-        return 0
-    cudart = torch.cuda.cudart()
-    done = []
-    for t in ts:
-        n = t.numel() * t.element_size()
-        if n == 0 or page_locked(t):
-            continue
-        if int(cudart.cudaHostRegister(t.data_ptr(), n, 0)) != 0:
-            if hasattr(cudart, "cudaGetLastError"):  # not sticky: clear it for later launches' checks
-                cudart.cudaGetLastError()
-            break
-        _LOCKED[t.data_ptr()] = t.data_ptr() + n
-        done.append(t)
-    if done:
-        weakref.finalize(owner, _unpin, done)
-    return sum(t.numel() * t.element_size() for t in done)
-
-
-def _unpin(ts: list[torch.Tensor]) -> None:
-    cudart = torch.cuda.cudart()
-    for t in ts:
-        _LOCKED.pop(t.data_ptr(), None)
-        cudart.cudaHostUnregister(t.data_ptr())
-
 
 def flag_signal(flag: torch.Tensor, device: torch.device) -> None:
     """`device` sets the host int32 `flag` (one element of page-locked memory) to 1, in stream
